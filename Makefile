@@ -1,0 +1,32 @@
+# The two commands a newcomer runs:
+#   make demo   set everything up, then run the demo (local chain, node, two scripted clients)
+#   make test   set everything up, then run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test setup bench clean
+
+demo: setup
+	$(PY) main.py demo
+
+test: setup
+	$(PY) -m pytest -q
+
+setup: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+node_modules/.installed: package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+bench: setup
+	$(PY) bench/gas.py
+	$(PY) bench/relay.py
+
+clean:
+	rm -rf $(VENV) node_modules

@@ -1,0 +1,354 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+import {ERC20} from "@openzeppelin/contracts/token/ERC20/ERC20.sol";
+import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
+
+/// @title BountyToken (BTK)
+/// @notice An ERC-20 whose holders pay relay nodes per delivered message.
+/// A sender escrows one token against keccak256(code), bound to one relayer.
+/// The code travels encrypted to the recipient, who hands it back to the
+/// relayer; revealing it releases the token to that relayer and nobody else.
+/// Books escrow many tokens against a Merkle root of many codes at once.
+contract BountyToken is ERC20 {
+    /// @notice Tokens escrowed per bounty and per book leaf (1 BTK).
+    uint256 public constant BOUNTY_AMOUNT = 1e18;
+
+    enum State {
+        None,
+        Open,
+        Redeemed,
+        Refunded
+    }
+
+    /// @dev Packed into two slots: (sender, expiry, state) and (relayer).
+    struct Bounty {
+        address sender;
+        uint64 expiry;
+        State state;
+        address relayer;
+    }
+
+    /// @dev Packed into two slots plus the spent-leaf bitmap.
+    struct Book {
+        address sender;
+        uint64 expiry;
+        address relayer;
+        uint32 size;
+        uint32 spent;
+        bool refunded;
+    }
+
+    /// @notice Why a code in a batch was not paid.
+    enum SkipReason {
+        Unknown,
+        Redeemed,
+        Refunded,
+        Expired
+    }
+
+    mapping(bytes32 codeHash => Bounty) private _bounties;
+    mapping(bytes32 root => Book) private _books;
+    mapping(bytes32 root => mapping(uint256 word => uint256 bits)) private _spentLeaves;
+
+    /// @notice A bounty of `amount` was escrowed by `sender` for `relayer` until `expiry`.
+    event BountyRegistered(
+        bytes32 indexed codeHash, address indexed sender, address indexed relayer, uint256 amount, uint64 expiry
+    );
+    /// @notice The bounty behind `codeHash` paid `amount` to `relayer`.
+    event BountyRedeemed(bytes32 indexed codeHash, address indexed relayer, uint256 amount);
+    /// @notice The expired bounty behind `codeHash` returned `amount` to `sender`.
+    event BountyRefunded(bytes32 indexed codeHash, address indexed sender, uint256 amount);
+    /// @notice A code in a batch was skipped for `reason`; the rest of the batch went on.
+    event BountySkipped(bytes32 indexed codeHash, SkipReason reason);
+    /// @notice `sender` escrowed `size` tokens against the Merkle `root` for `relayer` until `expiry`.
+    event BookOpened(bytes32 indexed root, address indexed sender, address indexed relayer, uint32 size, uint64 expiry);
+    /// @notice A book batch paid `paid` leaves to `relayer` and skipped `skipped` (spent, duplicate or expired).
+    event BookRedeemed(bytes32 indexed root, address indexed relayer, uint256 paid, uint256 skipped);
+    /// @notice The expired book `root` returned `amount` (its unspent leaves) to `sender`.
+    event BookRefunded(bytes32 indexed root, address indexed sender, uint256 amount);
+
+    /// @notice A bounty already exists for `codeHash`; codes must be fresh.
+    /// @param codeHash the hash that was registered before
+    error BountyExists(bytes32 codeHash);
+    /// @notice No bounty was ever registered for `codeHash`.
+    /// @param codeHash the hash of the code submitted
+    error UnknownBounty(bytes32 codeHash);
+    /// @notice The bounty was already paid to its relayer.
+    /// @param codeHash the hash of the code submitted
+    error AlreadyRedeemed(bytes32 codeHash);
+    /// @notice The bounty was already returned to its sender.
+    /// @param codeHash the hash of the code submitted
+    error AlreadyRefunded(bytes32 codeHash);
+    /// @notice The bounty's expiry has passed; it can only be refunded.
+    /// @param codeHash the hash of the code submitted
+    /// @param expiry the bounty's expiry (unix seconds)
+    error BountyExpired(bytes32 codeHash, uint64 expiry);
+    /// @notice A refund was asked before the bounty or book expired.
+    /// @param key the code hash or book root
+    /// @param expiry when a refund becomes possible (after this unix second)
+    error NotExpired(bytes32 key, uint64 expiry);
+    /// @notice The relayer must be a real address.
+    error InvalidRelayer();
+    /// @notice The expiry must lie in the future.
+    /// @param expiry the expiry given
+    error InvalidExpiry(uint64 expiry);
+    /// @notice A book needs at least one leaf.
+    error EmptyBook();
+    /// @notice A book already exists for `root`.
+    /// @param root the Merkle root
+    error BookExists(bytes32 root);
+    /// @notice No book was opened for `root`.
+    /// @param root the Merkle root
+    error UnknownBook(bytes32 root);
+    /// @notice The multiproof does not prove these leaves under `root`.
+    /// @param root the Merkle root
+    error InvalidBookProof(bytes32 root);
+    /// @notice A leaf index lies outside its book.
+    /// @param root the Merkle root
+    /// @param index the index given
+    error LeafOutOfRange(bytes32 root, uint256 index);
+    /// @notice The arrays of a call must have equal lengths.
+    error LengthMismatch();
+
+    /// @param initialSupply tokens (in wei units) minted to the deployer
+    constructor(uint256 initialSupply) ERC20("BountyToken", "BTK") {
+        _mint(msg.sender, initialSupply);
+    }
+
+    // ------------------------------------------------------------------
+    // Single bounties
+    // ------------------------------------------------------------------
+
+    /// @notice Escrow BOUNTY_AMOUNT from the caller against `codeHash`, payable only to `relayer`.
+    /// @param codeHash keccak256 of the secret 32-byte code
+    /// @param relayer the node that alone can be paid with the code
+    /// @param expiry unix second after which the sender may take the token back
+    function registerBounty(bytes32 codeHash, address relayer, uint64 expiry) external {
+        if (relayer == address(0)) revert InvalidRelayer();
+        if (expiry <= block.timestamp) revert InvalidExpiry(expiry);
+        if (_bounties[codeHash].state != State.None) revert BountyExists(codeHash);
+
+        _bounties[codeHash] = Bounty({sender: msg.sender, expiry: expiry, state: State.Open, relayer: relayer});
+        emit BountyRegistered(codeHash, msg.sender, relayer, BOUNTY_AMOUNT, expiry);
+        _transfer(msg.sender, address(this), BOUNTY_AMOUNT);
+    }
+
+    /// @notice Reveal `code` and pay its bounty to the relayer bound at registration.
+    /// @dev Anyone may submit; the token only ever goes to the bound relayer,
+    /// so copying the code from the mempool gains an attacker nothing.
+    /// @param code the secret whose keccak256 was registered
+    function redeemBounty(bytes32 code) external {
+        bytes32 codeHash = keccak256(abi.encodePacked(code));
+        Bounty storage bounty = _bounties[codeHash];
+        State state = bounty.state;
+        if (state == State.None) revert UnknownBounty(codeHash);
+        if (state == State.Redeemed) revert AlreadyRedeemed(codeHash);
+        if (state == State.Refunded) revert AlreadyRefunded(codeHash);
+        if (block.timestamp > bounty.expiry) revert BountyExpired(codeHash, bounty.expiry);
+
+        bounty.state = State.Redeemed;
+        address relayer = bounty.relayer;
+        emit BountyRedeemed(codeHash, relayer, BOUNTY_AMOUNT);
+        _transfer(address(this), relayer, BOUNTY_AMOUNT);
+    }
+
+    /// @notice Redeem many codes in one transaction. Codes that are unknown,
+    /// spent, refunded or expired are skipped with a BountySkipped event
+    /// instead of reverting the batch.
+    /// @param codes the secrets to reveal
+    /// @return paid how many codes paid out
+    function redeemBatch(bytes32[] calldata codes) external returns (uint256 paid) {
+        address pendingRelayer;
+        uint256 pendingAmount;
+        for (uint256 i = 0; i < codes.length; ++i) {
+            bytes32 codeHash = keccak256(abi.encodePacked(codes[i]));
+            Bounty storage bounty = _bounties[codeHash];
+            State state = bounty.state;
+            if (state != State.Open) {
+                emit BountySkipped(
+                    codeHash,
+                    state == State.None
+                        ? SkipReason.Unknown
+                        : (state == State.Redeemed ? SkipReason.Redeemed : SkipReason.Refunded)
+                );
+                continue;
+            }
+            if (block.timestamp > bounty.expiry) {
+                emit BountySkipped(codeHash, SkipReason.Expired);
+                continue;
+            }
+            bounty.state = State.Redeemed;
+            address relayer = bounty.relayer;
+            emit BountyRedeemed(codeHash, relayer, BOUNTY_AMOUNT);
+            // Consecutive codes usually share a relayer: pay them in one transfer.
+            if (relayer != pendingRelayer) {
+                if (pendingAmount != 0) _transfer(address(this), pendingRelayer, pendingAmount);
+                pendingRelayer = relayer;
+                pendingAmount = 0;
+            }
+            pendingAmount += BOUNTY_AMOUNT;
+            ++paid;
+        }
+        if (pendingAmount != 0) _transfer(address(this), pendingRelayer, pendingAmount);
+    }
+
+    /// @notice Return an expired, unredeemed bounty to its sender.
+    /// @param codeHash the registered hash
+    function refund(bytes32 codeHash) external {
+        Bounty storage bounty = _bounties[codeHash];
+        State state = bounty.state;
+        if (state == State.None) revert UnknownBounty(codeHash);
+        if (state == State.Redeemed) revert AlreadyRedeemed(codeHash);
+        if (state == State.Refunded) revert AlreadyRefunded(codeHash);
+        if (block.timestamp <= bounty.expiry) revert NotExpired(codeHash, bounty.expiry);
+
+        bounty.state = State.Refunded;
+        address sender = bounty.sender;
+        emit BountyRefunded(codeHash, sender, BOUNTY_AMOUNT);
+        _transfer(address(this), sender, BOUNTY_AMOUNT);
+    }
+
+    /// @notice Read a bounty.
+    /// @param codeHash the registered hash
+    /// @return sender who escrowed it
+    /// @return relayer who alone can be paid
+    /// @return expiry unix second after which it is refundable
+    /// @return state 0 none, 1 open, 2 redeemed, 3 refunded
+    function getBounty(bytes32 codeHash)
+        external
+        view
+        returns (address sender, address relayer, uint64 expiry, State state)
+    {
+        Bounty storage bounty = _bounties[codeHash];
+        return (bounty.sender, bounty.relayer, bounty.expiry, bounty.state);
+    }
+
+    // ------------------------------------------------------------------
+    // Bounty books: many prepaid codes behind one Merkle root
+    // ------------------------------------------------------------------
+
+    /// @notice Escrow `size` tokens against a Merkle root of `size` leaves,
+    /// leaf i being keccak256(bytes.concat(keccak256(abi.encode(i, code_i)))),
+    /// in the tree layout of OpenZeppelin's StandardMerkleTree (sorted pairs).
+    /// @param root the Merkle root; must be fresh
+    /// @param size how many leaves (and tokens) the book holds
+    /// @param relayer the node that alone can be paid with the book's codes
+    /// @param expiry unix second after which the unspent tokens can be refunded
+    function openBook(bytes32 root, uint32 size, address relayer, uint64 expiry) external {
+        if (relayer == address(0)) revert InvalidRelayer();
+        if (expiry <= block.timestamp) revert InvalidExpiry(expiry);
+        if (size == 0) revert EmptyBook();
+        if (_books[root].sender != address(0)) revert BookExists(root);
+
+        _books[root] = Book({
+            sender: msg.sender, expiry: expiry, relayer: relayer, size: size, spent: 0, refunded: false
+        });
+        emit BookOpened(root, msg.sender, relayer, size, expiry);
+        _transfer(msg.sender, address(this), uint256(size) * BOUNTY_AMOUNT);
+    }
+
+    /// @notice Redeem leaves of a book with one multiproof. Leaves already
+    /// spent (in an earlier batch or earlier in this one) are skipped, and an
+    /// expired book pays nothing; an invalid proof reverts the whole call.
+    /// @param root the book
+    /// @param indices leaf indices, in the order the multiproof expects
+    /// @param codes the codes of those leaves
+    /// @param proof the multiproof's sibling hashes
+    /// @param proofFlags the multiproof's flags (OpenZeppelin MerkleProof format)
+    /// @return paid how many leaves paid out
+    function redeemBook(
+        bytes32 root,
+        uint256[] calldata indices,
+        bytes32[] calldata codes,
+        bytes32[] calldata proof,
+        bool[] calldata proofFlags
+    ) external returns (uint256 paid) {
+        if (indices.length != codes.length) revert LengthMismatch();
+        Book storage book = _books[root];
+        address relayer = book.relayer;
+        if (relayer == address(0)) revert UnknownBook(root);
+        bytes32[] memory leaves = _bookLeaves(root, book.size, indices, codes);
+        if (!MerkleProof.multiProofVerifyCalldata(proof, proofFlags, root, leaves)) revert InvalidBookProof(root);
+
+        if (block.timestamp > book.expiry) {
+            emit BookRedeemed(root, relayer, 0, indices.length);
+            return 0;
+        }
+        paid = _spendLeaves(_spentLeaves[root], indices);
+        // paid <= size < 2**32 and book.spent + paid <= size, by the bitmap.
+        book.spent += uint32(paid);
+        emit BookRedeemed(root, relayer, paid, indices.length - paid);
+        if (paid != 0) _transfer(address(this), relayer, paid * BOUNTY_AMOUNT);
+    }
+
+    /// @dev Leaf i is keccak256(bytes.concat(keccak256(abi.encode(i, code)))):
+    /// hashing twice keeps a leaf from ever passing for an inner node.
+    function _bookLeaves(bytes32 root, uint256 size, uint256[] calldata indices, bytes32[] calldata codes)
+        private
+        pure
+        returns (bytes32[] memory leaves)
+    {
+        leaves = new bytes32[](indices.length);
+        for (uint256 i = 0; i < indices.length; ++i) {
+            if (indices[i] >= size) revert LeafOutOfRange(root, indices[i]);
+            leaves[i] = keccak256(bytes.concat(keccak256(abi.encode(indices[i], codes[i]))));
+        }
+    }
+
+    /// @dev Marks each unspent index spent and counts it; spent ones (and
+    /// repeats within this call) are left out of the count.
+    function _spendLeaves(mapping(uint256 => uint256) storage spentBits, uint256[] calldata indices)
+        private
+        returns (uint256 fresh)
+    {
+        for (uint256 i = 0; i < indices.length; ++i) {
+            uint256 index = indices[i];
+            uint256 mask = 1 << (index & 0xff);
+            uint256 word = spentBits[index >> 8];
+            if (word & mask != 0) continue;
+            spentBits[index >> 8] = word | mask;
+            ++fresh;
+        }
+    }
+
+    /// @notice Return an expired book's unspent tokens to its sender.
+    /// @param root the book
+    function refundBook(bytes32 root) external {
+        Book storage book = _books[root];
+        address sender = book.sender;
+        if (sender == address(0)) revert UnknownBook(root);
+        if (book.refunded) revert AlreadyRefunded(root);
+        if (block.timestamp <= book.expiry) revert NotExpired(root, book.expiry);
+
+        book.refunded = true;
+        uint256 amount = uint256(book.size - book.spent) * BOUNTY_AMOUNT;
+        emit BookRefunded(root, sender, amount);
+        if (amount != 0) _transfer(address(this), sender, amount);
+    }
+
+    /// @notice Read a book.
+    /// @param root the book
+    /// @return sender who escrowed it
+    /// @return relayer who alone can be paid
+    /// @return expiry unix second after which the unspent part is refundable
+    /// @return size how many leaves it holds
+    /// @return spent how many leaves were paid
+    /// @return refunded whether the unspent part went back to the sender
+    function getBook(bytes32 root)
+        external
+        view
+        returns (address sender, address relayer, uint64 expiry, uint32 size, uint32 spent, bool refunded)
+    {
+        Book storage book = _books[root];
+        return (book.sender, book.relayer, book.expiry, book.size, book.spent, book.refunded);
+    }
+
+    /// @notice Whether leaf `index` of book `root` has been paid.
+    /// @param root the book
+    /// @param index the leaf index
+    /// @return spent true once paid
+    function isLeafSpent(bytes32 root, uint256 index) external view returns (bool spent) {
+        return _spentLeaves[root][index >> 8] & (1 << (index & 0xff)) != 0;
+    }
+}

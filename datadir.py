@@ -1,0 +1,101 @@
+"""The one data directory every file the project writes lives under.
+
+Chosen by --data-dir, else $DM_DATA_DIR, else ~/.distributed-messaging.
+
+    DATA/keys/NAME_PRIVATE.pem   RSA private key (0600), the original's file name
+    DATA/keys/NAME_PUBLIC.pem    RSA public key
+    DATA/keys/NAME_ETH.key       the user's Ethereum private key (0600)
+    DATA/deployment.json         chain id, RPC URL, contract address, deploy block
+    DATA/chain/                  anvil's state file and log, the dev faucet key
+    DATA/node/                   the node's pins, journal and account
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+ENV_VAR = "DM_DATA_DIR"
+DEFAULT = Path.home() / ".distributed-messaging"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+class DataError(Exception):
+    """A problem with the data directory; the message is for the user."""
+
+
+def resolve(flag: str | None = None) -> Path:
+    path = Path(flag or os.environ.get(ENV_VAR) or DEFAULT).expanduser()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name or "") or name.startswith("."):
+        raise DataError(f"invalid name {name!r}: use 1-32 letters, digits, '_', '-' or '.'")
+    return name
+
+
+def keys_dir(data_dir: Path) -> Path:
+    path = data_dir / "keys"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def private_key_path(data_dir: Path, name: str) -> Path:
+    return keys_dir(data_dir) / f"{check_name(name)}_PRIVATE.pem"
+
+
+def public_key_path(data_dir: Path, name: str) -> Path:
+    return keys_dir(data_dir) / f"{check_name(name)}_PUBLIC.pem"
+
+
+def eth_key_path(data_dir: Path, name: str) -> Path:
+    return keys_dir(data_dir) / f"{check_name(name)}_ETH.key"
+
+
+def known_users(data_dir: Path) -> list[str]:
+    return sorted(p.name[: -len("_PRIVATE.pem")] for p in keys_dir(data_dir).glob("*_PRIVATE.pem"))
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Create a new file readable by its owner only; never overwrite."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def read_secret(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing") from None
+
+
+def ensure_secret(path: Path, make: Callable[[], str]) -> str:
+    """The secret in `path`, created by `make()` the first time."""
+    try:
+        write_secret(path, make())
+    except FileExistsError:
+        pass
+    return read_secret(path)
+
+
+def write_json(path: Path, value) -> None:
+    """Write atomically, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); move it away to start afresh") from None

@@ -1,0 +1,209 @@
+"""The local development chain: start anvil when nothing answers, deploy
+BountyToken once, remember the deployment, and fund new users.
+
+anvil comes from the npm package @foundry-rs/anvil (installed by `npm ci`).
+Its state is kept in DATA/chain/anvil-state.json, so a restarted chain keeps
+balances and open bounties. The faucet is an account of our own, created in
+the data directory and given ETH with anvil_setBalance: no well-known dev key
+is ever used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from web3 import Web3
+
+import datadir
+import web3_utils as wu
+
+ROOT = Path(__file__).resolve().parent
+ANVIL_BINARIES = (
+    ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil",
+    ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-arm64" / "bin" / "anvil",
+    ROOT / "node_modules" / "@foundry-rs" / "anvil-darwin-arm64" / "bin" / "anvil",
+    ROOT / "node_modules" / "@foundry-rs" / "anvil-darwin-amd64" / "bin" / "anvil",
+)
+INITIAL_SUPPLY = 1_000_000_000 * wu.TOKEN
+USER_GRANT_BTK = 1_000 * wu.TOKEN  # what a new user is given on a dev chain
+USER_GRANT_ETH = 100 * 10**18  # gas money on a dev chain
+DEV_CHAIN_IDS = (31337, 131277322940537)  # anvil's, and eth-tester's
+
+
+@dataclass
+class Deployment:
+    chain_id: int
+    rpc_url: str
+    address: str
+    deploy_block: int
+
+    def to_json(self) -> dict:
+        return {"chain_id": self.chain_id, "rpc_url": self.rpc_url, "address": self.address,
+                "deploy_block": self.deploy_block}
+
+
+def is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+
+
+def anvil_binary() -> str:
+    for path in ANVIL_BINARIES:
+        if path.exists():
+            return str(path)
+    found = shutil.which("anvil")
+    if found:
+        return found
+    raise wu.ChainError("anvil is not installed: run `npm ci` in the project folder")
+
+
+class Anvil:
+    """An anvil process that we started, with its state file."""
+
+    def __init__(self, url: str, state_file: Path, log_file: Path):
+        parsed = urlparse(url)
+        self.url = url
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [anvil_binary(), "--host", parsed.hostname or "127.0.0.1", "--port", str(parsed.port or 8545),
+               "--state", str(state_file), "--state-interval", "1", "--accounts", "1", "--silent"]
+        self._log = open(log_file, "ab")
+        # Its own session: a Ctrl-C at the terminal reaches us, and we stop anvil cleanly.
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 30) -> Web3:
+        deadline = time.monotonic() + timeout
+        w3 = wu.connect(self.url)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise wu.ChainError(f"anvil exited with code {self.proc.returncode}; see {self._log.name}")
+            if wu.is_connected(w3):
+                return w3
+            time.sleep(0.05)
+        self.stop()
+        raise wu.ChainError(f"anvil did not answer on {self.url} within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # anvil dumps its state on SIGTERM
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def port_is_open(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 80), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_chain(url: str, data_dir: Path, start: bool = True) -> tuple[Web3, Anvil | None]:
+    """Connect to `url`; when it is on loopback and nothing answers, start anvil there.
+    Returns the Web3 and the Anvil we started (None if the chain was already up)."""
+    w3 = wu.connect(url)
+    if url == wu.TESTER_URL or wu.is_connected(w3):
+        return w3, None
+    if not (start and is_loopback(url)) or port_is_open(url):
+        raise wu.ChainError(f"no Ethereum node answers at {url}")
+    chain_dir = data_dir / "chain"
+    anvil = Anvil(url, chain_dir / "anvil-state.json", chain_dir / "anvil.log")
+    try:
+        return anvil.wait_ready(), anvil
+    except wu.ChainError:
+        # Someone else may have started a chain on that port meanwhile.
+        if wu.is_connected(w3):
+            return w3, None
+        raise
+
+
+def is_dev_chain(w3: Web3) -> bool:
+    return w3.eth.chain_id in DEV_CHAIN_IDS
+
+
+def give_eth(w3: Web3, address: str, amount: int) -> None:
+    """Gas money on a dev chain: anvil_setBalance on anvil, a transfer on eth-tester."""
+    address = Web3.to_checksum_address(address)
+    if w3.eth.chain_id == 31337:
+        balance = w3.eth.get_balance(address)
+        w3.provider.make_request("anvil_setBalance", [address, hex(balance + amount)])
+    else:
+        tx_hash = w3.eth.send_transaction({"from": w3.eth.accounts[0], "to": address, "value": amount})
+        wu.wait_for(w3, tx_hash)
+
+
+def faucet_signer(w3: Web3, data_dir: Path) -> wu.Signer:
+    key = datadir.ensure_secret(data_dir / "chain" / "faucet.key", lambda: wu.new_account()[1])
+    signer = wu.Signer(w3, key)
+    if w3.eth.get_balance(signer.address) < 10**18:
+        give_eth(w3, signer.address, 10_000 * 10**18)
+    return signer
+
+
+def deployment_path(data_dir: Path) -> Path:
+    return data_dir / "deployment.json"
+
+
+def load_deployment(data_dir: Path) -> Deployment | None:
+    try:
+        return Deployment(**json.loads(deployment_path(data_dir).read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def ensure_deployment(w3: Web3, url: str, data_dir: Path) -> tuple[wu.BountyToken, Deployment]:
+    """The recorded BountyToken if its code is still on this chain; otherwise
+    (on a dev chain) deploy it now and record it."""
+    artifact = wu.load_artifact()
+    chain_id = w3.eth.chain_id
+    record = load_deployment(data_dir)
+    if record and record.chain_id == chain_id:
+        token = wu.BountyToken(w3, record.address, artifact)
+        if token.is_genuine():
+            return token, record
+    if not is_dev_chain(w3):
+        raise wu.ChainError(f"no BountyToken recorded for chain {chain_id}; deploy one and record it in "
+                            f"{deployment_path(data_dir)}")
+    token, receipt = wu.BountyToken.deploy(faucet_signer(w3, data_dir), INITIAL_SUPPLY, artifact)
+    record = Deployment(chain_id, url, token.address, receipt["blockNumber"])
+    datadir.write_json(deployment_path(data_dir), record.to_json())
+    return token, record
+
+
+def fund_user(token: wu.BountyToken, data_dir: Path, address: str,
+              btk: int = USER_GRANT_BTK, eth: int = USER_GRANT_ETH) -> bool:
+    """On a dev chain, top up `address` with gas and BTK when it runs low.
+    Returns whether anything was sent."""
+    w3 = token.w3
+    if not is_dev_chain(w3):
+        return False
+    sent = False
+    if w3.eth.get_balance(address) < eth // 10:
+        give_eth(w3, address, eth)
+        sent = True
+    if token.balance_of(address) < btk // 10:
+        token.transfer(faucet_signer(w3, data_dir), address, btk)
+        sent = True
+    return sent
+
+
+def stop_on_exit(anvil: Anvil | None) -> None:
+    if anvil is not None:
+        anvil.stop()
+
+
+def chain_environment(url: str, data_dir: Path) -> dict:
+    """For subprocesses: where the chain and data live."""
+    return {**os.environ, "DM_RPC_URL": url, "DM_DATA_DIR": str(data_dir)}
