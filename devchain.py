@@ -182,7 +182,7 @@ def ensure_deployment(w3: Web3, url: str, data_dir: Path) -> tuple[wu.BountyToke
     return token, record
 
 
-def fund_user(token: wu.BountyToken, data_dir: Path, address: str,
+def fund_user(token: wu.BountyToken, faucet: wu.Signer, address: str,
               btk: int = USER_GRANT_BTK, eth: int = USER_GRANT_ETH) -> bool:
     """On a dev chain, top up `address` with gas and BTK when it runs low.
     Returns whether anything was sent."""
@@ -194,7 +194,7 @@ def fund_user(token: wu.BountyToken, data_dir: Path, address: str,
         give_eth(w3, address, eth)
         sent = True
     if token.balance_of(address) < btk // 10:
-        token.transfer(faucet_signer(w3, data_dir), address, btk)
+        token.transfer(faucet, address, btk)
         sent = True
     return sent
 

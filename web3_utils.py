@@ -46,9 +46,7 @@ def _show(value: Any) -> str:
 def connect(url: str = DEFAULT_RPC_URL, timeout: float = 30) -> Web3:
     """A Web3 for an http(s)/ws(s) JSON-RPC URL, or `tester://` for eth-tester in-process."""
     if url == TESTER_URL:
-        from web3 import EthereumTesterProvider
-
-        return Web3(EthereumTesterProvider())
+        return Web3(_LockedTesterProvider())
     if url.startswith(("http://", "https://")):
         return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
     if url.startswith(("ws://", "wss://")):
@@ -56,6 +54,20 @@ def connect(url: str = DEFAULT_RPC_URL, timeout: float = 30) -> Web3:
 
         return Web3(LegacyWebSocketProvider(url, websocket_timeout=timeout))
     raise ChainError(f"unsupported RPC URL {url!r}: use http://, https://, ws://, wss:// or {TESTER_URL}")
+
+
+def _LockedTesterProvider():
+    """eth-tester's py-evm is not thread-safe; the node calls it from several threads."""
+    from web3 import EthereumTesterProvider
+
+    class LockedTesterProvider(EthereumTesterProvider):
+        _lock = threading.RLock()
+
+        def make_request(self, method, params):
+            with self._lock:
+                return super().make_request(method, params)
+
+    return LockedTesterProvider()
 
 
 def is_connected(w3: Web3) -> bool:

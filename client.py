@@ -1,0 +1,167 @@
+"""The terminal client.
+
+    python3 client.py HOST PORT ME PEER      e.g. python3 client.py localhost 12345 user_1 user_2
+
+Each line typed is encrypted for the current peer, paid for with a bounty
+bound to the node, and sent. Incoming messages print as `[sender] text`.
+When stdin is not a terminal, lines are read and sent one by one, received
+messages go to stdout, and at end of input the client waits until its
+messages are acknowledged, then exits.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+
+import datadir
+import web3_utils as wu
+from client_core import ChatClient, ClientError, Events, Incoming
+
+HELP = """commands:
+  /to NAME            talk to NAME from now on
+  /peers              who is online
+  /fingerprint NAME   NAME's key fingerprint, to compare out of band (/fingerprint alone: yours)
+  /help               this list
+  exit                quit (also /quit or Ctrl-D)"""
+
+
+class Screen:
+    """Prints above the input line on a terminal, so incoming text never lands in half-typed input."""
+
+    def __init__(self, interactive: bool):
+        self.interactive = interactive
+        self.prompt = ""
+        self._lock = threading.Lock()
+        if interactive:
+            import readline  # noqa: F401  (line editing and history for input())
+
+    def show(self, line: str, notice: bool = False) -> None:
+        with self._lock:
+            if self.interactive:
+                import readline
+
+                typed = readline.get_line_buffer()
+                sys.stdout.write(f"\r\x1b[K{line}\n{self.prompt}{typed}")
+                sys.stdout.flush()
+            elif notice:
+                print(line, file=sys.stderr, flush=True)
+            else:
+                print(line, flush=True)
+
+
+def run(args) -> int:
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    screen = Screen(interactive)
+    state = {"peer": args.peer}
+
+    def on_message(message: Incoming) -> None:
+        if message.genuine:
+            screen.show(f"[{message.sender}] {message.text}")
+        else:
+            screen.show(f"!! a message claiming to be from {message.sender} FAILED verification and is not shown: "
+                        f"{message.problem}", notice=True)
+
+    def on_receipt(msg_id: str, status: str, detail: str) -> None:
+        if status == "offline":
+            screen.show("(not delivered: the recipient is offline; your bounty stays unspent)", notice=True)
+        elif status == "refused":
+            screen.show(f"(not delivered: {detail})", notice=True)
+
+    def on_paid(msg_ids: list[str]) -> None:
+        if interactive:
+            screen.show(f"(node paid for {len(msg_ids)} delivered message(s))", notice=True)
+
+    events = Events(message=on_message, receipt=on_receipt, paid=on_paid,
+                    notice=lambda text: screen.show(text, notice=True),
+                    closed=lambda reason: screen.show(f"(disconnected: {reason})", notice=True))
+    data_dir = datadir.resolve(args.data_dir)
+    client = ChatClient(args.host, args.port, args.me, data_dir, rpc_url=args.rpc_url, pay=args.pay,
+                        book_size=args.book_size, events=events)
+    client.connect()
+    if interactive:
+        screen.show(f"connected to {args.host}:{args.port} as {args.me}; talking to {args.peer}. /help lists "
+                    "commands, exit quits.", notice=True)
+    try:
+        while True:
+            screen.prompt = f"{args.me} -> {state['peer']}> " if interactive else ""
+            try:
+                line = input(screen.prompt) if interactive else sys.stdin.readline()
+            except EOFError:
+                break
+            if not interactive and line == "":
+                break
+            line = line.rstrip("\n")
+            if client._closed.is_set():
+                raise ClientError("the node closed the connection")
+            if not handle_line(client, screen, state, line):
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not client.wait_acknowledged(timeout=120):
+            screen.show(f"({len(client.outstanding)} message(s) were never acknowledged by the node)", notice=True)
+        client.close()
+    return 0
+
+
+def handle_line(client: ChatClient, screen: Screen, state: dict, line: str) -> bool:
+    """One typed line; False means quit."""
+    command, _, rest = line.strip().partition(" ")
+    rest = rest.strip()
+    if line.strip() in ("exit", "/exit", "/quit"):
+        return False
+    try:
+        if command == "/help":
+            screen.show(HELP, notice=True)
+        elif command == "/to":
+            if not rest:
+                screen.show("usage: /to NAME", notice=True)
+            else:
+                state["peer"] = datadir.check_name(rest)
+                screen.show(f"(now talking to {rest})", notice=True)
+        elif command == "/peers":
+            screen.show("online: " + (", ".join(client.peers()) or "nobody"), notice=True)
+        elif command == "/fingerprint":
+            name = rest or client.me
+            screen.show(f"{name}: {client.fingerprint(name)}", notice=True)
+        elif command.startswith("/") and len(command) > 1:
+            screen.show(f"unknown command {command}; /help lists them", notice=True)
+        elif line:
+            client.send_text(state["peer"], line)
+    except (ClientError, datadir.DataError) as exc:
+        screen.show(f"error: {exc}", notice=True)
+    return True
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="DistributedMessaging client: end-to-end encrypted, paid relay.")
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    parser.add_argument("me", help="your name (keys from `python3 main.py Y NAME`)")
+    parser.add_argument("peer", help="who to talk to")
+    parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
+    parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", wu.DEFAULT_RPC_URL),
+                        help="your own connection to the chain (default: $DM_RPC_URL or %(default)s)")
+    parser.add_argument("--pay", choices=["book", "single"], default="book",
+                        help="book: prepay codes in bulk (default); single: one registerBounty per message")
+    parser.add_argument("--book-size", type=int, default=100, help="codes per prepaid book (default: 100)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        datadir.check_name(args.me)
+        datadir.check_name(args.peer)
+        if args.book_size < 1:
+            raise ClientError("--book-size must be at least 1")
+        return run(args)
+    except (ClientError, datadir.DataError, wu.ChainError) as exc:
+        print(f"client: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,502 @@
+"""The relay node: accept, authenticate, route, check bounties, collect codes.
+
+    python3 node.py [--host localhost] [--port 12345] [--rpc-url URL] [--data-dir DIR]
+
+One thread per connection. Every client message goes through `dispatch`, the
+one place that enforces message order; every refusal leaves through
+ProtocolError -> an `error` frame. The node never decrypts: it routes on the
+`to` field and passes the envelope on untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from eth_utils import keccak
+
+import datadir
+import devchain
+import key_utils
+import protocol
+import web3_utils as wu
+from node_chain import BountyIndex, Claim, Journal, Redeemed, Redeemer
+from protocol import ProtocolError
+
+log = logging.getLogger("node")
+threading.stack_size(512 * 1024)  # thousands of connection threads; the default 8 MB stack is waste
+
+
+class PinStore:
+    """name -> public key, pinned at the first successful proof, kept on disk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._pins: dict[str, dict] = datadir.read_json(path, {})
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> dict | None:
+        return self._pins.get(name)
+
+    def pin(self, name: str, public_key: str, eth_address: str) -> None:
+        with self._lock:
+            self._pins[name] = {"public_key": public_key, "eth_address": eth_address}
+            datadir.write_json(self.path, self._pins)
+
+
+@dataclass
+class Pending:
+    """A delivered message whose code the recipient has not returned yet."""
+    sender: str
+    recipient: str
+    bounty: dict
+    delivered_at: float
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, address, clock):
+        self.sock = sock
+        self.address = address
+        self.name: str | None = None
+        self.phase = "connected"
+        self.hello: dict | None = None
+        self.nonce = ""
+        self.decoder = protocol.FrameDecoder()
+        self.connected_at = self.last_frame_at = clock()
+        self.frame_started_at: float | None = None
+        self.errors = 0
+        self.closed = False
+        self._send_lock = threading.Lock()
+
+    def send_bytes(self, data: bytes) -> bool:
+        with self._send_lock:
+            if self.closed:
+                return False
+            try:
+                self.sock.sendall(data)
+                return True
+            except OSError:
+                self.close()
+                return False
+
+    def send(self, message: dict) -> bool:
+        return self.send_bytes(protocol.encode(message))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.address[0]}:{self.address[1]}"
+
+
+class Node:
+    def __init__(self, *, token: wu.BountyToken, signer: wu.Signer, data_dir: Path, index: BountyIndex,
+                 redeemer_options: dict | None = None, faucet: wu.Signer | None = None,
+                 host: str = "localhost", port: int = 12345, max_connections: int = 10_000,
+                 handshake_timeout: float = 10, frame_timeout: float = 10, idle_timeout: float = 600,
+                 max_errors: int = 20, clock=time.monotonic):
+        self.token = token
+        self.signer = signer
+        self.index = index
+        self.faucet = faucet
+        self.clock = clock
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+        self.max_errors = max_errors
+        node_dir = data_dir / "node"
+        self.node_id = datadir.ensure_secret(node_dir / "node_id", lambda: secrets.token_hex(16))
+        self.pins = PinStore(node_dir / "pins.json")
+        self.redeemer = Redeemer(token, signer, index, Journal(node_dir / "journal.jsonl"),
+                                 on_redeemed=self._on_redeemed, **(redeemer_options or {}))
+        self.welcome = {"type": "welcome", "node_eth_address": signer.address,
+                        "chain_id": token.w3.eth.chain_id, "contract": token.address}
+        self._online: dict[str, Connection] = {}
+        self._connections: set[Connection] = set()
+        self._pending: dict[str, Pending] = {}
+        self._used: set[str] = set()  # bounties already carried by a message
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.relayed = 0
+        self.listener = socket.create_server((host, port), backlog=1024, reuse_port=False)
+        self.port = self.listener.getsockname()[1]
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.index.sync()
+        self.index.start_following(self._stop)
+        self.redeemer.start()
+        threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
+        threading.Thread(target=self._accept_loop, name="accept", daemon=True).start()
+        log.info("node %s listening on port %d; paid to %s on chain %s, contract %s", self.node_id[:8],
+                 self.port, self.signer.address, self.welcome["chain_id"], self.token.address)
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection, and redeem what is queued."""
+        self._stop.set()
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.close()
+        self.redeemer.stop(flush=True)
+        self.redeemer.journal.close()
+        log.info("stopped; earned %d BTK this run", self.redeemer.earned)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, address = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                full = len(self._connections) >= self.max_connections
+            if full:
+                try:
+                    sock.sendall(protocol.encode(protocol.error("busy")))
+                finally:
+                    sock.close()
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A reader that stops reading must not block us forever: give up on it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(10))
+            conn = Connection(sock, address, self.clock)
+            with self._lock:
+                self._connections.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="conn", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        """Closes connections that stall: slow handshakes, half-sent frames, silence."""
+        while not self._stop.wait(0.25):
+            now = self.clock()
+            with self._lock:
+                connections = list(self._connections)
+            for conn in connections:
+                reason = None
+                if conn.phase != "ready" and now - conn.connected_at > self.handshake_timeout:
+                    reason = f"no authentication within {self.handshake_timeout:g}s"
+                elif conn.frame_started_at is not None and now - conn.frame_started_at > self.frame_timeout:
+                    reason = f"a frame took longer than {self.frame_timeout:g}s to arrive"
+                elif now - conn.last_frame_at > self.idle_timeout:
+                    reason = f"idle for {self.idle_timeout:g}s"
+                if reason:
+                    conn.send(protocol.error("timeout", reason))
+                    conn.close()
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            while not conn.closed:
+                try:
+                    data = conn.sock.recv(262144)
+                except OSError:
+                    break
+                if not data:
+                    break
+                try:
+                    payloads = conn.decoder.feed(data)
+                except ProtocolError as exc:
+                    conn.send(exc.to_message())
+                    break
+                now = self.clock()
+                if payloads:
+                    conn.last_frame_at = now
+                conn.frame_started_at = (conn.frame_started_at or now) if conn.decoder.mid_frame else None
+                for payload in payloads:
+                    self._handle_payload(conn, payload)
+                    if conn.closed:
+                        break
+        finally:
+            self._disconnect(conn)
+
+    def _handle_payload(self, conn: Connection, payload: bytes) -> None:
+        try:
+            message = protocol.check_client_message(protocol.parse(payload), conn.phase)
+            self.dispatch(conn, message)
+        except ProtocolError as exc:
+            conn.errors += 1
+            conn.send(exc.to_message())
+            if exc.fatal or conn.errors >= self.max_errors:
+                conn.close()
+        except Exception:  # a bug must cost one connection, never the node
+            log.exception("internal error handling a message from %s", conn.label)
+            conn.send(protocol.error("internal"))
+            conn.close()
+
+    def _disconnect(self, conn: Connection) -> None:
+        conn.close()
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            self._connections.discard(conn)
+            if conn.name and self._online.get(conn.name) is conn:
+                del self._online[conn.name]
+                log.info("- %s disconnected", conn.name)
+
+    # --- the one dispatch point ------------------------------------------------------
+
+    def dispatch(self, conn: Connection, message: dict) -> None:
+        getattr(self, "on_" + message["type"])(conn, message)
+
+    def on_ping(self, conn: Connection, message: dict) -> None:
+        conn.send({"type": "pong"})
+
+    def on_hello(self, conn: Connection, message: dict) -> None:
+        name = message["name"]
+        try:
+            datadir.check_name(name)
+        except datadir.DataError:
+            raise ProtocolError("invalid_name", fatal=True) from None
+        try:
+            key_utils.public_key_from_pem(message["public_key"])
+        except Exception:
+            raise ProtocolError("bad_field", "hello.public_key is not an RSA public key in PEM form",
+                                fatal=True) from None
+        pinned = self.pins.get(name)
+        if pinned and pinned["public_key"].strip() != message["public_key"].strip():
+            log.warning("! refused %s from %s: a different key than the pinned one", name, conn.label)
+            raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key on this node",
+                                fatal=True)
+        conn.hello = message
+        conn.nonce = base64.b64encode(secrets.token_bytes(32)).decode()
+        conn.phase = "challenged"
+        conn.send({"type": "challenge", "nonce": conn.nonce, "node_id": self.node_id})
+
+    def on_auth(self, conn: Connection, message: dict) -> None:
+        hello = conn.hello
+        data = protocol.auth_payload(conn.nonce, self.node_id, hello["name"], hello["public_key"],
+                                     hello["eth_address"])
+        try:
+            signature = base64.b64decode(message["signature"], validate=True)
+        except ValueError:
+            signature = b""
+        public_key = key_utils.public_key_from_pem(hello["public_key"])
+        if not key_utils.verify(public_key, signature, data):
+            log.warning("! failed proof for %s from %s", hello["name"], conn.label)
+            raise ProtocolError("auth_failed", fatal=True)
+        name = hello["name"]
+        if not self.pins.get(name):
+            self.pins.pin(name, hello["public_key"], hello["eth_address"])
+            log.info("pinned %s to key %s", name, key_utils.fingerprint(public_key)[:27])
+        elif self.pins.get(name)["eth_address"] != hello["eth_address"]:
+            self.pins.pin(name, hello["public_key"], hello["eth_address"])
+        if self.faucet is not None:
+            try:
+                if devchain.fund_user(self.token, self.faucet, hello["eth_address"]):
+                    log.info("funded %s on the dev chain", name)
+            except (wu.ChainError, ValueError) as exc:
+                log.warning("could not fund %s: %s", name, exc)
+        with self._lock:
+            previous = self._online.get(name)
+            self._online[name] = conn
+        if previous is not None and previous is not conn:
+            previous.send(protocol.error("name_in_use", f"{name} connected again from elsewhere"))
+            previous.close()
+        conn.name = name
+        conn.phase = "ready"
+        conn.send({**self.welcome, "name": name})
+        log.info("+ %s connected from %s", name, conn.address[0])
+
+    def on_lookup(self, conn: Connection, message: dict) -> None:
+        pinned = self.pins.get(message["name"])
+        if not pinned:
+            raise ProtocolError("unknown_peer", f"no user {message['name'][:40]!r} is known to this node",
+                                ref=message["name"][:64])
+        conn.send({"type": "lookup", "name": message["name"], **pinned})
+
+    def on_peers(self, conn: Connection, message: dict) -> None:
+        with self._lock:
+            names = sorted(self._online)
+        conn.send({"type": "peers", "names": names})
+
+    def on_book(self, conn: Connection, message: dict) -> None:
+        try:
+            root = bytes.fromhex(message["root"].removeprefix("0x"))
+            leaves = [bytes.fromhex(leaf.removeprefix("0x")) for leaf in message["leaves"]]
+            book = self.index.announce_book(root, leaves)
+        except (ValueError, TypeError, AttributeError):
+            raise ProtocolError("bad_field", "book.leaves do not make book.root") from None
+        if book is None:
+            raise ProtocolError("unpaid", "no open book with that root and size is bound to this node")
+        conn.send({"type": "book", "root": message["root"], "size": book.size})
+
+    def on_send(self, conn: Connection, message: dict) -> None:
+        msg_id, to, bounty = message["msg_id"], message["to"], message["bounty"]
+        if not self.pins.get(to):
+            raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
+        key = self._check_paid(bounty, msg_id)
+        with self._lock:
+            if msg_id in self._pending:
+                raise ProtocolError("bad_field", "msg_id is already in use", ref=msg_id)
+            recipient = self._online.get(to)
+            if recipient is None:
+                offline = True
+            else:
+                offline = False
+                self._used.add(key)
+                self._pending[msg_id] = Pending(conn.name, to, bounty, self.clock())
+        if offline:
+            conn.send({"type": "receipt", "msg_id": msg_id, "status": "offline"})
+            return
+        delivered = recipient.send({"type": "deliver", "from": conn.name, "msg_id": msg_id, "bounty": bounty,
+                                    "envelope": message["envelope"]})
+        if not delivered:
+            with self._lock:
+                self._used.discard(key)
+                self._pending.pop(msg_id, None)
+        self.relayed += delivered
+        conn.send({"type": "receipt", "msg_id": msg_id, "status": "delivered" if delivered else "offline"})
+        log.debug("relay %s -> %s %s", conn.name, to, msg_id)
+
+    def _check_paid(self, bounty: dict, msg_id: str) -> str:
+        """The bounty's key if it pays this node and no other message used it."""
+        try:
+            if "code_hash" in bounty:
+                code_hash = bytes.fromhex(bounty["code_hash"].removeprefix("0x"))
+                key = code_hash.hex()
+                payable = key not in self._used and self.index.single_is_payable(code_hash)
+            else:
+                root = bytes.fromhex(bounty["book"].removeprefix("0x"))
+                key = f"{root.hex()}:{bounty['index']}"
+                payable = key not in self._used and self.index.book_is_payable(root, bounty["index"])
+        except wu.ChainError as exc:
+            raise ProtocolError("unpaid", f"could not check the bounty: {exc}", ref=msg_id) from None
+        if not payable:
+            raise ProtocolError("unpaid", "no open bounty bound to this node backs this message "
+                                "(unknown, already used, spent, expired, or for another node)", ref=msg_id)
+        return key
+
+    def on_claim(self, conn: Connection, message: dict) -> None:
+        msg_id = message["msg_id"]
+        with self._lock:
+            pending = self._pending.get(msg_id)
+            if pending is None or pending.recipient != conn.name:
+                raise ProtocolError("unknown_message", ref=msg_id)
+        try:
+            code = bytes.fromhex(message["code"].removeprefix("0x"))
+        except ValueError:
+            code = b""
+        bounty = pending.bounty
+        if "code_hash" in bounty:
+            valid = len(code) == 32 and keccak(code).hex() == bounty["code_hash"].removeprefix("0x").lower()
+            claim = Claim(msg_id, pending.sender, code)
+        else:
+            root = bytes.fromhex(bounty["book"].removeprefix("0x"))
+            book = self.index.book(root)
+            valid = len(code) == 32 and book is not None and book.tree is not None and \
+                book.tree.check_code(bounty["index"], code)
+            claim = Claim(msg_id, pending.sender, code, root, bounty["index"])
+        if not valid:
+            raise ProtocolError("bad_code", ref=msg_id)
+        with self._lock:
+            if self._pending.pop(msg_id, None) is None:
+                raise ProtocolError("unknown_message", ref=msg_id)
+        self.redeemer.submit(claim)
+
+    def _on_redeemed(self, result: Redeemed) -> None:
+        log.info("redeemed %d code(s) in tx %s (gas %d): +%d BTK, %d BTK this run", result.paid,
+                 result.tx_hash[:18], result.gas_used, result.paid, self.redeemer.earned)
+        by_sender: dict[str, list[str]] = {}
+        for claim in result.claims:
+            by_sender.setdefault(claim.sender, []).append(claim.msg_id)
+        for sender, msg_ids in by_sender.items():
+            with self._lock:
+                conn = self._online.get(sender)
+            if conn is not None:
+                conn.send({"type": "paid", "msg_ids": msg_ids, "tx": result.tx_hash})
+
+    # --- not yet: channels ---------------------------------------------------------
+
+    def on_join(self, conn: Connection, message: dict) -> None:
+        raise ProtocolError("unknown_type", "channels are not supported by this node yet")
+
+    on_leave = on_channels = on_join
+
+
+def _timeval(seconds: float) -> bytes:
+    import struct
+
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+
+
+def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
+    data_dir = datadir.resolve(args.data_dir)
+    w3, anvil = devchain.ensure_chain(args.rpc_url, data_dir)
+    try:
+        token, deployment = devchain.ensure_deployment(w3, args.rpc_url, data_dir)
+        key = datadir.ensure_secret(data_dir / "node" / "node_ETH.key", lambda: wu.new_account()[1])
+        signer = wu.Signer(w3, key)
+        faucet = None
+        if devchain.is_dev_chain(w3):
+            faucet = devchain.faucet_signer(w3, data_dir)
+            devchain.fund_user(token, faucet, signer.address, btk=0)
+        index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books")
+        index._next_block = deployment.deploy_block
+        node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=faucet,
+                    host=args.host, port=args.port, max_connections=args.max_connections,
+                    redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait})
+    except BaseException:
+        devchain.stop_on_exit(anvil)
+        raise
+    return node, anvil
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="DistributedMessaging relay node: relays ciphertext, "
+                                     "earns 1 BTK per delivered message.")
+    parser.add_argument("--host", default="localhost", help="interface to listen on (default: localhost)")
+    parser.add_argument("--port", type=int, default=12345, help="TCP port (default: 12345; 0 picks a free one)")
+    parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", wu.DEFAULT_RPC_URL),
+                        help="Ethereum JSON-RPC URL; on loopback, anvil is started when nothing answers "
+                             "(default: $DM_RPC_URL or %(default)s)")
+    parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
+    parser.add_argument("--batch-size", type=int, default=50, help="redeem when this many codes are queued")
+    parser.add_argument("--batch-wait", type=float, default=1.0,
+                        help="redeem queued codes at the latest this many seconds after the first arrived")
+    parser.add_argument("--max-connections", type=int, default=10_000)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        node, anvil = build_node(args)
+    except (wu.ChainError, datadir.DataError, OSError) as exc:
+        print(f"node: {exc}", file=sys.stderr)
+        return 1
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    node.start()
+    print(f"node ready on {args.host}:{node.port}", flush=True)
+    done.wait()
+    node.stop()
+    devchain.stop_on_exit(anvil)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

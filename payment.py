@@ -1,0 +1,108 @@
+"""How a sender pays: one bounty per message, or codes from a prepaid book.
+
+A `Payer` hands out one bounty per message: the dict the node sees (a code
+hash, or a book root and leaf index) and the secret code that travels inside
+the encrypted message. Book secrets are saved under the sender's data folder
+before the book is opened, so tokens are never escrowed behind codes we lost.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import datadir
+import web3_utils as wu
+from bounty_book import BookSecrets
+
+CURSOR_STRIDE = 32  # book cursor is persisted this far ahead, so a crash never reuses a code
+
+
+@dataclass
+class Bounty:
+    wire: dict  # what the node sees
+    code: bytes  # the secret, for the recipient only
+
+
+class SinglePayer:
+    """One registerBounty transaction per message (the original's scheme)."""
+
+    def __init__(self, token: wu.BountyToken, signer: wu.Signer, relayer: str, expiry_seconds: int):
+        self.token, self.signer, self.relayer, self.expiry_seconds = token, signer, relayer, expiry_seconds
+
+    def next_bounty(self) -> Bounty:
+        code = secrets.token_bytes(32)
+        code_hash = wu.code_hash(code)
+        self.token.register(self.signer, code_hash, self.relayer, _chain_now(self.token) + self.expiry_seconds,
+                            gas=150_000)
+        return Bounty({"code_hash": code_hash.hex()}, code)
+
+
+class BookPayer:
+    """Spends one leaf of a prepaid book per message; opens a new book when one runs out."""
+
+    def __init__(self, token: wu.BountyToken, signer: wu.Signer, relayer: str, expiry_seconds: int,
+                 size: int, books_dir: Path, announce: Callable[[BookSecrets], None]):
+        self.token, self.signer, self.relayer = token, signer, relayer
+        self.expiry_seconds, self.size, self.books_dir, self.announce = expiry_seconds, size, books_dir, announce
+        self._book: BookSecrets | None = None
+        self._cursor = 0
+        self._saved_cursor = 0
+        self._expiry = 0
+        self._lock = threading.Lock()
+        self.books_opened = 0
+        self._resume()
+
+    def _path(self, root: bytes) -> Path:
+        return self.books_dir / f"{root.hex()}.json"
+
+    def _resume(self) -> None:
+        """Continue the newest unfinished book for this relayer, if any."""
+        now = time.time()
+        for path in sorted(self.books_dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+            record = datadir.read_json(path, None)
+            if not record or record.get("relayer") != self.relayer or record["expiry"] < now + 3600:
+                continue
+            if record["cursor"] >= record["size"]:
+                continue
+            self._book = BookSecrets.from_json(record)
+            self._cursor = self._saved_cursor = record["cursor"]
+            self._expiry = record["expiry"]
+            self.announce(self._book)
+            return
+
+    def _save(self, book: BookSecrets, cursor: int, expiry: int) -> None:
+        record = {**book.to_json(), "relayer": self.relayer, "expiry": expiry, "cursor": cursor}
+        path = self._path(book.root)
+        if not path.exists():
+            datadir.write_secret(path, "{}")  # created 0600: it holds unspent codes
+        datadir.write_json(path, record)
+        path.chmod(0o600)
+
+    def _open_book(self) -> None:
+        book = BookSecrets.generate(self.size)
+        expiry = _chain_now(self.token) + self.expiry_seconds
+        self._save(book, 0, expiry)
+        self.token.open_book(self.signer, book.root, book.size, self.relayer, expiry)
+        self.announce(book)
+        self._book, self._cursor, self._saved_cursor, self._expiry = book, 0, 0, expiry
+        self.books_opened += 1
+
+    def next_bounty(self) -> Bounty:
+        with self._lock:
+            if self._book is None or self._cursor >= self._book.size:
+                self._open_book()
+            book, index = self._book, self._cursor
+            self._cursor += 1
+            if self._cursor > self._saved_cursor:
+                self._saved_cursor = min(book.size, self._cursor + CURSOR_STRIDE)
+                self._save(book, self._saved_cursor, self._expiry)
+        return Bounty({"book": book.root.hex(), "index": index}, book.codes[index])
+
+
+def _chain_now(token: wu.BountyToken) -> int:
+    """Expiry is judged by block time, which may run ahead of ours on a dev chain."""
+    return max(int(time.time()), token.w3.eth.get_block("latest")["timestamp"])

@@ -1,0 +1,111 @@
+"""The sans-IO wire protocol: framing, parsing, shapes and order rules."""
+import json
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import protocol
+from protocol import FrameDecoder, MessageDecoder, ProtocolError
+
+
+def feed_all(decoder, data, step=None):
+    out = []
+    if step is None:
+        return decoder.feed(data)
+    for i in range(0, len(data), step):
+        out += decoder.feed(data[i:i + step])
+    return out
+
+
+messages = st.dictionaries(st.text(max_size=8), st.one_of(st.text(), st.integers(), st.none()), max_size=4).map(
+    lambda d: {**d, "type": "x"})
+
+
+@given(st.lists(messages, max_size=6), st.integers(min_value=1, max_value=50))
+def test_frames_round_trip_in_any_split(msgs, step):
+    stream = b"".join(protocol.encode(m) for m in msgs)
+    decoder = MessageDecoder()
+    got = [protocol.parse(p) for p in feed_all(decoder, stream, step)]
+    assert got == msgs
+    assert not decoder.mid_frame
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_or_raise_protocol_error_whole_or_bytewise(data):
+    """h11's invariant: garbage never escapes as anything but ProtocolError."""
+    for step in (None, 1):
+        decoder = MessageDecoder(max_frame=1000)
+        try:
+            for payload in feed_all(decoder, data, step):
+                try:
+                    protocol.parse(payload)
+                except ProtocolError:
+                    pass
+        except ProtocolError as exc:
+            assert exc.code == "frame_too_large" and exc.fatal
+
+
+def test_oversize_length_is_rejected_before_the_body_arrives():
+    decoder = FrameDecoder()
+    with pytest.raises(ProtocolError) as info:
+        decoder.feed(struct.pack(">I", 0xFFFFFFFF))  # a 4 GB header and no body at all
+    assert info.value.code == "frame_too_large"
+    assert decoder.buffered == 0
+    with pytest.raises(ProtocolError):  # the decoder stays broken: the stream is out of sync
+        decoder.feed(protocol.encode({"type": "ping"}))
+
+
+def test_the_cap_is_exact():
+    decoder = FrameDecoder(max_frame=10)
+    assert decoder.feed(struct.pack(">I", 10) + b"x" * 10) == [b"x" * 10]
+    with pytest.raises(ProtocolError):
+        decoder.feed(struct.pack(">I", 11))
+    with pytest.raises(ProtocolError):
+        protocol.frame(b"x" * (protocol.MAX_FRAME + 1))
+
+
+@pytest.mark.parametrize("payload", [b"", b"[]", b"123", b'{"type": 5}', b"\xff\xfe", b'{"no_type": 1}',
+                                     b"[" * 100000])
+def test_bad_payloads_raise_bad_frame(payload):
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse(payload)
+    assert info.value.code == "bad_frame"
+
+
+def test_order_rules_require_authentication_first():
+    send = {"type": "send", "to": "bob", "msg_id": "m1", "bounty": {"code_hash": "ab" * 32}, "envelope": {}}
+    with pytest.raises(ProtocolError) as info:
+        protocol.check_client_message(send, "connected")
+    assert info.value.code == "out_of_order" and "authenticate first" in info.value.message
+    assert protocol.check_client_message(send, "ready") is send
+    with pytest.raises(ProtocolError) as info:
+        protocol.check_client_message({"type": "hello", "name": "a", "public_key": "k", "eth_address": "0x"},
+                                      "ready")
+    assert info.value.code == "out_of_order"
+
+
+@pytest.mark.parametrize("message,code", [
+    ({"type": "teleport"}, "unknown_type"),
+    ({"type": "send", "to": "bob", "msg_id": "m", "bounty": {"code_hash": "zz"}, "envelope": {}}, "bad_field"),
+    ({"type": "send", "to": "bob", "msg_id": "m", "bounty": {"book": "ab" * 32, "index": True},
+      "envelope": {}}, "bad_field"),
+    ({"type": "send", "to": "bob", "msg_id": "", "bounty": {"code_hash": "ab" * 32}, "envelope": {}}, "bad_field"),
+    ({"type": "send", "to": 7, "msg_id": "m", "bounty": {"code_hash": "ab" * 32}, "envelope": {}}, "bad_field"),
+    ({"type": "claim", "msg_id": "m"}, "bad_field"),
+])
+def test_malformed_messages_get_typed_errors(message, code):
+    with pytest.raises(ProtocolError) as info:
+        protocol.check_client_message(message, "ready")
+    assert info.value.code == code
+    wire = info.value.to_message()
+    assert wire["type"] == "error" and wire["code"] == code and wire["message"]
+
+
+def test_every_error_code_is_documented():
+    doc = open("docs/PROTOCOL.md").read()
+    for code in protocol.ERRORS:
+        assert f"`{code}`" in doc, code
+    for kind in set(protocol.CLIENT_MESSAGES) | set(protocol.NODE_MESSAGES):
+        assert f"`{kind}`" in doc, kind
