@@ -80,9 +80,8 @@ def run(args) -> int:
     client = ChatClient(args.host, args.port, args.me, data_dir, rpc_url=args.rpc_url, pay=args.pay,
                         book_size=args.book_size, events=events)
     client.connect()
-    if interactive:
-        screen.show(f"connected to {args.host}:{args.port} as {args.me}; talking to {args.peer}. /help lists "
-                    "commands, exit quits.", notice=True)
+    screen.show(f"connected to {args.host}:{args.port} as {args.me}; talking to {args.peer}."
+                + (" /help lists commands, exit quits." if interactive else ""), notice=True)
     try:
         while True:
             screen.prompt = f"{args.me} -> {state['peer']}> " if interactive else ""

@@ -71,6 +71,7 @@ class ChatClient:
         self.peer_pins_path = self.client_dir / "peers.json"
         self.peer_pins: dict[str, str] = datadir.read_json(self.peer_pins_path, {})
         self._peer_keys: dict = {}  # verified this session
+        self._pin_lock = threading.Lock()
         self.replay_guard = key_utils.ReplayGuard()
         self.outstanding: dict[str, Outstanding] = {}
         self.acked = threading.Condition()
@@ -215,6 +216,10 @@ class ChatClient:
     def peer_key(self, name: str):
         """The peer's public key: from the node's directory, pinned here at first use.
         A changed key raises ClientError; the pin is never silently replaced."""
+        with self._pin_lock:
+            return self._peer_key(name)
+
+    def _peer_key(self, name: str):
         if name in self._peer_keys:
             return self._peer_keys[name]
         pinned = self.peer_pins.get(name)
@@ -255,6 +260,7 @@ class ChatClient:
         envelope = key_utils.seal({"text": text, "code": bounty.code.hex()}, sender=self.me, recipient=to,
                                   sender_key=self.rsa_key, recipient_public_key=recipient_key)
         msg_id = envelope["msg_id"]
+        self.last_bounty = bounty.wire
         with self.acked:
             self.outstanding[msg_id] = Outstanding(to)
         self._write({"type": "send", "to": to, "msg_id": msg_id, "bounty": bounty.wire, "envelope": envelope})
@@ -319,6 +325,8 @@ class ChatClient:
             sender_key = self.peer_key(sender)
             if envelope.get("from") != sender:
                 raise key_utils.MalformedEnvelope("the envelope's sender is not the one the node authenticated")
+            if envelope.get("msg_id") != message["msg_id"]:
+                raise key_utils.MalformedEnvelope("the envelope's id differs from the one the node relayed")
             payload = key_utils.open_envelope(envelope, recipient=self.me, recipient_key=self.rsa_key,
                                               sender_public_key=sender_key, replay_guard=self.replay_guard)
         except (key_utils.EnvelopeError, ClientError) as exc:

@@ -230,7 +230,8 @@ contract BountyToken is ERC20 {
 
     /// @notice Escrow `size` tokens against a Merkle root of `size` leaves,
     /// leaf i being keccak256(bytes.concat(keccak256(abi.encode(i, code_i)))),
-    /// in the tree layout of OpenZeppelin's StandardMerkleTree (sorted pairs).
+    /// in the array layout of OpenZeppelin's merkle-tree core (sorted-pair hashing),
+    /// leaves kept in index order rather than sorted.
     /// @param root the Merkle root; must be fresh
     /// @param size how many leaves (and tokens) the book holds
     /// @param relayer the node that alone can be paid with the book's codes

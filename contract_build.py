@@ -60,7 +60,7 @@ def collect_sources(entry: Path = SOURCE) -> dict[str, str]:
         unit = pending.pop()
         if unit in sources:
             continue
-        path = ROOT / unit if unit == entry.name else NODE_MODULES / unit
+        path = entry if unit == entry.name else NODE_MODULES / unit
         if not path.exists():
             raise BuildError(f"cannot resolve import {unit!r} (looked at {path})")
         content = path.read_text()

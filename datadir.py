@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +34,7 @@ def resolve(flag: str | None = None) -> Path:
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name or "") or name.startswith("."):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name.startswith("."):
         raise DataError(f"invalid name {name!r}: use 1-32 letters, digits, '_', '-' or '.'")
     return name
 
@@ -87,7 +88,7 @@ def ensure_secret(path: Path, make: Callable[[], str]) -> str:
 def write_json(path: Path, value) -> None:
     """Write atomically, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 

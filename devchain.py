@@ -33,7 +33,7 @@ ANVIL_BINARIES = (
     ROOT / "node_modules" / "@foundry-rs" / "anvil-darwin-amd64" / "bin" / "anvil",
 )
 INITIAL_SUPPLY = 1_000_000_000 * wu.TOKEN
-USER_GRANT_BTK = 1_000 * wu.TOKEN  # what a new user is given on a dev chain
+USER_GRANT_BTK = 10_000 * wu.TOKEN  # what a new user is given on a dev chain
 USER_GRANT_ETH = 100 * 10**18  # gas money on a dev chain
 DEV_CHAIN_IDS = (31337, 131277322940537)  # anvil's, and eth-tester's
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eth_utils import keccak
+from web3 import Web3
 
 import datadir
 import devchain
@@ -47,10 +48,17 @@ class PinStore:
     def get(self, name: str) -> dict | None:
         return self._pins.get(name)
 
-    def pin(self, name: str, public_key: str, eth_address: str) -> None:
+    def pin(self, name: str, public_key: str, eth_address: str) -> str:
+        """Pin at first use; returns "new", "same" or "conflict" (another key holds the name)."""
         with self._lock:
-            self._pins[name] = {"public_key": public_key, "eth_address": eth_address}
-            datadir.write_json(self.path, self._pins)
+            pinned = self._pins.get(name)
+            if pinned and pinned["public_key"].strip() != public_key.strip():
+                return "conflict"
+            outcome = "same" if pinned else "new"
+            if not pinned or pinned["eth_address"] != eth_address:
+                self._pins[name] = {"public_key": public_key, "eth_address": eth_address}
+                datadir.write_json(self.path, self._pins)
+            return outcome
 
 
 @dataclass
@@ -109,7 +117,7 @@ class Node:
                  redeemer_options: dict | None = None, faucet: wu.Signer | None = None,
                  host: str = "localhost", port: int = 12345, max_connections: int = 10_000,
                  handshake_timeout: float = 10, frame_timeout: float = 10, idle_timeout: float = 600,
-                 max_errors: int = 20, clock=time.monotonic):
+                 max_errors: int = 20, claim_timeout: float = 3600, clock=time.monotonic):
         self.token = token
         self.signer = signer
         self.index = index
@@ -120,6 +128,7 @@ class Node:
         self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
         self.max_errors = max_errors
+        self.claim_timeout = claim_timeout
         node_dir = data_dir / "node"
         self.node_id = datadir.ensure_secret(node_dir / "node_id", lambda: secrets.token_hex(16))
         self.pins = PinStore(node_dir / "pins.json")
@@ -186,9 +195,14 @@ class Node:
             threading.Thread(target=self._serve, args=(conn,), name="conn", daemon=True).start()
 
     def _watchdog(self) -> None:
-        """Closes connections that stall: slow handshakes, half-sent frames, silence."""
+        """Closes connections that stall: slow handshakes, half-sent frames, silence.
+        Also forgets deliveries whose code never came back."""
         while not self._stop.wait(0.25):
             now = self.clock()
+            with self._lock:
+                stale = [m for m, p in self._pending.items() if now - p.delivered_at > self.claim_timeout]
+                for msg_id in stale:
+                    del self._pending[msg_id]
             with self._lock:
                 connections = list(self._connections)
             for conn in connections:
@@ -232,6 +246,7 @@ class Node:
         try:
             message = protocol.check_client_message(protocol.parse(payload), conn.phase)
             self.dispatch(conn, message)
+            conn.errors = 0  # max_errors counts errors in a row
         except ProtocolError as exc:
             conn.errors += 1
             conn.send(exc.to_message())
@@ -273,6 +288,8 @@ class Node:
         except Exception:
             raise ProtocolError("bad_field", "hello.public_key is not an RSA public key in PEM form",
                                 fatal=True) from None
+        if not Web3.is_checksum_address(message["eth_address"]):
+            raise ProtocolError("bad_field", "hello.eth_address must be a checksummed Ethereum address", fatal=True)
         pinned = self.pins.get(name)
         if pinned and pinned["public_key"].strip() != message["public_key"].strip():
             log.warning("! refused %s from %s: a different key than the pinned one", name, conn.label)
@@ -296,26 +313,26 @@ class Node:
             log.warning("! failed proof for %s from %s", hello["name"], conn.label)
             raise ProtocolError("auth_failed", fatal=True)
         name = hello["name"]
-        if not self.pins.get(name):
-            self.pins.pin(name, hello["public_key"], hello["eth_address"])
+        outcome = self.pins.pin(name, hello["public_key"], hello["eth_address"])
+        if outcome == "conflict":  # another key won the name between our hello and auth
+            raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key on this node", fatal=True)
+        if outcome == "new":
             log.info("pinned %s to key %s", name, key_utils.fingerprint(public_key)[:27])
-        elif self.pins.get(name)["eth_address"] != hello["eth_address"]:
-            self.pins.pin(name, hello["public_key"], hello["eth_address"])
         if self.faucet is not None:
             try:
                 if devchain.fund_user(self.token, self.faucet, hello["eth_address"]):
                     log.info("funded %s on the dev chain", name)
             except (wu.ChainError, ValueError) as exc:
                 log.warning("could not fund %s: %s", name, exc)
+        conn.name = name
+        conn.phase = "ready"
+        conn.send({**self.welcome, "name": name})  # before any deliver can reach this connection
         with self._lock:
             previous = self._online.get(name)
             self._online[name] = conn
         if previous is not None and previous is not conn:
             previous.send(protocol.error("name_in_use", f"{name} connected again from elsewhere"))
             previous.close()
-        conn.name = name
-        conn.phase = "ready"
-        conn.send({**self.welcome, "name": name})
         log.info("+ %s connected from %s", name, conn.address[0])
 
     def on_lookup(self, conn: Connection, message: dict) -> None:
@@ -346,21 +363,24 @@ class Node:
         if not self.pins.get(to):
             raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
         key = self._check_paid(bounty, msg_id)
+        try:
+            frame = protocol.encode({"type": "deliver", "from": conn.name, "msg_id": msg_id, "bounty": bounty,
+                                     "envelope": message["envelope"]})
+        except ProtocolError as exc:
+            raise ProtocolError(exc.code, exc.message, ref=msg_id) from None
         with self._lock:
+            if key in self._used:
+                raise ProtocolError("unpaid", "that bounty already paid for another message", ref=msg_id)
             if msg_id in self._pending:
                 raise ProtocolError("bad_field", "msg_id is already in use", ref=msg_id)
             recipient = self._online.get(to)
-            if recipient is None:
-                offline = True
-            else:
-                offline = False
+            if recipient is not None:
                 self._used.add(key)
                 self._pending[msg_id] = Pending(conn.name, to, bounty, self.clock())
-        if offline:
+        if recipient is None:
             conn.send({"type": "receipt", "msg_id": msg_id, "status": "offline"})
             return
-        delivered = recipient.send({"type": "deliver", "from": conn.name, "msg_id": msg_id, "bounty": bounty,
-                                    "envelope": message["envelope"]})
+        delivered = recipient.send_bytes(frame)
         if not delivered:
             with self._lock:
                 self._used.discard(key)
@@ -375,11 +395,11 @@ class Node:
             if "code_hash" in bounty:
                 code_hash = bytes.fromhex(bounty["code_hash"].removeprefix("0x"))
                 key = code_hash.hex()
-                payable = key not in self._used and self.index.single_is_payable(code_hash)
+                payable = self.index.single_is_payable(code_hash)
             else:
                 root = bytes.fromhex(bounty["book"].removeprefix("0x"))
                 key = f"{root.hex()}:{bounty['index']}"
-                payable = key not in self._used and self.index.book_is_payable(root, bounty["index"])
+                payable = self.index.book_is_payable(root, bounty["index"])
         except wu.ChainError as exc:
             raise ProtocolError("unpaid", f"could not check the bounty: {exc}", ref=msg_id) from None
         if not payable:
@@ -418,7 +438,7 @@ class Node:
         log.info("redeemed %d code(s) in tx %s (gas %d): +%d BTK, %d BTK this run", result.paid,
                  result.tx_hash[:18], result.gas_used, result.paid, self.redeemer.earned)
         by_sender: dict[str, list[str]] = {}
-        for claim in result.claims:
+        for claim in result.paid_claims:
             by_sender.setdefault(claim.sender, []).append(claim.msg_id)
         for sender, msg_ids in by_sender.items():
             with self._lock:

@@ -223,6 +223,7 @@ class Journal:
 @dataclass
 class Redeemed:
     claims: list[Claim]
+    paid_claims: list[Claim]  # the ones the contract actually paid (others were skipped)
     paid: int
     gas_used: int
     tx_hash: str
@@ -325,7 +326,9 @@ class Redeemer:
         try:
             if root is None:
                 receipt = self.token.redeem_batch(self.signer, [c.code for c in claims])
-                paid = len(self.token.events(receipt, "BountyRedeemed"))
+                redeemed = {bytes(e["codeHash"]) for e in self.token.events(receipt, "BountyRedeemed")}
+                paid_claims = [c for c in claims if keccak(c.code) in redeemed]
+                paid = len(redeemed)
             else:
                 book = self.index.book(root)
                 if book is None or book.tree is None:
@@ -334,6 +337,9 @@ class Redeemer:
                 indices, codes, proof, flags = book.tree.redemption_args(unique)
                 receipt = self.token.redeem_book(self.signer, root, indices, codes, proof, flags)
                 paid = sum(e["paid"] for e in self.token.events(receipt, "BookRedeemed"))
+                # All or nothing is the usual case; otherwise ask which leaves are ours now.
+                paid_claims = claims if paid == len(unique) else [
+                    c for c in claims if self.token.is_leaf_spent(root, c.index)]
         except (wu.ChainError, OSError, ValueError) as exc:
             # Kept in the journal: the next start (or batch) tries again.
             log.error("redeeming %d code(s) failed: %s", len(claims), exc)
@@ -347,4 +353,5 @@ class Redeemer:
             if claim.book is None:
                 self.index.forget(keccak(claim.code))
         self.earned += paid
-        self.on_redeemed(Redeemed(claims, paid, receipt["gasUsed"], receipt["transactionHash"].hex()))
+        self.on_redeemed(Redeemed(claims, paid_claims, paid, receipt["gasUsed"],
+                                  "0x" + receipt["transactionHash"].hex().removeprefix("0x")))

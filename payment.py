@@ -83,7 +83,10 @@ class BookPayer:
         path.chmod(0o600)
 
     def _open_book(self) -> None:
-        book = BookSecrets.generate(self.size)
+        balance = self.token.balance_of(self.signer.address) // wu.TOKEN
+        if balance < 1:
+            raise wu.ChainError(f"your account {self.signer.address} has no BTK left to pay for messages")
+        book = BookSecrets.generate(min(self.size, balance))  # a smaller book rather than none
         expiry = _chain_now(self.token) + self.expiry_seconds
         self._save(book, 0, expiry)
         self.token.open_book(self.signer, book.root, book.size, self.relayer, expiry)

@@ -7,12 +7,17 @@ sockets and no threads here. docs/PROTOCOL.md describes every message.
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 VERSION = 1
 MAX_FRAME = 8 * 1024 * 1024  # the same cap for every frame, both directions
-MAX_NAME = 32
 MAX_MSG_ID = 64
+# json.loads recurses per nesting level, and web3's imports raise the recursion
+# limit to 100000, so deep nesting would overflow a thread's C stack. Real
+# frames have a handful of containers; refuse absurd counts before parsing.
+MAX_CONTAINERS = 1000
+_HEX32 = re.compile(r"(0x)?[0-9a-fA-F]{64}")
 _HEADER = struct.Struct(">I")
 
 # Error codes, each with the text a user sees when no better one is given.
@@ -120,8 +125,10 @@ class FrameDecoder:
 
 def parse(payload: bytes) -> dict:
     """A frame payload as a message: a JSON object with a string `type`."""
+    if payload.count(b"[") + payload.count(b"{") > MAX_CONTAINERS:
+        raise ProtocolError("bad_frame", f"the frame nests more than {MAX_CONTAINERS} JSON containers")
     try:
-        message = json.loads(payload)
+        message = json.loads(payload.decode("utf-8"))
     except (ValueError, RecursionError):
         raise ProtocolError("bad_frame", "the frame is not valid UTF-8 JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
@@ -198,7 +205,7 @@ def check_client_message(message: dict, phase: str) -> dict:
     if message["type"] not in PHASES[phase]:
         raise ProtocolError("out_of_order", f"{message['type']!r} is not allowed now"
                             + (": authenticate first" if phase != "ready" else ""))
-    if "msg_id" in message and not 0 < len(message["msg_id"]) <= MAX_MSG_ID:
+    if "msg_id" in CLIENT_MESSAGES[message["type"]] and not 0 < len(message["msg_id"]) <= MAX_MSG_ID:
         raise ProtocolError("bad_field", f"msg_id must be 1-{MAX_MSG_ID} characters")
     if message["type"] == "send":
         check_bounty(message["bounty"], ref=message["msg_id"])
@@ -216,14 +223,7 @@ def check_bounty(bounty: dict, ref: str | None = None) -> dict:
 
 
 def is_hex32(text: str) -> bool:
-    text = text[2:] if text.startswith("0x") else text
-    if len(text) != 64:
-        return False
-    try:
-        bytes.fromhex(text)
-    except ValueError:
-        return False
-    return True
+    return _HEX32.fullmatch(text) is not None
 
 
 def _ref(message: dict) -> str | None:

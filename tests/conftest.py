@@ -1,0 +1,173 @@
+"""Shared fixtures: a real chain (eth-tester in-process, or anvil), a real node
+on a free port, real users with keys generated here."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import devchain
+import main as main_cli
+import web3_utils as wu
+from client_core import ChatClient, Events
+from node import Node
+from node_chain import BountyIndex
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_users(data_dir: Path, *names: str) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main_cli.create_users(data_dir, list(names)) == 0
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def tester_chain(data_dir):
+    """eth-tester with BountyToken deployed through the same code path as anvil."""
+    w3 = wu.connect(wu.TESTER_URL)
+    token, _ = devchain.ensure_deployment(w3, wu.TESTER_URL, data_dir)
+    return w3, token
+
+
+class RunningNode:
+    def __init__(self, node: Node):
+        self.node = node
+        self.port = node.port
+        self.address = node.signer.address
+
+    def client(self, name: str, events: Events | None = None, **options) -> ChatClient:
+        client = ChatClient("127.0.0.1", self.port, name, self.data_dir, rpc_url=wu.TESTER_URL,
+                            events=events, w3=self.node.token.w3, **options)
+        client.connect()
+        self.clients.append(client)
+        return client
+
+
+@pytest.fixture
+def tester_node(data_dir, tester_chain):
+    """A node in this process on eth-tester, redeeming quickly."""
+    w3, token = tester_chain
+    signer = wu.Signer(w3, wu.new_account()[1])
+    faucet = devchain.faucet_signer(w3, data_dir)
+    devchain.fund_user(token, faucet, signer.address, btk=0)
+    index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books")
+    node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=faucet, host="127.0.0.1",
+                port=0, redeemer_options={"batch_size": 20, "batch_wait": 0.2},
+                handshake_timeout=3, frame_timeout=3)
+    node.start()
+    running = RunningNode(node)
+    running.data_dir = data_dir
+    running.clients = []
+    yield running
+    for client in running.clients:
+        client.close()
+    node.stop()
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.05, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+@pytest.fixture
+def anvil_chain(tmp_path):
+    """A real anvil started by the project's own launcher, on a free port."""
+    data = tmp_path / "anvil-data"
+    data.mkdir()
+    url = f"http://127.0.0.1:{free_port()}"
+    w3, anvil = devchain.ensure_chain(url, data)
+    assert anvil is not None
+    token, record = devchain.ensure_deployment(w3, url, data)
+    yield {"url": url, "w3": w3, "token": token, "record": record, "data_dir": data, "anvil": anvil}
+    anvil.stop()
+
+
+class Process:
+    """A CLI subprocess with line-oriented stdout collected in the background."""
+
+    def __init__(self, args: list[str], env: dict, stdin=subprocess.PIPE):
+        self.proc = subprocess.Popen([PYTHON, *args], cwd=ROOT, env=env, stdin=stdin, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        import threading
+
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.errors), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, sink):
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+
+    def write(self, text: str) -> None:
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
+    def close_stdin(self) -> None:
+        self.proc.stdin.close()
+
+    def wait_for_line(self, predicate, timeout: float = 60, stream: str = "lines") -> str:
+        return wait_until(lambda: next((l for l in getattr(self, stream) if predicate(l)), None), timeout,
+                          message=f"a matching line (have stdout={self.lines[-5:]}, stderr={self.errors[-5:]})")
+
+    def stop(self, sig=None) -> int:
+        if self.proc.poll() is None:
+            if sig is None:
+                self.proc.terminate()
+            else:
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def processes():
+    started: list[Process] = []
+
+    def start(args, env, **kw) -> Process:
+        proc = Process(args, env, **kw)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        proc.stop()
+
+
+def cli_env(url: str, data_dir: Path) -> dict:
+    return {**os.environ, "DM_RPC_URL": url, "DM_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+
+
+logging.getLogger("node").setLevel(logging.WARNING)

@@ -1,0 +1,140 @@
+"""Node and clients in one process, on eth-tester: real sockets, real EVM."""
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+import web3_utils as wu
+from client_core import ClientError, Events, Incoming
+from conftest import make_users, wait_until
+
+
+def collecting_events():
+    inbox: queue.Queue = queue.Queue()
+    receipts: dict[str, str] = {}
+    paid: list[str] = []
+    return inbox, receipts, paid, Events(
+        message=inbox.put,
+        receipt=lambda msg_id, status, detail: receipts.__setitem__(msg_id, status),
+        paid=paid.extend,
+    )
+
+
+@pytest.mark.parametrize("pay", ["single", "book"])
+def test_a_paid_message_moves_exactly_one_btk_from_sender_to_node(tester_node, pay):
+    make_users(tester_node.data_dir, "alice", "bob")
+    token = tester_node.node.token
+    alice_inbox, alice_receipts, alice_paid, alice_events = collecting_events()
+    bob_inbox, _, _, bob_events = collecting_events()
+    bob = tester_node.client("bob", bob_events)
+    alice = tester_node.client("alice", alice_events, pay=pay, book_size=5)
+    node_before = token.balance_of(tester_node.address)
+    alice_before = token.balance_of(alice.eth_address)
+
+    msg_id = alice.send_text("bob", "hello bob, this is alice")
+    incoming: Incoming = bob_inbox.get(timeout=10)
+    assert (incoming.sender, incoming.text, incoming.genuine) == ("alice", "hello bob, this is alice", True)
+    wait_until(lambda: alice_paid == [msg_id], message="the paid notice")
+    assert alice_receipts[msg_id] == "delivered"
+    assert token.balance_of(tester_node.address) - node_before == wu.TOKEN
+    if pay == "single":
+        assert alice_before - token.balance_of(alice.eth_address) == wu.TOKEN
+    else:  # the book escrowed 5; one leaf paid the node and 4 stay refundable
+        book = token.book(bytes.fromhex(alice.payer._book.root.hex()))
+        assert (book.size, book.spent) == (5, 1)
+        assert alice_before - token.balance_of(alice.eth_address) == 5 * wu.TOKEN
+
+
+def test_offline_recipient_is_reported_and_nothing_is_spent(tester_node):
+    make_users(tester_node.data_dir, "alice", "bob")
+    _, receipts, _, events = collecting_events()
+    bob = tester_node.client("bob")
+    bob.close()
+    alice = tester_node.client("alice", events, pay="single")
+    wait_until(lambda: "bob" not in alice.peers(), message="bob to go offline")
+    msg_id = alice.send_text("bob", "are you there?")
+    wait_until(lambda: receipts.get(msg_id) == "offline", message="the offline receipt")
+    code_hash = bytes.fromhex(alice.last_bounty["code_hash"])
+    assert tester_node.node.token.bounty(code_hash).state == "open"  # refundable after expiry
+
+
+def test_unpaid_message_is_refused_with_a_clear_error(tester_node):
+    make_users(tester_node.data_dir, "alice", "bob")
+    inbox, receipts, _, events = collecting_events()
+    bob_inbox, _, _, bob_events = collecting_events()
+    tester_node.client("bob", bob_events)
+    alice = tester_node.client("alice", events)
+    details = {}
+    alice.events.receipt = lambda msg_id, status, detail: details.__setitem__(msg_id, (status, detail))
+    # A bounty hash nobody registered: the node must not relay it.
+    alice._write({"type": "send", "to": "bob", "msg_id": "fake-1", "bounty": {"code_hash": "11" * 32},
+                  "envelope": {"from": "alice"}})
+    alice.outstanding["fake-1"] = object()
+    wait_until(lambda: "fake-1" in details, message="the refusal")
+    status, detail = details["fake-1"]
+    assert status == "refused" and "unpaid" in detail
+    with pytest.raises(queue.Empty):
+        bob_inbox.get(timeout=0.5)
+
+
+def test_messages_from_three_senders_route_by_name(tester_node):
+    make_users(tester_node.data_dir, "a", "b", "c")
+    inboxes = {}
+    clients = {}
+    for name in ("a", "b", "c"):
+        inbox, _, _, events = collecting_events()
+        inboxes[name] = inbox
+        clients[name] = tester_node.client(name, events, book_size=10)
+    clients["a"].send_text("b", "a to b")
+    clients["b"].send_text("c", "b to c")
+    clients["c"].send_text("a", "c to a")
+    got = {name: inboxes[name].get(timeout=10) for name in inboxes}
+    assert (got["b"].sender, got["b"].text) == ("a", "a to b")
+    assert (got["c"].sender, got["c"].text) == ("b", "b to c")
+    assert (got["a"].sender, got["a"].text) == ("c", "c to a")
+
+
+def test_a_forged_sender_is_not_shown_as_genuine(tester_node):
+    """mallory signs with her own key but claims to be alice inside the envelope."""
+    make_users(tester_node.data_dir, "alice", "bob", "mallory")
+    bob_inbox, _, _, bob_events = collecting_events()
+    tester_node.client("alice")
+    tester_node.client("bob", bob_events)
+    mallory = tester_node.client("mallory", book_size=3)
+    import key_utils
+
+    bounty = mallory.payer.next_bounty()
+    envelope = key_utils.seal({"text": "send money", "code": bounty.code.hex()}, sender="alice", recipient="bob",
+                              sender_key=mallory.rsa_key, recipient_public_key=mallory.peer_key("bob"))
+    mallory._write({"type": "send", "to": "bob", "msg_id": envelope["msg_id"], "bounty": bounty.wire,
+                    "envelope": envelope})
+    incoming = bob_inbox.get(timeout=10)
+    assert incoming.sender == "mallory" and not incoming.genuine and incoming.text == ""
+
+
+def test_a_replayed_envelope_is_reported_not_shown(tester_node):
+    """The node relays a second copy once the first was claimed (it keeps no
+    message); the recipient's replay guard must catch it."""
+    make_users(tester_node.data_dir, "alice", "bob")
+    bob_inbox, _, _, bob_events = collecting_events()
+    _, _, alice_paid, alice_events = collecting_events()
+    tester_node.client("bob", bob_events)
+    alice = tester_node.client("alice", alice_events, book_size=4)
+    sent = []
+    original_write = alice._write
+    alice._write = lambda message: (sent.append(message), original_write(message))[1]
+    msg_id = alice.send_text("bob", "pay once")
+    first = bob_inbox.get(timeout=10)
+    assert first.genuine
+    wait_until(lambda: msg_id in alice_paid, message="the first copy to be claimed and paid")
+    original_write(dict(sent[-1], bounty=alice.payer.next_bounty().wire))  # same envelope, fresh bounty
+    second = bob_inbox.get(timeout=10)
+    assert not second.genuine and "replay" in second.problem.lower()
+
+
+def test_unknown_peer_gives_a_clear_error(tester_node):
+    make_users(tester_node.data_dir, "alice")
+    alice = tester_node.client("alice")
+    with pytest.raises(ClientError, match="no user 'nobody'"):
+        alice.send_text("nobody", "hello?")
