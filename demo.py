@@ -1,0 +1,133 @@
+"""The demo: a local chain, a node and two scripted clients, with the BTK
+balances before and after. Run through `python3 main.py demo` (or `make demo`).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import datadir
+import devchain
+import main as main_cli
+import web3_utils as wu
+
+ROOT = Path(__file__).resolve().parent
+ALICE_LINES = ["Hi Bob! This message is end-to-end encrypted; the node only sees ciphertext.",
+               "Each message carries a secret code that pays the node 1 BTK once you receive it.",
+               "Here is a long one: " + "lorem ipsum " * 40]
+BOB_LINES = ["Hi Alice, got all of it. Paying the node with my replies too."]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _balances(token: wu.BountyToken, accounts: dict[str, str]) -> dict[str, float]:
+    return {name: token.balance_of(address) / wu.TOKEN for name, address in accounts.items()}
+
+
+class _Client:
+    def __init__(self, port: int, me: str, peer: str, env: dict):
+        self.proc = subprocess.Popen([sys.executable, "client.py", "127.0.0.1", str(port), me, peer, "--book-size",
+                                      "10"], cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.received: list[str] = []
+        self.connected = threading.Event()
+        threading.Thread(target=self._read_out, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read_out(self):
+        for line in self.proc.stdout:
+            self.received.append(line.rstrip("\n"))
+
+    def _read_err(self):
+        for line in self.proc.stderr:
+            if line.startswith("connected to"):
+                self.connected.set()
+            else:
+                print(f"   ({line.rstrip()})")
+
+    def say(self, lines: list[str]) -> None:
+        for line in lines:
+            self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise wu.ChainError(f"the demo timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def run(data_dir: Path, rpc_url: str, port: int = 0) -> int:
+    for name in ("alice", "bob"):
+        if not datadir.private_key_path(data_dir, name).exists():
+            main_cli.create_users(data_dir, [name])
+    w3, anvil = devchain.ensure_chain(rpc_url, data_dir)
+    node = None
+    clients: list[_Client] = []
+    try:
+        token, record = devchain.ensure_deployment(w3, rpc_url, data_dir)
+        print(f"\nchain {record.chain_id} at {rpc_url}; BountyToken at {record.address}")
+        port = port or _free_port()
+        env = {**os.environ, "DM_DATA_DIR": str(data_dir), "DM_RPC_URL": rpc_url, "PYTHONUNBUFFERED": "1"}
+        node = subprocess.Popen([sys.executable, "node.py", "--host", "127.0.0.1", "--port", str(port),
+                                 "--batch-wait", "0.5", "--log-level", "warning"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, text=True)
+        if not node.stdout.readline().startswith("node ready"):
+            raise wu.ChainError("the node did not start; run `python3 node.py` to see why")
+        node_address = wu.address_of(datadir.read_secret(data_dir / "node" / "node_ETH.key"))
+        accounts = {"alice": wu.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, "alice"))),
+                    "bob": wu.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, "bob"))),
+                    "node": node_address}
+        bob = _Client(port, "bob", "alice", env)
+        bob.connected.wait(60)
+        alice = _Client(port, "alice", "bob", env)
+        clients = [bob, alice]
+        alice.connected.wait(60)
+        before = _balances(token, accounts)
+        print("\nconversation (alice and bob pay from prepaid books of 10 codes):")
+        alice.say(ALICE_LINES)
+        _wait(lambda: len(bob.received) == len(ALICE_LINES), 60, "bob to receive alice's messages")
+        bob.say(BOB_LINES)
+        _wait(lambda: len(alice.received) == len(BOB_LINES), 60, "alice to receive bob's reply")
+        for line in bob.received:
+            print(f"  bob's screen:   {line[:100]}{'...' if len(line) > 100 else ''}")
+        for line in alice.received:
+            print(f"  alice's screen: {line}")
+        delivered = len(ALICE_LINES) + len(BOB_LINES)
+        _wait(lambda: token.balance_of(node_address) / wu.TOKEN - before["node"] >= delivered, 60,
+              "the node to redeem the codes")
+        after = _balances(token, accounts)
+        print(f"\nBTK balances ({delivered} messages delivered):")
+        print(f"  {'':8} {'before':>10} {'after':>10} {'change':>8} {'escrowed':>9} {'net cost':>9}")
+        for name in accounts:
+            escrow = main_cli._unspent_in_books(token, data_dir / "clients" / name / "books") \
+                if name != "node" else 0
+            change = after[name] - before[name]
+            print(f"  {name:8} {before[name]:10g} {after[name]:10g} {change:+8g} {escrow:9g} {change + escrow:+9g}")
+        print("  'escrowed' is what still sits in a sender's open book: unspent codes, returned after the\n"
+              "  book expires (`python3 main.py refund NAME`). Net, each delivered message cost its sender\n"
+              "  1 BTK and paid the node 1 BTK.")
+        return 0
+    finally:
+        for client in clients:
+            if client.proc.poll() is None:
+                client.finish()
+        if node is not None:
+            node.terminate()
+            node.wait(30)
+        devchain.stop_on_exit(anvil)
