@@ -20,8 +20,11 @@ import web3_utils as wu
 from client_core import ChatClient, ClientError, Events, Incoming
 
 HELP = """commands:
-  /to NAME            talk to NAME from now on
+  /to NAME            talk to NAME from now on (or /to #channel)
   /peers              who is online
+  /join #name         join (or open) a channel; /to #name then talks to it
+  /leave #name        leave a channel: you receive nothing more from it
+  /channels           your channels, and every open channel with its member count
   /fingerprint NAME   NAME's key fingerprint, to compare out of band (/fingerprint alone: yours)
   /help               this list
   exit                quit (also /quit or Ctrl-D)"""
@@ -58,7 +61,7 @@ def run(args) -> int:
 
     def on_message(message: Incoming) -> None:
         if message.genuine:
-            screen.show(f"[{message.sender}] {message.text}")
+            screen.show(message.line())
         else:
             screen.show(f"!! a message claiming to be from {message.sender} FAILED verification and is not shown: "
                         f"{message.problem}", notice=True)
@@ -83,19 +86,21 @@ def run(args) -> int:
     screen.show(f"connected to {args.host}:{args.port} as {args.me}; talking to {args.peer}."
                 + (" /help lists commands, exit quits." if interactive else ""), notice=True)
     try:
-        while True:
-            screen.prompt = f"{args.me} -> {state['peer']}> " if interactive else ""
-            try:
-                line = input(screen.prompt) if interactive else sys.stdin.readline()
-            except EOFError:
-                break
-            if not interactive and line == "":
-                break
-            line = line.rstrip("\n")
-            if client._closed.is_set():
-                raise ClientError("the node closed the connection")
-            if not handle_line(client, screen, state, line):
-                break
+        if interactive:
+            while True:
+                screen.prompt = f"{args.me} -> {state['peer']}> "
+                try:
+                    line = input(screen.prompt)
+                except EOFError:
+                    break
+                if not handle_lines(client, screen, state, [line]):
+                    break
+        else:
+            for lines in read_line_batches(sys.stdin.fileno()):
+                if client._closed.is_set():
+                    raise ClientError("the node closed the connection")
+                if not handle_lines(client, screen, state, lines):
+                    break
     except KeyboardInterrupt:
         pass
     finally:
@@ -105,33 +110,100 @@ def run(args) -> int:
     return 0
 
 
-def handle_line(client: ChatClient, screen: Screen, state: dict, line: str) -> bool:
-    """One typed line; False means quit."""
-    command, _, rest = line.strip().partition(" ")
+def read_line_batches(fd: int, limit: int = 512):
+    """Lines from a pipe, in batches of whatever has arrived (at most `limit`), so that
+    a burst is sealed and signed together; a lone line is sent at once."""
+    pending = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            if pending:
+                yield [pending.decode("utf-8", "replace")]
+            return
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for start in range(0, len(complete), limit):
+            yield [line.decode("utf-8", "replace").rstrip("\r") for line in complete[start:start + limit]]
+
+
+def handle_lines(client: ChatClient, screen: Screen, state: dict, lines: list[str]) -> bool:
+    """Typed or piped lines, in order; consecutive plain lines to one peer go as a batch.
+    False means quit."""
+    texts: list[str] = []
+
+    def flush() -> None:
+        if texts:
+            try:
+                send(client, screen, state["peer"], texts)
+            except ClientError as exc:
+                screen.show(f"error: {exc}", notice=True)
+            texts.clear()
+
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("/") or stripped in ("exit", "/exit", "/quit"):
+            flush()
+            if not handle_command(client, screen, state, stripped):
+                return False
+        elif line:
+            texts.append(line)
+    flush()
+    return True
+
+
+def send(client: ChatClient, screen: Screen, peer: str, texts: list[str]) -> None:
+    if peer.startswith("#"):
+        for text in texts:
+            _, offline = client.send_to_channel(peer, text)
+            if offline:
+                screen.show(f"(offline in {peer}, not sent and not paid: {', '.join(offline)})", notice=True)
+    else:
+        client.send_many(peer, texts)
+
+
+def handle_command(client: ChatClient, screen: Screen, state: dict, line: str) -> bool:
+    """One command line; False means quit."""
+    command, _, rest = line.partition(" ")
     rest = rest.strip()
-    if line.strip() in ("exit", "/exit", "/quit"):
+    if line in ("exit", "/exit", "/quit"):
         return False
     try:
         if command == "/help":
             screen.show(HELP, notice=True)
         elif command == "/to":
             if not rest:
-                screen.show("usage: /to NAME", notice=True)
+                screen.show("usage: /to NAME or /to #channel", notice=True)
             else:
-                state["peer"] = datadir.check_name(rest)
+                state["peer"] = check_channel(rest) if rest.startswith("#") else datadir.check_name(rest)
                 screen.show(f"(now talking to {rest})", notice=True)
         elif command == "/peers":
             screen.show("online: " + (", ".join(client.peers()) or "nobody"), notice=True)
         elif command == "/fingerprint":
             name = rest or client.me
             screen.show(f"{name}: {client.fingerprint(name)}", notice=True)
-        elif command.startswith("/") and len(command) > 1:
+        elif command in ("/join", "/leave"):
+            channel = check_channel(rest)
+            reply = client.join(channel) if command == "/join" else client.leave(channel)
+            screen.show(f"({'joined' if command == '/join' else 'left'} {channel}; your channels: "
+                        f"{', '.join(reply['joined']) or 'none'})", notice=True)
+        elif command == "/channels":
+            reply = client.channels()
+            listing = ", ".join(f"{c} ({n})" for c, n in reply["all"].items()) or "none"
+            screen.show(f"your channels: {', '.join(reply['joined']) or 'none'}; open channels: {listing}",
+                        notice=True)
+        else:
             screen.show(f"unknown command {command}; /help lists them", notice=True)
-        elif line:
-            client.send_text(state["peer"], line)
     except (ClientError, datadir.DataError) as exc:
         screen.show(f"error: {exc}", notice=True)
     return True
+
+
+def check_channel(name: str) -> str:
+    import protocol
+
+    if not protocol.is_channel(name):
+        raise ClientError(f"invalid channel {name!r}: use '#' and 1-31 letters, digits, '_', '-' or '.'")
+    return name
 
 
 def parse_args(argv=None):
@@ -139,7 +211,7 @@ def parse_args(argv=None):
     parser.add_argument("host")
     parser.add_argument("port", type=int)
     parser.add_argument("me", help="your name (keys from `python3 main.py Y NAME`)")
-    parser.add_argument("peer", help="who to talk to")
+    parser.add_argument("peer", help="who to talk to: a name, or a #channel")
     parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
     parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", wu.DEFAULT_RPC_URL),
                         help="your own connection to the chain (default: $DM_RPC_URL or %(default)s)")
@@ -153,7 +225,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         datadir.check_name(args.me)
-        datadir.check_name(args.peer)
+        check_channel(args.peer) if args.peer.startswith("#") else datadir.check_name(args.peer)
         if args.book_size < 1:
             raise ClientError("--book-size must be at least 1")
         return run(args)

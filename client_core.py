@@ -33,6 +33,11 @@ class Incoming:
     msg_id: str
     genuine: bool
     problem: str = ""  # why it is not genuine
+    channel: str | None = None
+
+    def line(self) -> str:
+        """How a message is shown: [sender] text, or [#channel sender] text."""
+        return f"[{self.channel} {self.sender}] {self.text}" if self.channel else f"[{self.sender}] {self.text}"
 
 
 @dataclass
@@ -73,6 +78,8 @@ class ChatClient:
         self._peer_keys: dict = {}  # verified this session
         self._pin_lock = threading.Lock()
         self.replay_guard = key_utils.ReplayGuard()
+        self.session_keys = key_utils.SessionKeys()  # one RSA wrap per peer per 1,000 messages
+        self.unwrap_cache = key_utils.UnwrapCache()  # and one RSA unwrap on our side
         self.outstanding: dict[str, Outstanding] = {}
         self.acked = threading.Condition()
         self._send_lock = threading.Lock()
@@ -159,7 +166,9 @@ class ChatClient:
             self.sock.close()
 
     def _write(self, message: dict) -> None:
-        data = protocol.encode(message)
+        self._write_raw(protocol.encode(message))
+
+    def _write_raw(self, data: bytes) -> None:
         with self._send_lock:
             try:
                 self.sock.sendall(data)
@@ -175,11 +184,13 @@ class ChatClient:
                     break
                 for message in decoder.feed_messages(data):
                     kind = message["type"]
-                    if kind == "error" and ("lookup", message.get("ref")) in self._replies:
-                        self._replies.pop(("lookup", message["ref"])).put(message)
-                        continue
-                    if kind in ("lookup", "peers", "book", "pong"):
-                        key = (kind, message.get("name") or message.get("root"))
+                    if kind == "error" and message.get("ref") is not None:
+                        waiting = [k for k in list(self._replies) if k[1] == message["ref"]]
+                        if waiting:
+                            self._replies.pop(waiting[0]).put(message)
+                            continue
+                    if kind in ("lookup", "peers", "book", "pong", "channels", "members"):
+                        key = (kind, message.get("name") or message.get("root") or message.get("channel"))
                         waiter = self._replies.pop(key, None) or self._replies.pop((kind, None), None)
                         if waiter is not None:
                             waiter.put(message)
@@ -250,21 +261,62 @@ class ChatClient:
     # --- sending --------------------------------------------------------------------------
 
     def send_text(self, to: str, text: str) -> str:
+        return self.send_many(to, [text])[0]
+
+    def send_many(self, to: str, texts: list[str]) -> list[str]:
+        """Encrypt, pay and send each text to `to`, in order. One RSA signature covers
+        the whole batch (key_utils.seal_many), so piped input is not bound by RSA."""
         recipient_key = self.peer_key(to)
         try:
-            bounty = self.payer.next_bounty()
-        except wu.ContractRevert as exc:
-            raise ClientError(f"paying the bounty failed: {exc}") from None
+            bounties = self.payer.next_bounties(len(texts))
         except wu.ChainError as exc:
             raise ClientError(f"paying the bounty failed: {exc}") from None
-        envelope = key_utils.seal({"text": text, "code": bounty.code.hex()}, sender=self.me, recipient=to,
-                                  sender_key=self.rsa_key, recipient_public_key=recipient_key)
-        msg_id = envelope["msg_id"]
-        self.last_bounty = bounty.wire
+        envelopes = key_utils.seal_many(
+            [({"text": text, "code": bounty.code.hex()}, to, recipient_key) for text, bounty in zip(texts, bounties)],
+            sender=self.me, sender_key=self.rsa_key, session_keys=self.session_keys)
+        frames = []
         with self.acked:
-            self.outstanding[msg_id] = Outstanding(to)
-        self._write({"type": "send", "to": to, "msg_id": msg_id, "bounty": bounty.wire, "envelope": envelope})
-        return msg_id
+            for bounty, envelope in zip(bounties, envelopes):
+                self.outstanding[envelope["msg_id"]] = Outstanding(to)
+                frames.append(protocol.encode({"type": "send", "to": to, "msg_id": envelope["msg_id"],
+                                               "bounty": bounty.wire, "envelope": envelope}))
+        self.last_bounty = bounties[-1].wire
+        self._write_raw(b"".join(frames))
+        return [e["msg_id"] for e in envelopes]
+
+    # --- channels ---------------------------------------------------------------------
+
+    def join(self, channel: str) -> dict:
+        return self._request({"type": "join", "channel": channel}, "channels", channel)
+
+    def leave(self, channel: str) -> dict:
+        return self._request({"type": "leave", "channel": channel}, "channels", channel)
+
+    def channels(self) -> dict:
+        return self._request({"type": "channels"}, "channels")
+
+    def send_to_channel(self, channel: str, text: str) -> tuple[list[str], list[str]]:
+        """One copy per online member, each encrypted to that member and carrying its own
+        bounty, all paid from the book. Returns (msg_ids sent, members offline)."""
+        members = self._request({"type": "members", "channel": channel}, "members", channel)
+        recipients = [m for m in members["online"] if m != self.me]
+        keys = {name: self.peer_key(name) for name in recipients}
+        try:
+            bounties = self.payer.next_bounties(len(recipients)) if recipients else []
+        except wu.ChainError as exc:
+            raise ClientError(f"paying the bounties failed: {exc}") from None
+        envelopes = key_utils.seal_many(
+            [({"text": text, "code": b.code.hex(), "channel": channel}, name, keys[name])
+             for name, b in zip(recipients, bounties)], sender=self.me, sender_key=self.rsa_key,
+            session_keys=self.session_keys) if recipients else []
+        frames = []
+        with self.acked:
+            for name, bounty, envelope in zip(recipients, bounties, envelopes):
+                self.outstanding[envelope["msg_id"]] = Outstanding(name)
+                frames.append(protocol.encode({"type": "send", "to": name, "msg_id": envelope["msg_id"],
+                                               "channel": channel, "bounty": bounty.wire, "envelope": envelope}))
+        self._write_raw(b"".join(frames))
+        return [e["msg_id"] for e in envelopes], members["offline"]
 
     def wait_acknowledged(self, timeout: float | None = None) -> bool:
         """Until every sent message got a receipt (or refusal)."""
@@ -328,15 +380,21 @@ class ChatClient:
             if envelope.get("msg_id") != message["msg_id"]:
                 raise key_utils.MalformedEnvelope("the envelope's id differs from the one the node relayed")
             payload = key_utils.open_envelope(envelope, recipient=self.me, recipient_key=self.rsa_key,
-                                              sender_public_key=sender_key, replay_guard=self.replay_guard)
+                                              sender_public_key=sender_key, replay_guard=self.replay_guard,
+                                              unwrap_cache=self.unwrap_cache)
         except (key_utils.EnvelopeError, ClientError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
             self.events.message(Incoming(sender, "", message["msg_id"], False, reason))
             return
         text, code = payload.get("text"), payload.get("code")
+        channel = message.get("channel")
         if not isinstance(text, str) or not isinstance(code, str):
             self.events.message(Incoming(sender, "", message["msg_id"], False, "the message has no text or code"))
             return
-        self.events.message(Incoming(sender, text, message["msg_id"], True))
+        if payload.get("channel") != channel:  # the label is signed inside; the node cannot move a message
+            self.events.message(Incoming(sender, "", message["msg_id"], False,
+                                         "the message was relabelled to another channel", channel))
+            return
+        self.events.message(Incoming(sender, text, message["msg_id"], True, channel=channel))
         # Returning the code is what pays the node for this delivery.
         self._write({"type": "claim", "msg_id": message["msg_id"], "code": code})

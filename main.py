@@ -143,8 +143,10 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "Y":  # the original's form: main.py Y user_1 user_2
-        argv = ["keys", *argv[1:]]
+    if "Y" in argv:  # the original's form: main.py Y user_1 user_2 (options may come first)
+        at = argv.index("Y")
+        if all(arg.startswith("-") or argv[i - 1] in ("--data-dir", "--rpc-url") for i, arg in enumerate(argv[:at])):
+            argv = [*argv[:at], "keys", *argv[at + 1:]]
     parser = argparse.ArgumentParser(description="DistributedMessaging: keys, accounts, chain and demo.")
     parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
     parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", wu.DEFAULT_RPC_URL))

@@ -70,6 +70,12 @@ class Pending:
     delivered_at: float
 
 
+# While a connection thread handles the frames of one read, what it sends is
+# collected here and written once per destination: one syscall per burst
+# instead of one per frame.
+_burst = threading.local()
+
+
 class Connection:
     def __init__(self, sock: socket.socket, address, clock):
         self.sock = sock
@@ -83,29 +89,71 @@ class Connection:
         self.frame_started_at: float | None = None
         self.errors = 0
         self.closed = False
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.RLock()  # close() takes it too, from inside a failed write
+        self._out: list[bytes] = []
 
     def send_bytes(self, data: bytes) -> bool:
+        outbox = getattr(_burst, "outbox", None)
         with self._send_lock:
             if self.closed:
                 return False
-            try:
-                self.sock.sendall(data)
+            if outbox is not None:
+                self._out.append(data)
+                outbox.add(self)
                 return True
-            except OSError:
-                self.close()
-                return False
+            return self._write(data)
+
+    def flush(self) -> None:
+        with self._send_lock:
+            if self._out and not self.closed:
+                data = b"".join(self._out)
+                self._out.clear()
+                self._write(data)
+
+    def _write(self, data: bytes) -> bool:  # called with _send_lock held
+        try:
+            self.sock.sendall(data)
+            return True
+        except OSError:
+            self.close()
+            return False
 
     def send(self, message: dict) -> bool:
         return self.send_bytes(protocol.encode(message))
 
     def close(self) -> None:
-        if not self.closed:
+        """Send what is queued (an error frame, typically), then hang up."""
+        with self._send_lock:
+            if self.closed:
+                return
+            if self._out:
+                data = b"".join(self._out)
+                self._out.clear()
+                try:
+                    self.sock.sendall(data)
+                except OSError:
+                    pass
             self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def abort(self, message: dict) -> None:
+        """From the watchdog: never wait on a writer that is stuck on a slow reader."""
+        if self._send_lock.acquire(blocking=False):
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)
+                if not self.closed:
+                    self.sock.send(protocol.encode(message), socket.MSG_DONTWAIT)
             except OSError:
                 pass
+            finally:
+                self._send_lock.release()
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     @property
     def label(self) -> str:
@@ -132,6 +180,8 @@ class Node:
         node_dir = data_dir / "node"
         self.node_id = datadir.ensure_secret(node_dir / "node_id", lambda: secrets.token_hex(16))
         self.pins = PinStore(node_dir / "pins.json")
+        self.channels_path = node_dir / "channels.json"
+        self.channels: dict[str, set[str]] = {c: set(m) for c, m in datadir.read_json(self.channels_path, {}).items()}
         self.redeemer = Redeemer(token, signer, index, Journal(node_dir / "journal.jsonl"),
                                  on_redeemed=self._on_redeemed, **(redeemer_options or {}))
         self.welcome = {"type": "welcome", "node_eth_address": signer.address,
@@ -214,8 +264,7 @@ class Node:
                 elif now - conn.last_frame_at > self.idle_timeout:
                     reason = f"idle for {self.idle_timeout:g}s"
                 if reason:
-                    conn.send(protocol.error("timeout", reason))
-                    conn.close()
+                    conn.abort(protocol.error("timeout", reason))
 
     def _serve(self, conn: Connection) -> None:
         try:
@@ -235,12 +284,22 @@ class Node:
                 if payloads:
                     conn.last_frame_at = now
                 conn.frame_started_at = (conn.frame_started_at or now) if conn.decoder.mid_frame else None
-                for payload in payloads:
-                    self._handle_payload(conn, payload)
-                    if conn.closed:
-                        break
+                if payloads:
+                    self._handle_burst(conn, payloads)
         finally:
             self._disconnect(conn)
+
+    def _handle_burst(self, conn: Connection, payloads: list[bytes]) -> None:
+        _burst.outbox = outbox = set()
+        try:
+            for payload in payloads:
+                self._handle_payload(conn, payload)
+                if conn.closed:
+                    break
+        finally:
+            _burst.outbox = None
+            for target in outbox:
+                target.flush()
 
     def _handle_payload(self, conn: Connection, payload: bytes) -> None:
         try:
@@ -362,10 +421,19 @@ class Node:
         msg_id, to, bounty = message["msg_id"], message["to"], message["bounty"]
         if not self.pins.get(to):
             raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
+        deliver = {"type": "deliver", "from": conn.name, "msg_id": msg_id, "bounty": bounty,
+                   "envelope": message["envelope"]}
+        channel = message.get("channel")
+        if channel is not None:
+            with self._lock:
+                members = self.channels.get(channel, set())
+                if conn.name not in members or to not in members:
+                    raise ProtocolError("not_a_member", f"both sender and recipient must be in {channel}",
+                                        ref=msg_id)
+            deliver["channel"] = channel
         key = self._check_paid(bounty, msg_id)
         try:
-            frame = protocol.encode({"type": "deliver", "from": conn.name, "msg_id": msg_id, "bounty": bounty,
-                                     "envelope": message["envelope"]})
+            frame = protocol.encode(deliver)
         except ProtocolError as exc:
             raise ProtocolError(exc.code, exc.message, ref=msg_id) from None
         with self._lock:
@@ -446,12 +514,54 @@ class Node:
             if conn is not None:
                 conn.send({"type": "paid", "msg_ids": msg_ids, "tx": result.tx_hash})
 
-    # --- not yet: channels ---------------------------------------------------------
+    # --- channels -----------------------------------------------------------------------
+    # A channel is a set of names, kept on disk so that offline members stay members.
+    # The node never fans out: the sender encrypts and pays one copy per member, and
+    # each copy is an ordinary `send` with a `channel` label the node checks.
+
+    def _channel_reply(self, name: str, channel: str | None = None) -> dict:
+        with self._lock:
+            joined = sorted(c for c, members in self.channels.items() if name in members)
+            every = {c: len(members) for c, members in sorted(self.channels.items()) if members}
+        reply = {"type": "channels", "joined": joined, "all": every}
+        if channel:
+            reply["channel"] = channel  # the one just joined or left
+        return reply
 
     def on_join(self, conn: Connection, message: dict) -> None:
-        raise ProtocolError("unknown_type", "channels are not supported by this node yet")
+        with self._lock:
+            self.channels.setdefault(message["channel"], set()).add(conn.name)
+            self._save_channels()
+        log.info("%s joined %s", conn.name, message["channel"])
+        conn.send(self._channel_reply(conn.name, message["channel"]))
 
-    on_leave = on_channels = on_join
+    def on_leave(self, conn: Connection, message: dict) -> None:
+        with self._lock:
+            members = self.channels.get(message["channel"], set())
+            if conn.name not in members:
+                raise ProtocolError("not_a_member", f"you are not in {message['channel']}", ref=message["channel"])
+            members.discard(conn.name)
+            if not members:
+                del self.channels[message["channel"]]
+            self._save_channels()
+        log.info("%s left %s", conn.name, message["channel"])
+        conn.send(self._channel_reply(conn.name, message["channel"]))
+
+    def on_channels(self, conn: Connection, message: dict) -> None:
+        conn.send(self._channel_reply(conn.name))
+
+    def on_members(self, conn: Connection, message: dict) -> None:
+        channel = message["channel"]
+        with self._lock:
+            members = self.channels.get(channel, set())
+            if conn.name not in members:
+                raise ProtocolError("not_a_member", f"join {channel} first", ref=channel)
+            online = sorted(m for m in members if m in self._online)
+            offline = sorted(members - set(online))
+        conn.send({"type": "members", "channel": channel, "online": online, "offline": offline})
+
+    def _save_channels(self) -> None:  # called with self._lock held
+        datadir.write_json(self.channels_path, {c: sorted(m) for c, m in self.channels.items()})
 
 
 def _timeval(seconds: float) -> bytes:

@@ -40,6 +40,9 @@ class SinglePayer:
                             gas=150_000)
         return Bounty({"code_hash": code_hash.hex()}, code)
 
+    def next_bounties(self, count: int) -> list[Bounty]:
+        return [self.next_bounty() for _ in range(count)]
+
 
 class BookPayer:
     """Spends one leaf of a prepaid book per message; opens a new book when one runs out."""
@@ -82,11 +85,11 @@ class BookPayer:
         datadir.write_json(path, record)
         path.chmod(0o600)
 
-    def _open_book(self) -> None:
+    def _open_book(self, at_least: int = 1) -> None:
         balance = self.token.balance_of(self.signer.address) // wu.TOKEN
-        if balance < 1:
-            raise wu.ChainError(f"your account {self.signer.address} has no BTK left to pay for messages")
-        book = BookSecrets.generate(min(self.size, balance))  # a smaller book rather than none
+        if balance < at_least:
+            raise wu.ChainError(f"your account {self.signer.address} has {balance} BTK; {at_least} needed")
+        book = BookSecrets.generate(min(max(self.size, at_least), balance))  # a smaller book rather than none
         expiry = _chain_now(self.token) + self.expiry_seconds
         self._save(book, 0, expiry)
         self.token.open_book(self.signer, book.root, book.size, self.relayer, expiry)
@@ -95,15 +98,21 @@ class BookPayer:
         self.books_opened += 1
 
     def next_bounty(self) -> Bounty:
+        return self.next_bounties(1)[0]
+
+    def next_bounties(self, count: int) -> list[Bounty]:
+        """`count` leaves from one book (a channel message pays every copy from the same
+        book, so the node redeems them together); opens a big enough book when needed."""
         with self._lock:
-            if self._book is None or self._cursor >= self._book.size:
-                self._open_book()
-            book, index = self._book, self._cursor
-            self._cursor += 1
+            if self._book is None or self._book.size - self._cursor < count:
+                self._open_book(count)
+            book, start = self._book, self._cursor
+            self._cursor += count
             if self._cursor > self._saved_cursor:
                 self._saved_cursor = min(book.size, self._cursor + CURSOR_STRIDE)
                 self._save(book, self._saved_cursor, self._expiry)
-        return Bounty({"book": book.root.hex(), "index": index}, book.codes[index])
+        root = book.root.hex()
+        return [Bounty({"book": root, "index": i}, book.codes[i]) for i in range(start, start + count)]
 
 
 def _chain_now(token: wu.BountyToken) -> int:

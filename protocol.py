@@ -36,6 +36,8 @@ ERRORS = {
     "unpaid": "the message carries no open bounty bound to this node",
     "bad_code": "that code does not match the message's bounty",
     "unknown_message": "no pending message with that id",
+    "bad_channel": "channel names are '#' and 1-31 letters, digits, '_', '-' or '.'",
+    "not_a_member": "join the channel first (or the recipient is not in it)",
     "timeout": "the connection was idle or too slow",
     "busy": "the node has too many connections",
     "internal": "the node failed to handle the message",
@@ -160,6 +162,7 @@ CLIENT_MESSAGES = {
     "join": {"channel": str},
     "leave": {"channel": str},
     "channels": {},
+    "members": {"channel": str},
     "ping": {},
 }
 
@@ -171,7 +174,8 @@ NODE_MESSAGES = {
     "paid": {"msg_ids": list},
     "peers": {"names": list},
     "lookup": {"name": str, "public_key": str, "eth_address": str},
-    "channels": {"joined": list},
+    "channels": {"joined": list, "all": dict},
+    "members": {"channel": str, "online": list, "offline": list},
     "book": {"root": str, "size": int},
     "error": {"code": str, "message": str},
     "pong": {},
@@ -209,6 +213,11 @@ def check_client_message(message: dict, phase: str) -> dict:
         raise ProtocolError("bad_field", f"msg_id must be 1-{MAX_MSG_ID} characters")
     if message["type"] == "send":
         check_bounty(message["bounty"], ref=message["msg_id"])
+        if "channel" in message and not is_channel(message["channel"]):
+            raise ProtocolError("bad_field", "send.channel must be a channel name like #general",
+                                ref=message["msg_id"])
+    if "channel" in CLIENT_MESSAGES[message["type"]] and not is_channel(message["channel"]):
+        raise ProtocolError("bad_channel")
     return message
 
 
@@ -220,6 +229,13 @@ def check_bounty(bounty: dict, ref: str | None = None) -> dict:
             and not isinstance(index, bool) and 0 <= index < 2**32):
         return bounty
     raise ProtocolError("bad_field", "bounty must be {code_hash} or {book, index}", ref=ref)
+
+
+_CHANNEL = re.compile(r"#[A-Za-z0-9_.-]{1,31}")
+
+
+def is_channel(name) -> bool:
+    return isinstance(name, str) and _CHANNEL.fullmatch(name) is not None
 
 
 def is_hex32(text: str) -> bool:

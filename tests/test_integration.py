@@ -5,6 +5,8 @@ import queue
 
 import pytest
 
+import protocol
+
 import web3_utils as wu
 from client_core import ClientError, Events, Incoming
 from conftest import make_users, wait_until
@@ -122,13 +124,18 @@ def test_a_replayed_envelope_is_reported_not_shown(tester_node):
     tester_node.client("bob", bob_events)
     alice = tester_node.client("alice", alice_events, book_size=4)
     sent = []
-    original_write = alice._write
-    alice._write = lambda message: (sent.append(message), original_write(message))[1]
+    original_write = alice._write_raw
+
+    def capture(data):
+        sent.extend(protocol.parse(p) for p in protocol.FrameDecoder().feed(data))
+        original_write(data)
+
+    alice._write_raw = capture
     msg_id = alice.send_text("bob", "pay once")
     first = bob_inbox.get(timeout=10)
     assert first.genuine
     wait_until(lambda: msg_id in alice_paid, message="the first copy to be claimed and paid")
-    original_write(dict(sent[-1], bounty=alice.payer.next_bounty().wire))  # same envelope, fresh bounty
+    original_write(protocol.encode(dict(sent[-1], bounty=alice.payer.next_bounty().wire)))  # same envelope, fresh bounty
     second = bob_inbox.get(timeout=10)
     assert not second.genuine and "replay" in second.problem.lower()
 

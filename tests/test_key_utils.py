@@ -513,3 +513,335 @@ def test_sign_and_verify(alice, bob):
     assert not ku.verify(alice.public_key(), sig[:-1], b"data")
     assert ku.sign(alice, b"data") != sig  # PSS is salted
     alice.public_key().verify(sig, b"data", PSS, hashes.SHA256())  # pinned parameters
+
+
+# ---------------------------------------------------------------- batch signatures (seal_many)
+
+def leaf_hash(env):
+    """leaf = SHA-256(b"dm-leaf-v1" || S), rebuilt from the documented format."""
+    s = signing_input(env, *(b64d(env[f]) for f in ("wrapped_key", "nonce", "ciphertext")))
+    return hashlib.sha256(b"dm-leaf-v1" + s).digest()
+
+
+def ref_tree(leaves):
+    """Reference Merkle levels: pad to a power of two with 32 zero bytes, then pair up."""
+    size = 1
+    while size < len(leaves):
+        size *= 2
+    levels = [list(leaves) + [bytes(32)] * (size - len(leaves))]
+    while len(levels[-1]) > 1:
+        lv = levels[-1]
+        levels.append([hashlib.sha256(b"dm-node-v1" + lv[i] + lv[i + 1]).digest()
+                       for i in range(0, len(lv), 2)])
+    return levels
+
+
+def batch(alice, recipients, n, **kw):
+    kw.setdefault("ts", NOW)
+    items = [({"i": i}, name, key.public_key()) for i, (name, key) in
+             zip(range(n), (recipients[i % len(recipients)] for i in range(n)))]
+    return ku.seal_many(items, sender="alice", sender_key=alice, **kw)
+
+
+def open_as(alice, env, keys, **kw):
+    kw.setdefault("recipient", env["to"] if isinstance(env.get("to"), str) else "bob")
+    return ku.open_envelope(env, recipient_key=keys[kw["recipient"]],
+                            sender_public_key=alice.public_key(), **kw)
+
+
+@pytest.fixture(scope="session")
+def keys(bob, carol):
+    return {"bob": bob, "carol": carol}
+
+
+@pytest.fixture(scope="session")
+def batch5(alice, bob, carol):
+    return batch(alice, [("bob", bob), ("carol", carol)], 5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64])
+def test_seal_many_all_open_alone(alice, bob, carol, keys, n):
+    envs = batch(alice, [("bob", bob), ("carol", carol)], n)
+    assert len(envs) == n
+    depth = (n - 1).bit_length()
+    guard = ReplayGuard(clock=lambda: NOW)
+    for i, env in enumerate(envs):
+        assert set(env) == set(FIELDS) | {"proof", "leaf"}
+        assert env["leaf"] == i and len(env["proof"]) == depth
+        assert env["signature"] == envs[0]["signature"]
+        assert env["to"] == ("bob" if i % 2 == 0 else "carol")
+        assert open_as(alice, json.loads(json.dumps(env)), keys, replay_guard=guard) == {"i": i}
+    assert len({e["msg_id"] for e in envs}) == n
+    assert len({e["nonce"] for e in envs}) == n
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_batch_encoding_is_reproducible_from_the_docstring(alice, bob, n):
+    envs = batch(alice, [("bob", bob)], n)
+    levels = ref_tree([leaf_hash(e) for e in envs])
+    alice.public_key().verify(b64d(envs[0]["signature"]), b"dm-batch-v1" + levels[-1][0],
+                              PSS, hashes.SHA256())
+    for i, env in enumerate(envs):
+        assert [b64d(p) for p in env["proof"]] == [levels[k][(i >> k) ^ 1]
+                                                   for k in range(len(levels) - 1)]
+    # A batch built by hand from the documentation opens with the library.
+    hand = [forge(b'{"n":%d}' % i, alice, bob.public_key(), msg_id=f"h-{i}") for i in range(3)]
+    levels = ref_tree([leaf_hash(e) for e in hand])
+    sig = b64e(alice.sign(b"dm-batch-v1" + levels[-1][0], PSS, hashes.SHA256()))
+    for i, env in enumerate(hand):
+        env = {**env, "signature": sig, "leaf": i,
+               "proof": [b64e(levels[k][(i >> k) ^ 1]) for k in range(len(levels) - 1)]}
+        assert open_b(alice, bob, env) == {"n": i}
+
+
+def flip(b64, where=0):
+    raw = bytearray(b64d(b64))
+    raw[where] ^= 0x01
+    return b64e(bytes(raw))
+
+
+@pytest.mark.parametrize("mutate,error", [
+    (lambda e: {**e, "ciphertext": flip(e["ciphertext"], -1)}, BadSignature),
+    (lambda e: {**e, "wrapped_key": flip(e["wrapped_key"])}, BadSignature),
+    (lambda e: {**e, "nonce": flip(e["nonce"])}, BadSignature),
+    (lambda e: {**e, "to": "mallory"}, MalformedEnvelope),
+    (lambda e: {**e, "msg_id": e["msg_id"] + "x"}, BadSignature),
+    (lambda e: {**e, "ts": NOW + 1}, BadSignature),
+    (lambda e: {**e, "from": "carol"}, BadSignature),
+    (lambda e: {**e, "proof": [flip(e["proof"][0])] + e["proof"][1:]}, BadSignature),
+    (lambda e: {**e, "proof": e["proof"][:1] + [flip(e["proof"][1], 31)] + e["proof"][2:]}, BadSignature),
+    (lambda e: {**e, "proof": e["proof"][:-1] + [flip(e["proof"][-1])]}, BadSignature),
+    (lambda e: {**e, "proof": e["proof"][::-1]}, BadSignature),
+    (lambda e: {**e, "proof": e["proof"][:-1]}, BadSignature),  # leaf 2 < 4 still in range
+    (lambda e: {**e, "proof": e["proof"] + [e["proof"][0]]}, BadSignature),
+    (lambda e: {**e, "proof": []}, MalformedEnvelope),  # leaf 2 out of range for depth 0
+    (lambda e: {**e, "leaf": 3}, BadSignature),
+    (lambda e: {**e, "leaf": 0}, BadSignature),
+    (lambda e: {**e, "leaf": 6}, BadSignature),
+    (lambda e: {**e, "leaf": 8}, MalformedEnvelope),
+    (lambda e: {**e, "leaf": -1}, MalformedEnvelope),
+    (lambda e: {**e, "leaf": 2.0}, MalformedEnvelope),
+    (lambda e: {**e, "leaf": True}, MalformedEnvelope),
+    (lambda e: {**e, "leaf": "2"}, MalformedEnvelope),
+    (lambda e: {k: v for k, v in e.items() if k != "leaf"}, MalformedEnvelope),
+    (lambda e: {k: v for k, v in e.items() if k not in ("leaf", "proof")}, BadSignature),
+    (lambda e: {k: v for k, v in e.items() if k != "proof"}, MalformedEnvelope),
+    (lambda e: {**e, "proof": e["proof"][0]}, MalformedEnvelope),
+    (lambda e: {**e, "proof": tuple(e["proof"])}, MalformedEnvelope),
+    (lambda e: {**e, "proof": [e["proof"][0][:-4]] + e["proof"][1:]}, MalformedEnvelope),
+    (lambda e: {**e, "proof": [b64e(bytes(33))] + e["proof"][1:]}, MalformedEnvelope),
+    (lambda e: {**e, "proof": ["!" * 44] + e["proof"][1:]}, MalformedEnvelope),
+    (lambda e: {**e, "proof": [b64e(bytes(32))] * 33, "leaf": 0}, MalformedEnvelope),
+    (lambda e: {**e, "signature": flip(e["signature"], 100)}, BadSignature),
+    (lambda e: {**e, "signature": "AAAA"}, BadSignature),
+])
+def test_tampered_batch_envelope_fails_alone(alice, keys, batch5, mutate, error):
+    target = batch5[2]
+    assert target["to"] == "bob" and len(target["proof"]) == 3
+    guard = ReplayGuard(clock=lambda: NOW)
+    with pytest.raises(error):
+        open_as(alice, mutate(target), keys, recipient="bob", replay_guard=guard)
+    assert len(guard) == 0  # nothing recorded for a rejected envelope
+    for i, env in enumerate(batch5):  # the siblings (and the original) are unaffected
+        assert open_as(alice, env, keys, replay_guard=guard) == {"i": i}
+
+
+def test_proof_or_signature_from_another_batch_fails(alice, bob, keys, batch5):
+    other = batch(alice, [("bob", bob)], 5)
+    env = batch5[0]
+    for swap in ({"proof": other[0]["proof"]}, {"signature": other[0]["signature"]},
+                 {"proof": other[0]["proof"], "signature": other[0]["signature"]},
+                 {"proof": batch5[4]["proof"], "leaf": 4}):
+        with pytest.raises(BadSignature):
+            open_as(alice, {**env, **swap}, keys)
+    # Nor does a single-envelope signature work with a proof, or a batch one without.
+    single = seal_ab(alice, bob, {"x": 1})
+    with pytest.raises(BadSignature):
+        open_as(alice, {**single, "proof": [], "leaf": 0}, keys)
+    with pytest.raises(BadSignature):
+        open_as(alice, {**single, "signature": env["signature"]}, keys)
+
+
+def test_batch_envelope_moved_to_another_recipient_fails(alice, keys, batch5):
+    for_bob = batch5[0]
+    with pytest.raises(MalformedEnvelope, match="someone else"):
+        open_as(alice, for_bob, keys, recipient="carol")
+    with pytest.raises(BadSignature):
+        open_as(alice, {**for_bob, "to": "carol"}, keys)
+    # Re-labelled with carol's own leaf index and proof: still bound to bob's leaf hash.
+    for_carol = batch5[1]
+    with pytest.raises(BadSignature):
+        open_as(alice, {**for_bob, "to": "carol", "leaf": 1, "proof": for_carol["proof"]}, keys)
+
+
+def test_replayed_batch_envelope_is_caught(alice, keys, batch5):
+    guard = ReplayGuard(clock=lambda: NOW)
+    env = batch5[3]
+    forged = {**env, "proof": [flip(env["proof"][0])] + env["proof"][1:]}
+    with pytest.raises(BadSignature):
+        open_as(alice, forged, keys, replay_guard=guard)  # does not burn the id
+    assert open_as(alice, env, keys, replay_guard=guard) == {"i": 3}
+    with pytest.raises(ReplayedMessage, match="replayed"):
+        open_as(alice, env, keys, replay_guard=guard)
+    with pytest.raises(ReplayedMessage, match="replayed"):
+        open_as(alice, dict(env), keys, replay_guard=guard, unwrap_cache=ku.UnwrapCache())
+
+
+def test_seal_many_arguments(alice, bob):
+    assert ku.seal_many([], sender="alice", sender_key=alice) == []
+    pub = bob.public_key()
+    envs = ku.seal_many([({"a": 1}, "bob", pub, "id-1"), [{"b": 2}, "bob", pub, None]],
+                        sender="alice", sender_key=alice)
+    assert envs[0]["msg_id"] == "id-1" and re.fullmatch(r"[0-9a-f]{32}", envs[1]["msg_id"])
+    assert envs[0]["ts"] == envs[1]["ts"] and abs(envs[0]["ts"] - time.time()) < 5
+    assert [open_b(alice, bob, e) for e in envs] == [{"a": 1}, {"b": 2}]
+    for bad, exc in ((["x", "bob", pub], TypeError), (({"a": 1}, "bob"), TypeError),
+                     ("abc", TypeError), (({"a": 1}, "", pub), ValueError),
+                     (({"a": 1}, "bob", pub, ""), ValueError),
+                     (({"a": float("inf")}, "bob", pub), ValueError)):
+        with pytest.raises(exc):
+            ku.seal_many([({"ok": 1}, "bob", pub), bad], sender="alice", sender_key=alice)
+    with pytest.raises(ValueError):
+        ku.seal_many([({"ok": 1}, "bob", pub)], sender="alice", sender_key=alice, ts=-1)
+
+
+proof_entries = (st.binary(min_size=32, max_size=32).map(b64e) | st.binary(max_size=40).map(b64e)
+                 | json_values)
+
+
+@settings(fuzz, max_examples=200)
+@given(proof=st.lists(proof_entries, max_size=6) | json_values | st.just(missing := object()),
+       leaf=st.integers(-2, 70) | json_values | st.just(missing))
+def test_garbage_proof_and_leaf_only_raise_envelope_errors(alice, keys, batch5, proof, leaf):
+    env = {k: v for k, v in batch5[2].items() if k not in ("proof", "leaf")}
+    if proof is not missing:
+        env["proof"] = proof
+    if leaf is not missing:
+        env["leaf"] = leaf
+    assume(env.get("proof") != batch5[2]["proof"] or env.get("leaf") != 2)
+    with pytest.raises(EnvelopeError):
+        open_as(alice, env, keys, recipient="bob", replay_guard=ReplayGuard(clock=lambda: NOW),
+                unwrap_cache=ku.UnwrapCache())
+
+
+# ---------------------------------------------------------------- SessionKeys and UnwrapCache
+
+class CountingKey:
+    """A recipient private key that counts its RSA decryptions."""
+
+    def __init__(self, key):
+        self.key, self.calls = key, 0
+
+    def decrypt(self, data, pad):
+        self.calls += 1
+        return self.key.decrypt(data, pad)
+
+
+def test_session_keys_reuse_then_rotate_by_count_age_and_key(bob, carol):
+    clock = [100.0]
+    sk = ku.SessionKeys(max_messages=3, max_age=60, clock=lambda: clock[0])
+    pub = bob.public_key()
+    first = [sk.key_for("bob", pub) for _ in range(3)]
+    assert len(set(first)) == 1 and len(first[0][0]) == 32
+    assert bob.decrypt(first[0][1], OAEP) == first[0][0]
+    second = sk.key_for("bob", pub)  # 4th use: rotated
+    assert second != first[0]
+    assert sk.key_for("carol", carol.public_key()) != second  # per recipient ...
+    assert sk.key_for("bob", pub, sender="dave") != second  # ... and per sender
+    assert sk.key_for("bob", bob.public_key()) == second  # equal key object is the same key
+    clock[0] += 59.9
+    assert sk.key_for("bob", pub) == second
+    clock[0] += 0.1  # max_age reached
+    third = sk.key_for("bob", pub)
+    assert third != second
+    fourth = sk.key_for("bob", carol.public_key())  # the recipient's key changed
+    assert fourth != third and carol.decrypt(fourth[1], OAEP) == fourth[0]
+    sk.forget("bob")
+    assert sk.key_for("bob", carol.public_key()) != fourth
+    sk.forget()
+    assert len(sk) == 0
+    with pytest.raises(ValueError):
+        ku.SessionKeys(max_messages=0)
+
+
+def test_session_keys_are_thread_safe_and_bounded(bob, carol):
+    import threading
+    sk = ku.SessionKeys(max_messages=20, max_recipients=1)
+    got, pubs = [], {"bob": bob.public_key(), "carol": carol.public_key()}
+
+    def work(name):
+        for _ in range(60):
+            got.append(sk.key_for(name, pubs[name]))
+    threads = [threading.Thread(target=work, args=(n,)) for n in ("bob", "carol") * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 240 and len(sk) == 1
+    assert max(got.count(k) for k in set(got)) <= 20
+
+
+def test_seal_with_session_keys_and_open_with_unwrap_cache(alice, bob, carol):
+    sk, cache, counting = ku.SessionKeys(), ku.UnwrapCache(), CountingKey(bob)
+    envs = [seal_ab(alice, bob, {"n": i}, session_keys=sk) for i in range(3)]
+    envs += ku.seal_many([({"n": i}, "bob", bob.public_key()) for i in range(3, 6)],
+                         sender="alice", sender_key=alice, session_keys=sk, ts=NOW)
+    assert len({e["wrapped_key"] for e in envs}) == 1
+    assert len({e["nonce"] for e in envs}) == 6
+    for i, env in enumerate(envs):
+        assert open_b(alice, bob, env, recipient_key=counting, unwrap_cache=cache) == {"n": i}
+        assert open_b(alice, bob, env) == {"n": i}  # and without any cache
+    assert counting.calls == 1 and len(cache) == 1
+    # One SessionKeys never gives two senders the same key ...
+    other = ku.seal({"c": 0}, sender="carol", recipient="bob", sender_key=carol,
+                    recipient_public_key=bob.public_key(), session_keys=sk)
+    assert other["wrapped_key"] != envs[0]["wrapped_key"]
+    # ... and the cache is keyed by sender: carol re-using alice's wrapped key misses it.
+    alices = sk.key_for("bob", bob.public_key(), sender="alice")
+    assert b64e(alices[1]) == envs[0]["wrapped_key"]
+
+    class Fixed:
+        def key_for(self, recipient, public_key, *, sender=None):
+            return alices
+    from_carol = ku.seal({"c": 1}, sender="carol", recipient="bob", sender_key=carol,
+                         recipient_public_key=bob.public_key(), session_keys=Fixed())
+    assert from_carol["wrapped_key"] == envs[0]["wrapped_key"]
+    assert open_b(carol, bob, from_carol, recipient_key=counting, unwrap_cache=cache) == {"c": 1}
+    assert counting.calls == 2 and len(cache) == 2
+
+
+def test_unwrap_cache_is_not_filled_by_unauthenticated_or_undecryptable_data(alice, bob):
+    sk, cache, counting = ku.SessionKeys(), ku.UnwrapCache(), CountingKey(bob)
+    env = seal_ab(alice, bob, {"x": 1}, session_keys=sk)
+    for bad in ({**env, "signature": flip(env["signature"])}, {**env, "to": "carol"},
+                {**env, "nonce": "AAAA"}):
+        with pytest.raises(EnvelopeError):
+            open_b(alice, bob, bad, recipient_key=counting, unwrap_cache=cache)
+    assert len(cache) == 0 and counting.calls == 0  # no RSA op, nothing cached
+    # Signed, right wrapped key, corrupt ciphertext: decrypts the key but caches nothing.
+    corrupt = resign({**env, "ciphertext": flip(env["ciphertext"], -1)}, alice)
+    with pytest.raises(DecryptionFailed):
+        open_b(alice, bob, corrupt, recipient_key=counting, unwrap_cache=cache)
+    assert len(cache) == 0 and counting.calls == 1
+    assert open_b(alice, bob, env, recipient_key=counting, unwrap_cache=cache) == {"x": 1}
+    assert len(cache) == 1 and counting.calls == 2
+    # Now cached: a signed envelope whose ciphertext fails still raises DecryptionFailed.
+    with pytest.raises(DecryptionFailed):
+        open_b(alice, bob, corrupt, recipient_key=counting, unwrap_cache=cache)
+    assert counting.calls == 2
+    # A poisoned entry (wrong AES key) is never trusted: GCM fails, DecryptionFailed.
+    poisoned = ku.UnwrapCache()
+    poisoned.put(("bob", "alice", b64d(env["wrapped_key"])), os.urandom(32))
+    with pytest.raises(DecryptionFailed):
+        open_b(alice, bob, env, unwrap_cache=poisoned)
+
+
+def test_unwrap_cache_is_lru():
+    cache = ku.UnwrapCache(max_entries=2)
+    cache.put("a", b"A" * 32)
+    cache.put("b", b"B" * 32)
+    assert cache.get("a") == b"A" * 32  # a is now the most recent
+    cache.put("c", b"C" * 32)
+    assert cache.get("b") is None and cache.get("a") and cache.get("c") and len(cache) == 2
+    with pytest.raises(ValueError):
+        ku.UnwrapCache(max_entries=0)
