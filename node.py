@@ -101,6 +101,9 @@ class Connection:
                 self._out.append(data)
                 outbox.add(self)
                 return True
+            if self._out:  # frames queued by a burst go first: order per destination holds
+                data = b"".join(self._out) + data
+                self._out.clear()
             return self._write(data)
 
     def flush(self) -> None:

@@ -217,7 +217,7 @@ def check_client_message(message: dict, phase: str) -> dict:
             raise ProtocolError("bad_field", "send.channel must be a channel name like #general",
                                 ref=message["msg_id"])
     if "channel" in CLIENT_MESSAGES[message["type"]] and not is_channel(message["channel"]):
-        raise ProtocolError("bad_channel")
+        raise ProtocolError("bad_channel", ref=message["channel"][:64])
     return message
 
 
