@@ -182,7 +182,12 @@ class ChatClient:
                 data = self.sock.recv(262144)
                 if not data:
                     break
-                for message in decoder.feed_messages(data):
+                for payload in decoder.feed(data):
+                    try:
+                        message = protocol.parse(payload)
+                    except protocol.ProtocolError as exc:  # one bad frame (e.g. a garbled deliver) is skipped
+                        self._inbox.put({"type": "error", "code": exc.code, "message": f"skipped a frame: {exc}"})
+                        continue
                     kind = message["type"]
                     if kind == "error" and message.get("ref") is not None:
                         waiting = [k for k in list(self._replies) if k[1] == message["ref"]]
@@ -313,8 +318,9 @@ class ChatClient:
         with self.acked:
             for name, bounty, envelope in zip(recipients, bounties, envelopes):
                 self.outstanding[envelope["msg_id"]] = Outstanding(name)
+                # Canonical key order (type, to, msg_id, bounty, channel, envelope): the node's fast path.
                 frames.append(protocol.encode({"type": "send", "to": name, "msg_id": envelope["msg_id"],
-                                               "channel": channel, "bounty": bounty.wire, "envelope": envelope}))
+                                               "bounty": bounty.wire, "channel": channel, "envelope": envelope}))
         self._write_raw(b"".join(frames))
         return [e["msg_id"] for e in envelopes], members["offline"]
 

@@ -13,6 +13,7 @@ import argparse
 import base64
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -48,6 +49,9 @@ class PinStore:
     def get(self, name: str) -> dict | None:
         return self._pins.get(name)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._pins
+
     def pin(self, name: str, public_key: str, eth_address: str) -> str:
         """Pin at first use; returns "new", "same" or "conflict" (another key holds the name)."""
         with self._lock:
@@ -61,13 +65,27 @@ class PinStore:
             return outcome
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A delivered message whose code the recipient has not returned yet."""
     sender: str
     recipient: str
-    bounty: dict
+    paid_by: tuple  # ("single", code hash hex) or ("book", root hex, leaf index)
     delivered_at: float
+
+
+# A `send` whose keys come in this order is routed without parsing its envelope.
+_SEND_PREFIX = b'{"type":"send",'
+_SEND_PREFIX_LENGTH = len(_SEND_PREFIX)
+_FAST_SEND = re.compile(
+    rb'\{"type":"send","to":"([A-Za-z0-9_.-]{1,32})","msg_id":"([\x20\x21\x23-\x5b\x5d-\x7e]{1,64})",'
+    rb'"bounty":\{(?:"book":"((?:0x)?[0-9a-fA-F]{64})","index":(0|[1-9][0-9]{0,8})'
+    rb'|"code_hash":"((?:0x)?[0-9a-fA-F]{64})")\}(?:,"channel":"(#[A-Za-z0-9_.-]{1,31})")?,"envelope":\{')
+
+
+def _receipt(msg_id: str, status: str) -> bytes:
+    return protocol.encode({"type": "receipt", "msg_id": msg_id, "status": status})
+
 
 
 # While a connection thread handles the frames of one read, what it sends is
@@ -81,6 +99,7 @@ class Connection:
         self.sock = sock
         self.address = address
         self.name: str | None = None
+        self.name_bytes = b""
         self.phase = "connected"
         self.hello: dict | None = None
         self.nonce = ""
@@ -253,7 +272,11 @@ class Node:
         while not self._stop.wait(0.25):
             now = self.clock()
             with self._lock:
-                stale = [m for m, p in self._pending.items() if now - p.delivered_at > self.claim_timeout]
+                stale = []
+                for msg_id, pending in self._pending.items():  # insertion order: oldest first
+                    if now - pending.delivered_at <= self.claim_timeout:
+                        break
+                    stale.append(msg_id)
                 for msg_id in stale:
                     del self._pending[msg_id]
             with self._lock:
@@ -306,8 +329,13 @@ class Node:
 
     def _handle_payload(self, conn: Connection, payload: bytes) -> None:
         try:
-            message = protocol.check_client_message(protocol.parse(payload), conn.phase)
-            self.dispatch(conn, message)
+            header = _FAST_SEND.match(payload) if conn.phase == "ready" and payload.startswith(_SEND_PREFIX) \
+                else None
+            if header is not None and payload.endswith(b"}}"):
+                self.fast_send(conn, header, payload)
+            else:
+                message = protocol.check_client_message(protocol.parse(payload), conn.phase)
+                self.dispatch(conn, message)
             conn.errors = 0  # max_errors counts errors in a row
         except ProtocolError as exc:
             conn.errors += 1
@@ -387,6 +415,7 @@ class Node:
             except (wu.ChainError, ValueError) as exc:
                 log.warning("could not fund %s: %s", name, exc)
         conn.name = name
+        conn.name_bytes = name.encode()
         conn.phase = "ready"
         conn.send({**self.welcome, "name": name})  # before any deliver can reach this connection
         with self._lock:
@@ -421,62 +450,68 @@ class Node:
         conn.send({"type": "book", "root": message["root"], "size": book.size})
 
     def on_send(self, conn: Connection, message: dict) -> None:
-        msg_id, to, bounty = message["msg_id"], message["to"], message["bounty"]
-        if not self.pins.get(to):
-            raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
-        deliver = {"type": "deliver", "from": conn.name, "msg_id": msg_id, "bounty": bounty,
-                   "envelope": message["envelope"]}
-        channel = message.get("channel")
-        if channel is not None:
-            with self._lock:
-                members = self.channels.get(channel, set())
-                if conn.name not in members or to not in members:
-                    raise ProtocolError("not_a_member", f"both sender and recipient must be in {channel}",
-                                        ref=msg_id)
-            deliver["channel"] = channel
-        key = self._check_paid(bounty, msg_id)
+        """The general path, for a `send` whose header is not in canonical order."""
+        msg_id, bounty = message["msg_id"], message["bounty"]
+        if "code_hash" in bounty:
+            paid_by = ("single", bounty["code_hash"].removeprefix("0x").lower())
+        else:
+            paid_by = ("book", bounty["book"].removeprefix("0x").lower(), bounty["index"])
+        deliver = {"type": "deliver", "from": conn.name, "to": message["to"], "msg_id": msg_id, "bounty": bounty}
+        if "channel" in message:
+            deliver["channel"] = message["channel"]
+        deliver["envelope"] = message["envelope"]
         try:
             frame = protocol.encode(deliver)
         except ProtocolError as exc:
             raise ProtocolError(exc.code, exc.message, ref=msg_id) from None
+        self._relay(conn, message["to"], msg_id, paid_by, message.get("channel"), frame)
+
+    def fast_send(self, conn: Connection, header: re.Match, payload: bytes) -> None:
+        """The hot path: a `send` in canonical key order is routed on its header alone.
+        The envelope is never parsed; the deliver frame is the send frame with its
+        first key swapped for the authenticated sender (see docs/PROTOCOL.md)."""
+        to, msg_id, root, index, code_hash, channel = header.groups()
+        msg_id = msg_id.decode()
+        paid_by = ("book", root.decode().removeprefix("0x").lower(), int(index)) if root is not None \
+            else ("single", code_hash.decode().removeprefix("0x").lower())
+        body = b'{"type":"deliver","from":"' + conn.name_bytes + b'",' + payload[_SEND_PREFIX_LENGTH:]
+        try:
+            frame = protocol.frame(body)
+        except ProtocolError as exc:
+            raise ProtocolError(exc.code, exc.message, ref=msg_id) from None
+        self._relay(conn, to.decode(), msg_id, paid_by, channel.decode() if channel else None, frame)
+
+    def _relay(self, conn: Connection, to: str, msg_id: str, paid_by: tuple, channel: str | None,
+               frame: bytes) -> None:
+        if to not in self.pins:
+            raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
+        if channel is not None:
+            members = self.channels.get(channel, ())
+            if conn.name not in members or to not in members:
+                raise ProtocolError("not_a_member", f"both sender and recipient must be in {channel}", ref=msg_id)
+        try:
+            payable = self.index.is_payable(paid_by)
+        except (wu.ChainError, OSError) as exc:
+            raise ProtocolError("unpaid", f"could not check the bounty: {exc}", ref=msg_id) from None
+        if not payable:
+            raise ProtocolError("unpaid", "no open bounty bound to this node backs this message "
+                                "(unknown, spent, expired, or for another node)", ref=msg_id)
         with self._lock:
-            if key in self._used:
+            if paid_by in self._used:
                 raise ProtocolError("unpaid", "that bounty already paid for another message", ref=msg_id)
             if msg_id in self._pending:
                 raise ProtocolError("bad_field", "msg_id is already in use", ref=msg_id)
             recipient = self._online.get(to)
             if recipient is not None:
-                self._used.add(key)
-                self._pending[msg_id] = Pending(conn.name, to, bounty, self.clock())
-        if recipient is None:
-            conn.send({"type": "receipt", "msg_id": msg_id, "status": "offline"})
-            return
-        delivered = recipient.send_bytes(frame)
-        if not delivered:
+                self._used.add(paid_by)
+                self._pending[msg_id] = Pending(conn.name, to, paid_by, self.clock())
+        delivered = recipient is not None and recipient.send_bytes(frame)
+        if recipient is not None and not delivered:
             with self._lock:
-                self._used.discard(key)
+                self._used.discard(paid_by)
                 self._pending.pop(msg_id, None)
         self.relayed += delivered
-        conn.send({"type": "receipt", "msg_id": msg_id, "status": "delivered" if delivered else "offline"})
-        log.debug("relay %s -> %s %s", conn.name, to, msg_id)
-
-    def _check_paid(self, bounty: dict, msg_id: str) -> str:
-        """The bounty's key if it pays this node and no other message used it."""
-        try:
-            if "code_hash" in bounty:
-                code_hash = bytes.fromhex(bounty["code_hash"].removeprefix("0x"))
-                key = code_hash.hex()
-                payable = self.index.single_is_payable(code_hash)
-            else:
-                root = bytes.fromhex(bounty["book"].removeprefix("0x"))
-                key = f"{root.hex()}:{bounty['index']}"
-                payable = self.index.book_is_payable(root, bounty["index"])
-        except wu.ChainError as exc:
-            raise ProtocolError("unpaid", f"could not check the bounty: {exc}", ref=msg_id) from None
-        if not payable:
-            raise ProtocolError("unpaid", "no open bounty bound to this node backs this message "
-                                "(unknown, already used, spent, expired, or for another node)", ref=msg_id)
-        return key
+        conn.send_bytes(_receipt(msg_id, "delivered" if delivered else "offline"))
 
     def on_claim(self, conn: Connection, message: dict) -> None:
         msg_id = message["msg_id"]
@@ -488,16 +523,16 @@ class Node:
             code = bytes.fromhex(message["code"].removeprefix("0x"))
         except ValueError:
             code = b""
-        bounty = pending.bounty
-        if "code_hash" in bounty:
-            valid = len(code) == 32 and keccak(code).hex() == bounty["code_hash"].removeprefix("0x").lower()
+        paid_by = pending.paid_by
+        if paid_by[0] == "single":
+            valid = len(code) == 32 and keccak(code).hex() == paid_by[1]
             claim = Claim(msg_id, pending.sender, code)
         else:
-            root = bytes.fromhex(bounty["book"].removeprefix("0x"))
+            root = bytes.fromhex(paid_by[1])
             book = self.index.book(root)
             valid = len(code) == 32 and book is not None and book.tree is not None and \
-                book.tree.check_code(bounty["index"], code)
-            claim = Claim(msg_id, pending.sender, code, root, bounty["index"])
+                book.tree.check_code(paid_by[2], code)
+            claim = Claim(msg_id, pending.sender, code, root, paid_by[2])
         if not valid:
             raise ProtocolError("bad_code", ref=msg_id)
         with self._lock:

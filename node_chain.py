@@ -51,6 +51,7 @@ class BountyIndex:
         self._lock = threading.Lock()
         self._next_block = 0
         self.lookups = 0  # direct chain lookups, i.e. index misses
+        self._roots: dict[str, bytes] = {}  # hex -> bytes, so the hot path decodes a root once
 
     def sync(self) -> None:
         """Apply events from the blocks not seen yet."""
@@ -118,6 +119,15 @@ class BountyIndex:
                 except ValueError:
                     pass
         return book
+
+    def is_payable(self, paid_by: tuple) -> bool:
+        """paid_by: ("single", code hash hex) or ("book", root hex, leaf index), lower-case hex."""
+        if paid_by[0] == "single":
+            return self.single_is_payable(bytes.fromhex(paid_by[1]))
+        root = self._roots.get(paid_by[1])
+        if root is None:
+            root = self._roots.setdefault(paid_by[1], bytes.fromhex(paid_by[1]))
+        return self.book_is_payable(root, paid_by[2])
 
     def book_is_payable(self, root: bytes, index: int) -> bool:
         book = self.book(root)

@@ -145,3 +145,42 @@ def test_unknown_peer_gives_a_clear_error(tester_node):
     alice = tester_node.client("alice")
     with pytest.raises(ClientError, match="no user 'nobody'"):
         alice.send_text("nobody", "hello?")
+
+
+def test_send_in_any_key_order_is_relayed_and_the_fast_path_keeps_every_check(tester_node):
+    """Canonical sends take the node's header-only path; any other key order takes the
+    general one. Both deliver the same message; both refuse an unpaid or reused bounty."""
+    make_users(tester_node.data_dir, "alice", "bob")
+    bob_inbox, _, _, bob_events = collecting_events()
+    tester_node.client("bob", bob_events)
+    details = {}
+    alice = tester_node.client("alice", book_size=4)
+    alice.events.receipt = lambda msg_id, status, detail: details.__setitem__(msg_id, (status, detail))
+    import key_utils
+
+    def frame_for(text, bounty, reorder):
+        envelope = key_utils.seal({"text": text, "code": bounty.code.hex()}, sender="alice", recipient="bob",
+                                  sender_key=alice.rsa_key, recipient_public_key=alice.peer_key("bob"))
+        message = {"type": "send", "to": "bob", "msg_id": envelope["msg_id"], "bounty": bounty.wire,
+                   "envelope": envelope}
+        if reorder:
+            message = {"envelope": envelope, "bounty": bounty.wire, "msg_id": envelope["msg_id"], "to": "bob",
+                       "type": "send"}
+        alice.outstanding[envelope["msg_id"]] = object()
+        return message, protocol.encode(message)
+
+    first = alice.payer.next_bounty()
+    _, canonical = frame_for("canonical", first, reorder=False)
+    _, shuffled = frame_for("shuffled", alice.payer.next_bounty(), reorder=True)
+    alice._write_raw(canonical + shuffled)
+    texts = {bob_inbox.get(timeout=10).text, bob_inbox.get(timeout=10).text}
+    assert texts == {"canonical", "shuffled"}
+    reused, reused_frame = frame_for("reused bounty", first, reorder=False)
+    unpaid_bounty = type(first)({"book": "22" * 32, "index": 0}, b"\0" * 32)
+    unpaid, unpaid_frame = frame_for("unpaid", unpaid_bounty, reorder=False)
+    alice._write_raw(reused_frame + unpaid_frame)
+    wait_until(lambda: reused["msg_id"] in details and unpaid["msg_id"] in details, message="two refusals")
+    assert details[reused["msg_id"]][0] == "refused" and "already paid" in details[reused["msg_id"]][1]
+    assert details[unpaid["msg_id"]][0] == "refused" and "unpaid" in details[unpaid["msg_id"]][1]
+    with pytest.raises(queue.Empty):
+        bob_inbox.get(timeout=0.5)
