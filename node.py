@@ -248,19 +248,30 @@ class Node:
         while not self._stop.is_set():
             try:
                 sock, address = self.listener.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                # Out of file descriptors (or a connection reset before accept): wait, then go on.
+                log.warning("accept failed: %s", exc)
+                time.sleep(0.1)
+                continue
             with self._lock:
                 full = len(self._connections) >= self.max_connections
             if full:
                 try:
                     sock.sendall(protocol.encode(protocol.error("busy")))
+                except OSError:
+                    pass
                 finally:
                     sock.close()
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # A reader that stops reading must not block us forever: give up on it.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(10))
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # A reader that stops reading must not block us forever: give up on it.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(10))
+            except OSError:
+                sock.close()
+                continue
             conn = Connection(sock, address, self.clock)
             with self._lock:
                 self._connections.add(conn)
@@ -309,7 +320,10 @@ class Node:
                 now = self.clock()
                 if payloads:
                     conn.last_frame_at = now
-                conn.frame_started_at = (conn.frame_started_at or now) if conn.decoder.mid_frame else None
+                if not conn.decoder.mid_frame:
+                    conn.frame_started_at = None
+                elif payloads or conn.frame_started_at is None:  # a new frame started in this read
+                    conn.frame_started_at = now
                 if payloads:
                     self._handle_burst(conn, payloads)
         finally:
@@ -339,7 +353,10 @@ class Node:
             conn.errors = 0  # max_errors counts errors in a row
         except ProtocolError as exc:
             conn.errors += 1
-            conn.send(exc.to_message())
+            try:
+                conn.send(exc.to_message())
+            except (ProtocolError, ValueError):  # an unencodable ref: answer without it
+                conn.send(protocol.error(exc.code, exc.message))
             if exc.fatal or conn.errors >= self.max_errors:
                 conn.close()
         except Exception:  # a bug must cost one connection, never the node

@@ -135,7 +135,17 @@ def parse(payload: bytes) -> dict:
         raise ProtocolError("bad_frame", "the frame is not valid UTF-8 JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError("bad_frame")
+    if (b"\\ud" in payload or b"\\uD" in payload) and _has_lone_surrogate(message):
+        raise ProtocolError("bad_frame", "the frame has a lone UTF-16 surrogate, which is not text")
     return message
+
+
+def _has_lone_surrogate(message: dict) -> bool:
+    try:
+        json.dumps(message, ensure_ascii=False).encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 class MessageDecoder(FrameDecoder):
