@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import logging
 import os
 import re
@@ -39,11 +40,28 @@ threading.stack_size(512 * 1024)  # thousands of connection threads; the default
 
 
 class PinStore:
-    """name -> public key, pinned at the first successful proof, kept on disk."""
+    """name -> public key, pinned at the first successful proof, kept on disk.
+
+    pins.json holds the pins as of the last start; each new pin is appended to
+    pins.jsonl (fsynced) and folded into pins.json at the next start, so adding
+    a user costs one short write, not a rewrite of every pin."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.log_path = path.with_suffix(".jsonl")
         self._pins: dict[str, dict] = datadir.read_json(path, {})
+        try:
+            for line in self.log_path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._pins[entry["name"]] = {"public_key": entry["public_key"], "eth_address": entry["eth_address"]}
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line from a crash
+        except FileNotFoundError:
+            pass
+        datadir.write_json(path, self._pins)
+        self.log_path.unlink(missing_ok=True)
+        self._log = open(self.log_path, "a")
         self._lock = threading.Lock()
 
     def get(self, name: str) -> dict | None:
@@ -51,6 +69,9 @@ class PinStore:
 
     def __contains__(self, name: str) -> bool:
         return name in self._pins
+
+    def __len__(self) -> int:
+        return len(self._pins)
 
     def pin(self, name: str, public_key: str, eth_address: str) -> str:
         """Pin at first use; returns "new", "same" or "conflict" (another key holds the name)."""
@@ -61,8 +82,13 @@ class PinStore:
             outcome = "same" if pinned else "new"
             if not pinned or pinned["eth_address"] != eth_address:
                 self._pins[name] = {"public_key": public_key, "eth_address": eth_address}
-                datadir.write_json(self.path, self._pins)
+                self._log.write(json.dumps({"name": name, **self._pins[name]}) + "\n")
+                self._log.flush()
+                os.fsync(self._log.fileno())
             return outcome
+
+    def close(self) -> None:
+        self._log.close()
 
 
 @dataclass(slots=True)
@@ -242,6 +268,7 @@ class Node:
             conn.close()
         self.redeemer.stop(flush=True)
         self.redeemer.journal.close()
+        self.pins.close()
         log.info("stopped; earned %d BTK this run", self.redeemer.earned)
 
     def _accept_loop(self) -> None:

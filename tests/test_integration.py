@@ -184,3 +184,22 @@ def test_send_in_any_key_order_is_relayed_and_the_fast_path_keeps_every_check(te
     assert details[unpaid["msg_id"]][0] == "refused" and "unpaid" in details[unpaid["msg_id"]][1]
     with pytest.raises(queue.Empty):
         bob_inbox.get(timeout=0.5)
+
+
+def test_pins_survive_a_restart_and_a_torn_last_line(tmp_path):
+    from node import PinStore
+
+    path = tmp_path / "pins.json"
+    store = PinStore(path)
+    assert store.pin("alice", "KEY-A", "0xA") == "new"
+    assert store.pin("bob", "KEY-B", "0xB") == "new"
+    assert store.pin("alice", "KEY-A", "0xA2") == "same"
+    assert store.pin("alice", "KEY-EVIL", "0xE") == "conflict"
+    store.close()
+    with open(path.with_suffix(".jsonl"), "a") as log:
+        log.write('{"name": "carol", "public_k')  # a crash mid-write
+    again = PinStore(path)
+    assert again.get("alice") == {"public_key": "KEY-A", "eth_address": "0xA2"}
+    assert again.get("bob")["public_key"] == "KEY-B" and "carol" not in again
+    assert again.pin("alice", "KEY-EVIL", "0xE") == "conflict"
+    again.close()
