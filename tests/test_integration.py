@@ -193,6 +193,7 @@ def test_pins_survive_a_restart_and_a_torn_last_line(tmp_path):
     store = PinStore(path)
     assert store.pin("alice", "KEY-A", "0xA") == "new"
     assert store.pin("bob", "KEY-B", "0xB") == "new"
+    assert store.pin("alice", "KEY-A", "0xA2") == "moved"
     assert store.pin("alice", "KEY-A", "0xA2") == "same"
     assert store.pin("alice", "KEY-EVIL", "0xE") == "conflict"
     store.close()
