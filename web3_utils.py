@@ -6,7 +6,9 @@ arguments (e.g. ``AlreadyRedeemed(codeHash=0x12..)``).
 """
 from __future__ import annotations
 
+import ast
 import json
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +103,9 @@ except ImportError:  # pragma: no cover - eth-tester is in requirements.txt
 _REVERTS = (ContractCustomError, ContractPanicError, ContractLogicError, _TesterRevert)
 
 
+_BYTES_REPR = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
+
+
 def _revert_data(exc: BaseException | None) -> bytes | str | None:
     """The raw revert bytes, wherever the provider put them: web3 sets `.data`;
     eth-tester re-raises with a text message and keeps the bytes on the cause."""
@@ -112,6 +117,13 @@ def _revert_data(exc: BaseException | None) -> bytes | str | None:
         for arg in exc.args:
             if isinstance(arg, bytes):
                 return arg
+            if isinstance(arg, str):  # eth-tester's eth_call path keeps only the bytes' repr
+                found = _BYTES_REPR.search(arg)
+                if found:
+                    try:
+                        return ast.literal_eval(found.group(0))
+                    except (ValueError, SyntaxError):
+                        pass
             if isinstance(arg, BaseException):
                 inner = _revert_data(arg)
                 if inner:
