@@ -60,7 +60,8 @@ def gather_info(data_dir: Path, rpc_url: str) -> dict:
         user = {"name": name, "eth_address": address,
                 "fingerprint": key_utils.fingerprint(key_utils.load_public_key(datadir.public_key_path(data_dir, name)))}
         if token:
-            user["btk"] = token.balance_of(address) / wu.TOKEN
+            wei = token.balance_of(address)
+            user["btk"], user["btk_wei"] = wei / wu.TOKEN, wei
             user["escrowed_in_books"] = _unspent_in_books(token, data_dir / "clients" / name / "books")
         info["users"].append(user)
     node_key = data_dir / "node" / "node_ETH.key"

@@ -82,7 +82,7 @@ def test_chain_starts_by_itself_keeps_state_and_info_matches_it(tmp_path):
         assert data["deployment"]["address"] == token.address
         assert data["deployment"]["chain_id"] == 31337
         (user,) = data["users"]
-        assert user["eth_address"] == alice and user["btk"] * wu.TOKEN == expected
+        assert user["eth_address"] == alice and user["btk_wei"] == expected and user["btk"] == expected / wu.TOKEN
         text = run_cli("main.py", "info", env=env).stdout
         assert token.address in text and f"{expected / wu.TOKEN:g} BTK" in text
     finally:
