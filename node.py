@@ -721,7 +721,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # Hand the GIL over sooner than CPython's 5 ms default: a burst of chain
     # work in a background thread must not hold up relaying for long.
-    sys.setswitchinterval(0.001)
+    sys.setswitchinterval(float(os.environ.get("DM_SWITCH_INTERVAL", "0.001")))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         node, anvil = build_node(args)
