@@ -1,6 +1,7 @@
 # The two commands a newcomer runs:
 #   make demo   set everything up, then run the demo (local chain, node, two scripted clients)
 #   make test   set everything up, then run the whole test suite
+#   make bench  the benchmarks whose figures are in README.md (several minutes)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,7 +27,10 @@ node_modules/.installed: package-lock.json
 
 bench: setup
 	$(PY) bench/gas.py
+	$(PY) bench/paid_rate.py
 	$(PY) bench/relay.py
+	$(PY) bench/channel.py
+	$(PY) bench/crypto.py
 
 clean:
 	rm -rf $(VENV) node_modules

@@ -74,6 +74,10 @@ class PinStore:
     def __len__(self) -> int:
         return len(self._pins)
 
+    @property
+    def names(self):
+        return self._pins.keys()
+
     def pin(self, name: str, public_key: str, eth_address: str) -> str:
         """Pin at first use; returns "new", "same", "moved" (same key, new Ethereum address)
         or "conflict" (another key holds the name)."""
@@ -134,6 +138,7 @@ class Connection:
         self.address = address
         self.name: str | None = None
         self.name_bytes = b""
+        self.proved = False
         self.phase = "connected"
         self.hello: dict | None = None
         self.nonce = ""
@@ -236,6 +241,7 @@ class Node:
         node_dir = data_dir / "node"
         self.node_id = datadir.ensure_secret(node_dir / "node_id", lambda: secrets.token_hex(16))
         self.pins = PinStore(node_dir / "pins.json")
+        self._pinned = self.pins.names  # a live view: membership without a method call per message
         self.channels_path = node_dir / "channels.json"
         self.channels: dict[str, set[str]] = {c: set(m) for c, m in datadir.read_json(self.channels_path, {}).items()}
         self.redeemer = Redeemer(token, signer, index, Journal(node_dir / "journal.jsonl"),
@@ -332,7 +338,7 @@ class Node:
                 connections = list(self._connections)
             for conn in connections:
                 reason = None
-                if conn.phase != "ready" and now - conn.connected_at > self.handshake_timeout:
+                if conn.phase != "ready" and not conn.proved and now - conn.connected_at > self.handshake_timeout:
                     reason = f"no authentication within {self.handshake_timeout:g}s"
                 elif conn.frame_started_at is not None and now - conn.frame_started_at > self.frame_timeout:
                     reason = f"a frame took longer than {self.frame_timeout:g}s to arrive"
@@ -458,6 +464,7 @@ class Node:
         if not key_utils.verify(public_key, signature, data):
             log.warning("! failed proof for %s from %s", hello["name"], conn.label)
             raise ProtocolError("auth_failed", fatal=True)
+        conn.proved = True  # the handshake clock stops: funding a new user may take a while
         name = hello["name"]
         outcome = self.pins.pin(name, hello["public_key"], hello["eth_address"])
         if outcome == "conflict":  # another key won the name between our hello and auth
@@ -553,7 +560,7 @@ class Node:
 
     def _relay(self, conn: Connection, to: str, msg_id: str, paid_by: tuple, channel: str | None,
                frame: bytes) -> None:
-        if to not in self.pins:
+        if to not in self._pinned:
             raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
         if channel is not None:
             members = self.channels.get(channel, ())

@@ -51,7 +51,7 @@ class BountyIndex:
         self._lock = threading.Lock()
         self._next_block = 0
         self.lookups = 0  # direct chain lookups, i.e. index misses
-        self._roots: dict[str, bytes] = {}  # hex -> bytes, so the hot path decodes a root once
+        self._books_by_hex: dict[str, OpenBook] = {}  # announced books by root hex, for the hot path
 
     def sync(self) -> None:
         """Apply events from the blocks not seen yet."""
@@ -124,10 +124,13 @@ class BountyIndex:
         """paid_by: ("single", code hash hex) or ("book", root hex, leaf index), lower-case hex."""
         if paid_by[0] == "single":
             return self.single_is_payable(bytes.fromhex(paid_by[1]))
-        root = self._roots.get(paid_by[1])
-        if root is None:
-            root = self._roots.setdefault(paid_by[1], bytes.fromhex(paid_by[1]))
-        return self.book_is_payable(root, paid_by[2])
+        book = self._books_by_hex.get(paid_by[1])  # the hot path: one dict lookup
+        if book is None:
+            book = self.book(bytes.fromhex(paid_by[1]))
+            if book is None or book.tree is None:
+                return False
+            self._books_by_hex[paid_by[1]] = book
+        return paid_by[2] < book.size and book.expiry > self.clock() + EXPIRY_MARGIN
 
     def book_is_payable(self, root: bytes, index: int) -> bool:
         book = self.book(root)

@@ -7,9 +7,9 @@ Starts its own anvil and node.py, a receiving client.py, then pipes N lines
 into a sending client.py: with bounty books (the default) and with one
 registerBounty per message (--pay single). Each message is encrypted,
 signed, paid, relayed, decrypted, verified, and its code returned to the
-node. The rate is counted from the first to the last line the receiver
-prints, so process start-up is left out; the time until the node has
-redeemed every code is reported too.
+node. The rate is counted from the moment the sender is connected (so its
+process start-up is left out) to the last line the receiver prints; the time
+until the node has redeemed every code is reported too.
 """
 from __future__ import annotations
 
@@ -53,8 +53,13 @@ def run_case(env: dict, port: int, data: Path, token, pay: str, count: int) -> d
     earned_before = token.balance_of(node_address)
     lines = "".join(f"message {i:06d} {'x' * 40}\n" for i in range(count))
     started = time.perf_counter()
-    send = subprocess.run([py, "client.py", "127.0.0.1", str(port), sender, receiver, *extra], cwd=ROOT, env=env,
-                          input=lines, capture_output=True, text=True, timeout=900)
+    send = subprocess.Popen([py, "client.py", "127.0.0.1", str(port), sender, receiver, *extra], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert send.stderr.readline().startswith("connected"), "sender did not connect"
+    connected = time.perf_counter()  # start-up (imports, handshake) ends here
+    send.stdin.write(lines)
+    send.stdin.close()
+    send.wait(900)
     deadline = time.monotonic() + 120
     while len(stamps) < count and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -64,11 +69,12 @@ def run_case(env: dict, port: int, data: Path, token, pay: str, count: int) -> d
     recv.stdin.close()
     recv.wait(30)
     received = len(stamps)
-    span = stamps[-1] - stamps[0] if received > 1 else float("nan")
+    span = stamps[-1] - connected if received else float("nan")
     return {"pay": pay, "messages": count, "received": received, "sender_exit": send.returncode,
-            "rate_msg_s": round((received - 1) / span, 1) if received > 1 else 0.0,
-            "first_to_last_received_s": round(span, 3),
-            "sender_start_to_all_redeemed_s": round(all_paid - started, 3),
+            "rate_msg_s": round(received / span, 1) if received else 0.0,
+            "connected_to_last_received_s": round(span, 3),
+            "sender_startup_s": round(connected - started, 3),
+            "connected_to_all_redeemed_s": round(all_paid - connected, 3),
             "redeemed": int((token.balance_of(node_address) - earned_before) // wu.TOKEN)}
 
 
@@ -97,11 +103,14 @@ def main() -> int:
                 node.wait(30)
             anvil.stop()
     print(f"\nOne sender, paid and encrypted, through node.py on anvil ({os.cpu_count()} CPUs)\n")
-    print("| payment | messages | received | messages/s (first to last received) | until all redeemed |")
+    print("| payment | messages | received | messages/s | until all redeemed |")
     print("|---|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['pay']} | {r['messages']:,} | {r['received']:,} | {r['rate_msg_s']:,.0f} | "
-              f"{r['sender_start_to_all_redeemed_s']:.1f} s ({r['redeemed']:,} redeemed) |")
+              f"{r['connected_to_all_redeemed_s']:.1f} s ({r['redeemed']:,} redeemed) |")
+    print("\nmessages/s: from the sender being connected (after its start-up) to the receiver printing the\n"
+          "last message; it includes paying (opening books or registering bounties), sealing, relaying,\n"
+          "opening and returning codes.")
     out = ROOT / "bench" / "results" / "paid_rate.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     target = results[0]["rate_msg_s"] >= 1000

@@ -86,6 +86,20 @@ def tester_node(data_dir, tester_chain):
     node.stop()
 
 
+def collecting_events():
+    """(inbox queue of Incoming, receipts by msg_id, paid msg_ids, Events wired to them)."""
+    import queue
+
+    inbox: queue.Queue = queue.Queue()
+    receipts: dict[str, str] = {}
+    paid: list[str] = []
+    return inbox, receipts, paid, Events(
+        message=inbox.put,
+        receipt=lambda msg_id, status, detail: receipts.__setitem__(msg_id, status),
+        paid=paid.extend,
+    )
+
+
 def wait_until(predicate, timeout: float = 30, interval: float = 0.05, message: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

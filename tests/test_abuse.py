@@ -31,7 +31,7 @@ import key_utils
 import protocol
 import web3_utils as wu
 from client_core import Events, Outstanding
-from conftest import ROOT, RunningNode, make_users, wait_until
+from conftest import ROOT, RunningNode, collecting_events, make_users, wait_until
 from node import Node
 from node_chain import BountyIndex
 
@@ -165,17 +165,6 @@ def assert_ping_works(sock: socket.socket) -> None:
 
 
 # --- honest clients ---------------------------------------------------------------------------
-
-def collecting_events():
-    inbox: queue.Queue = queue.Queue()
-    receipts: dict[str, str] = {}
-    paid: list[str] = []
-    return inbox, receipts, paid, Events(
-        message=inbox.put,
-        receipt=lambda msg_id, status, detail: receipts.__setitem__(msg_id, status),
-        paid=paid.extend,
-    )
-
 
 def ensure_users(data_dir: Path, *names: str) -> None:
     missing = [n for n in names if not datadir.private_key_path(data_dir, n).exists()]

@@ -10,8 +10,7 @@ import pytest
 import datadir
 import key_utils
 import web3_utils as wu
-from conftest import cli_env, free_port, make_users, wait_until
-from test_integration import collecting_events
+from conftest import cli_env, collecting_events, free_port, make_users, wait_until
 
 
 def test_a_channel_message_reaches_every_online_member_each_paid_separately(tester_node):

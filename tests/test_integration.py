@@ -8,19 +8,8 @@ import pytest
 import protocol
 
 import web3_utils as wu
-from client_core import ClientError, Events, Incoming
-from conftest import make_users, wait_until
-
-
-def collecting_events():
-    inbox: queue.Queue = queue.Queue()
-    receipts: dict[str, str] = {}
-    paid: list[str] = []
-    return inbox, receipts, paid, Events(
-        message=inbox.put,
-        receipt=lambda msg_id, status, detail: receipts.__setitem__(msg_id, status),
-        paid=paid.extend,
-    )
+from client_core import ClientError, Incoming
+from conftest import collecting_events, make_users, wait_until
 
 
 @pytest.mark.parametrize("pay", ["single", "book"])
@@ -29,7 +18,7 @@ def test_a_paid_message_moves_exactly_one_btk_from_sender_to_node(tester_node, p
     token = tester_node.node.token
     alice_inbox, alice_receipts, alice_paid, alice_events = collecting_events()
     bob_inbox, _, _, bob_events = collecting_events()
-    bob = tester_node.client("bob", bob_events)
+    tester_node.client("bob", bob_events)
     alice = tester_node.client("alice", alice_events, pay=pay, book_size=5)
     node_before = token.balance_of(tester_node.address)
     alice_before = token.balance_of(alice.eth_address)

@@ -1,5 +1,4 @@
 """The sans-IO wire protocol: framing, parsing, shapes and order rules."""
-import json
 import struct
 
 import pytest
