@@ -64,6 +64,11 @@ class _Client:
         self.proc.wait(60)
 
 
+def _escrow(token: wu.BountyToken, data_dir: Path, name: str) -> float:
+    """BTK still unspent in a user's open books (the node has none)."""
+    return main_cli.unspent_in_books(token, data_dir / "clients" / name / "books") if name != "node" else 0.0
+
+
 def _wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -99,6 +104,7 @@ def run(data_dir: Path, rpc_url: str, port: int = 0) -> int:
         clients = [bob, alice]
         alice.connected.wait(60)
         before = _balances(token, accounts)
+        escrow_before = {name: _escrow(token, data_dir, name) for name in accounts}
         print("\nconversation (alice and bob pay from prepaid books of 10 codes):")
         alice.say(ALICE_LINES)
         _wait(lambda: len(bob.received) == len(ALICE_LINES), 60, "bob to receive alice's messages")
@@ -115,10 +121,10 @@ def run(data_dir: Path, rpc_url: str, port: int = 0) -> int:
         print(f"\nBTK balances ({delivered} messages delivered):")
         print(f"  {'':8} {'before':>10} {'after':>10} {'change':>8} {'escrowed':>9} {'net cost':>9}")
         for name in accounts:
-            escrow = main_cli._unspent_in_books(token, data_dir / "clients" / name / "books") \
-                if name != "node" else 0
+            escrow = _escrow(token, data_dir, name)
             change = after[name] - before[name]
-            print(f"  {name:8} {before[name]:10g} {after[name]:10g} {change:+8g} {escrow:9g} {change + escrow:+9g}")
+            net = change + escrow - escrow_before[name]
+            print(f"  {name:8} {before[name]:10g} {after[name]:10g} {change:+8g} {escrow:9g} {net:+9g}")
         print("  'escrowed' is what still sits in a sender's open book: unspent codes, returned after the\n"
               "  book expires (`python3 main.py refund NAME`). Net, each delivered message cost its sender\n"
               "  1 BTK and paid the node 1 BTK.")

@@ -62,7 +62,7 @@ def gather_info(data_dir: Path, rpc_url: str) -> dict:
         if token:
             wei = token.balance_of(address)
             user["btk"], user["btk_wei"] = wei / wu.TOKEN, wei
-            user["escrowed_in_books"] = _unspent_in_books(token, data_dir / "clients" / name / "books")
+            user["escrowed_in_books"] = unspent_in_books(token, data_dir / "clients" / name / "books")
         info["users"].append(user)
     node_key = data_dir / "node" / "node_ETH.key"
     if node_key.exists():
@@ -71,7 +71,7 @@ def gather_info(data_dir: Path, rpc_url: str) -> dict:
     return info
 
 
-def _unspent_in_books(token: wu.BountyToken, books_dir: Path) -> float:
+def unspent_in_books(token: wu.BountyToken, books_dir: Path) -> float:
     total = 0
     for path in books_dir.glob("*.json"):
         record = datadir.read_json(path, {})
