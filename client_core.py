@@ -232,28 +232,50 @@ class ChatClient:
     def peer_key(self, name: str):
         """The peer's public key: from the node's directory, pinned here at first use.
         A changed key raises ClientError; the pin is never silently replaced."""
-        with self._pin_lock:
-            return self._peer_key(name)
+        return self.peer_keys([name])[name]
 
-    def _peer_key(self, name: str):
-        if name in self._peer_keys:
-            return self._peer_keys[name]
+    def peer_keys(self, names: list[str]) -> dict:
+        """peer_key for many names at once: every lookup goes out in one write and the
+        pins file is written once (a channel's first message may meet 1,000 new names)."""
+        with self._pin_lock:
+            missing = [n for n in dict.fromkeys(names) if n not in self._peer_keys]
+            if missing:
+                waiters = {}
+                for name in missing:
+                    waiters[name] = queue.Queue()
+                    self._replies[("lookup", name)] = waiters[name]
+                self._write_raw(b"".join(protocol.encode({"type": "lookup", "name": n}) for n in missing))
+                served = {}
+                for name in missing:
+                    try:
+                        reply = waiters[name].get(timeout=10)
+                    except queue.Empty:
+                        self._replies.pop(("lookup", name), None)
+                        raise ClientError(f"the node did not answer our lookup of {name}") from None
+                    if reply["type"] == "error":
+                        raise ClientError(f"{reply.get('message')} ({reply.get('code')})")
+                    served[name] = reply["public_key"]
+                changed = False
+                for name, pem in served.items():
+                    self._check_pin(name, pem)
+                    if name not in self.peer_pins:
+                        self.peer_pins[name] = pem
+                        changed = True
+                    self._peer_keys[name] = key_utils.public_key_from_pem(pem)
+                if changed:
+                    datadir.write_json(self.peer_pins_path, self.peer_pins)
+            return {n: self._peer_keys[n] for n in names}
+
+    def _check_pin(self, name: str, served: str) -> None:
         pinned = self.peer_pins.get(name)
         local = datadir.public_key_path(self.data_dir, name)
         if pinned is None and local.exists():  # the original's shared key files
             pinned = local.read_text()
-        reply = self._request({"type": "lookup", "name": name}, "lookup", name)
-        served = reply["public_key"]
         if pinned is not None and pinned.strip() != served.strip():
             raise ClientError(
                 f"WARNING: the key for {name} has CHANGED (pinned {key_utils.fingerprint(pinned)}, node now serves "
                 f"{key_utils.fingerprint(served)}). Someone may be impersonating {name}. Compare fingerprints "
                 f"out of band; if the change is genuine, remove {name} from {self.peer_pins_path}.")
-        if name not in self.peer_pins:
-            self.peer_pins[name] = served
-            datadir.write_json(self.peer_pins_path, self.peer_pins)
-        self._peer_keys[name] = key_utils.public_key_from_pem(served)
-        return self._peer_keys[name]
 
     def fingerprint(self, name: str) -> str:
         if name == self.me:
@@ -305,7 +327,7 @@ class ChatClient:
         bounty, all paid from the book. Returns (msg_ids sent, members offline)."""
         members = self._request({"type": "members", "channel": channel}, "members", channel)
         recipients = [m for m in members["online"] if m != self.me]
-        keys = {name: self.peer_key(name) for name in recipients}
+        keys = self.peer_keys(recipients)
         try:
             bounties = self.payer.next_bounties(len(recipients)) if recipients else []
         except wu.ChainError as exc:

@@ -619,7 +619,7 @@ class Node:
 
     def _on_redeemed(self, result: Redeemed) -> None:
         log.info("redeemed %d code(s) in tx %s (gas %d): +%d BTK, %d BTK this run", result.paid,
-                 result.tx_hash[:18], result.gas_used, result.paid, self.redeemer.earned)
+                 result.tx_hash, result.gas_used, result.paid, self.redeemer.earned)
         by_sender: dict[str, list[str]] = {}
         for claim in result.paid_claims:
             by_sender.setdefault(claim.sender, []).append(claim.msg_id)
