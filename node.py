@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import logging
 import os
 import queue
@@ -34,67 +33,12 @@ import key_utils
 import protocol
 import web3_utils as wu
 from node_chain import BountyIndex, Claim, Journal, Redeemed, Redeemer
+from node_connection import Connection, burst, timeval
+from node_pins import PinStore
 from protocol import ProtocolError
 
 log = logging.getLogger("node")
 threading.stack_size(512 * 1024)  # thousands of connection threads; the default 8 MB stack is waste
-
-
-class PinStore:
-    """name -> public key, pinned at the first successful proof, kept on disk.
-
-    pins.json holds the pins as of the last start; each new pin is appended to
-    pins.jsonl (fsynced) and folded into pins.json at the next start, so adding
-    a user costs one short write, not a rewrite of every pin."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.log_path = path.with_suffix(".jsonl")
-        self._pins: dict[str, dict] = datadir.read_json(path, {})
-        try:
-            for line in self.log_path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                    self._pins[entry["name"]] = {"public_key": entry["public_key"], "eth_address": entry["eth_address"]}
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line from a crash
-        except FileNotFoundError:
-            pass
-        datadir.write_json(path, self._pins)
-        self.log_path.unlink(missing_ok=True)
-        self._log = open(self.log_path, "a")
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> dict | None:
-        return self._pins.get(name)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._pins
-
-    def __len__(self) -> int:
-        return len(self._pins)
-
-    @property
-    def names(self):
-        return self._pins.keys()
-
-    def pin(self, name: str, public_key: str, eth_address: str) -> str:
-        """Pin at first use; returns "new", "same", "moved" (same key, new Ethereum address)
-        or "conflict" (another key holds the name)."""
-        with self._lock:
-            pinned = self._pins.get(name)
-            if pinned and pinned["public_key"].strip() != public_key.strip():
-                return "conflict"
-            outcome = "new" if not pinned else "same" if pinned["eth_address"] == eth_address else "moved"
-            if outcome != "same":
-                self._pins[name] = {"public_key": public_key, "eth_address": eth_address}
-                self._log.write(json.dumps({"name": name, **self._pins[name]}) + "\n")
-                self._log.flush()
-                os.fsync(self._log.fileno())
-            return outcome
-
-    def close(self) -> None:
-        self._log.close()
 
 
 @dataclass(slots=True)
@@ -124,101 +68,6 @@ def _receipt(msg_id: str, status: str) -> bytes:
         return len(body).to_bytes(4, "big") + body
     return protocol.encode({"type": "receipt", "msg_id": msg_id, "status": status})
 
-
-
-# While a connection thread handles the frames of one read, what it sends is
-# collected here and written once per destination: one syscall per burst
-# instead of one per frame.
-_burst = threading.local()
-
-
-class Connection:
-    def __init__(self, sock: socket.socket, address, clock):
-        self.sock = sock
-        self.address = address
-        self.name: str | None = None
-        self.name_bytes = b""
-        self.proved = False
-        self.phase = "connected"
-        self.hello: dict | None = None
-        self.nonce = ""
-        self.decoder = protocol.FrameDecoder()
-        self.connected_at = self.last_frame_at = clock()
-        self.frame_started_at: float | None = None
-        self.errors = 0
-        self.closed = False
-        self._send_lock = threading.RLock()  # close() takes it too, from inside a failed write
-        self._out: list[bytes] = []
-
-    def send_bytes(self, data: bytes) -> bool:
-        outbox = getattr(_burst, "outbox", None)
-        with self._send_lock:
-            if self.closed:
-                return False
-            if outbox is not None:
-                self._out.append(data)
-                outbox.add(self)
-                return True
-            if self._out:  # frames queued by a burst go first: order per destination holds
-                data = b"".join(self._out) + data
-                self._out.clear()
-            return self._write(data)
-
-    def flush(self) -> None:
-        with self._send_lock:
-            if self._out and not self.closed:
-                data = b"".join(self._out)
-                self._out.clear()
-                self._write(data)
-
-    def _write(self, data: bytes) -> bool:  # called with _send_lock held
-        try:
-            self.sock.sendall(data)
-            return True
-        except OSError:
-            self.close()
-            return False
-
-    def send(self, message: dict) -> bool:
-        return self.send_bytes(protocol.encode(message))
-
-    def close(self) -> None:
-        """Send what is queued (an error frame, typically), then hang up."""
-        with self._send_lock:
-            if self.closed:
-                return
-            if self._out:
-                data = b"".join(self._out)
-                self._out.clear()
-                try:
-                    self.sock.sendall(data)
-                except OSError:
-                    pass
-            self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def abort(self, message: dict) -> None:
-        """From the watchdog: never wait on a writer that is stuck on a slow reader."""
-        if self._send_lock.acquire(blocking=False):
-            try:
-                if not self.closed:
-                    self.sock.send(protocol.encode(message), socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            finally:
-                self._send_lock.release()
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    @property
-    def label(self) -> str:
-        return self.name or f"{self.address[0]}:{self.address[1]}"
 
 
 class Node:
@@ -312,7 +161,7 @@ class Node:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 # A reader that stops reading must not block us forever: give up on it.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(10))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(10))
             except OSError:
                 sock.close()
                 continue
@@ -374,14 +223,14 @@ class Node:
             self._disconnect(conn)
 
     def _handle_burst(self, conn: Connection, payloads: list[bytes]) -> None:
-        _burst.outbox = outbox = set()
+        burst.outbox = outbox = set()
         try:
             for payload in payloads:
                 self._handle_payload(conn, payload)
                 if conn.closed:
                     break
         finally:
-            _burst.outbox = None
+            burst.outbox = None
             self.redeemer.journal.sync()  # one fsync for every claim of the burst, before anything else
             for target in outbox:
                 target.flush()
@@ -677,12 +526,6 @@ class Node:
 
     def _save_channels(self) -> None:  # called with self._lock held
         datadir.write_json(self.channels_path, {c: sorted(m) for c, m in self.channels.items()})
-
-
-def _timeval(seconds: float) -> bytes:
-    import struct
-
-    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
 def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:

@@ -176,7 +176,7 @@ def test_send_in_any_key_order_is_relayed_and_the_fast_path_keeps_every_check(te
 
 
 def test_pins_survive_a_restart_and_a_torn_last_line(tmp_path):
-    from node import PinStore
+    from node_pins import PinStore
 
     path = tmp_path / "pins.json"
     store = PinStore(path)
