@@ -5,6 +5,7 @@ on it; the tests drive it directly.
 from __future__ import annotations
 
 import base64
+import json
 import queue
 import socket
 import threading
@@ -24,6 +25,18 @@ PING_EVERY = 60  # keeps the node's idle timer from closing a quiet session
 
 class ClientError(Exception):
     """A failure the user should read (no traceback)."""
+
+
+# What fits in one frame once encrypted: base64 adds a third, plus the envelope's fields.
+MAX_TEXT_BYTES = (protocol.MAX_FRAME - 16_384) * 3 // 4
+
+
+def check_length(text: str) -> None:
+    """Refuse a message too long for one frame before anything is paid for it."""
+    size = len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    if size > MAX_TEXT_BYTES:
+        raise ClientError(f"that message is {size:,} bytes once encoded; the limit is {MAX_TEXT_BYTES:,} bytes "
+                          "(about 6 MB): send it in parts")
 
 
 @dataclass
@@ -293,6 +306,8 @@ class ChatClient:
     def send_many(self, to: str, texts: list[str]) -> list[str]:
         """Encrypt, pay and send each text to `to`, in order. One RSA signature covers
         the whole batch (key_utils.seal_many), so piped input is not bound by RSA."""
+        for text in texts:
+            check_length(text)
         recipient_key = self.peer_key(to)
         try:
             bounties = self.payer.next_bounties(len(texts))
@@ -325,6 +340,7 @@ class ChatClient:
     def send_to_channel(self, channel: str, text: str) -> tuple[list[str], list[str]]:
         """One copy per online member, each encrypted to that member and carrying its own
         bounty, all paid from the book. Returns (msg_ids sent, members offline)."""
+        check_length(text)
         members = self._request({"type": "members", "channel": channel}, "members", channel)
         recipients = [m for m in members["online"] if m != self.me]
         keys = self.peer_keys(recipients)

@@ -193,3 +193,17 @@ def test_pins_survive_a_restart_and_a_torn_last_line(tmp_path):
     assert again.get("bob")["public_key"] == "KEY-B" and "carol" not in again
     assert again.pin("alice", "KEY-EVIL", "0xE") == "conflict"
     again.close()
+
+
+def test_a_message_too_long_for_one_frame_is_refused_before_anything_is_paid(tester_node):
+    from client_core import MAX_TEXT_BYTES
+
+    make_users(tester_node.data_dir, "alice", "bob")
+    tester_node.client("bob")
+    alice = tester_node.client("alice", book_size=3)
+    alice.send_text("bob", "open the book")  # the first send opens a book
+    assert alice.wait_acknowledged(timeout=10)
+    cursor = alice.payer._cursor
+    with pytest.raises(ClientError, match="the limit is"):
+        alice.send_text("bob", "x" * (MAX_TEXT_BYTES + 1))
+    assert alice.payer._cursor == cursor and not alice.outstanding
