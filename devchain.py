@@ -10,7 +10,6 @@ is ever used.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -202,8 +201,3 @@ def fund_user(token: wu.BountyToken, faucet: wu.Signer, address: str,
 def stop_on_exit(anvil: Anvil | None) -> None:
     if anvil is not None:
         anvil.stop()
-
-
-def chain_environment(url: str, data_dir: Path) -> dict:
-    """For subprocesses: where the chain and data live."""
-    return {**os.environ, "DM_RPC_URL": url, "DM_DATA_DIR": str(data_dir)}

@@ -69,7 +69,6 @@ def _receipt(msg_id: str, status: str) -> bytes:
     return protocol.encode({"type": "receipt", "msg_id": msg_id, "status": status})
 
 
-
 class Node:
     def __init__(self, *, token: wu.BountyToken, signer: wu.Signer, data_dir: Path, index: BountyIndex,
                  redeemer_options: dict | None = None, faucet: wu.Signer | None = None,

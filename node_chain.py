@@ -130,12 +130,10 @@ class BountyIndex:
             if book is None or book.tree is None:
                 return False
             self._books_by_hex[paid_by[1]] = book
-        return paid_by[2] < book.size and book.expiry > self.clock() + EXPIRY_MARGIN
+        return self._leaf_is_payable(book, paid_by[2])
 
-    def book_is_payable(self, root: bytes, index: int) -> bool:
-        book = self.book(root)
-        return book is not None and book.tree is not None and index < book.size and \
-            book.expiry > self.clock() + EXPIRY_MARGIN
+    def _leaf_is_payable(self, book: OpenBook, index: int) -> bool:
+        return book.tree is not None and index < book.size and book.expiry > self.clock() + EXPIRY_MARGIN
 
     def announce_book(self, root: bytes, leaves: list[bytes]) -> OpenBook | None:
         """A sender tells us the leaf hashes of its book, so we can check codes

@@ -10,7 +10,6 @@ import json
 import re
 import struct
 
-VERSION = 1
 MAX_FRAME = 8 * 1024 * 1024  # the same cap for every frame, both directions
 MAX_MSG_ID = 64
 # json.loads recurses per nesting level, and web3's imports raise the recursion

@@ -12,7 +12,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from eth_abi import decode as abi_decode
 from eth_account import Account
@@ -190,17 +190,21 @@ class Signer:
         tip = 10**9
         return {"maxPriorityFeePerGas": tip, "maxFeePerGas": 2 * base_fee + tip}
 
+    def _sign_next(self, tx: dict):
+        """Sign with the next local nonce (with self._lock held)."""
+        if self._nonce is None:
+            self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+        if self._chain_id is None:
+            self._chain_id = self.w3.eth.chain_id
+        tx = {**self._fees(), **tx, "nonce": self._nonce, "chainId": self._chain_id, "from": self.address}
+        return self._account.sign_transaction(tx).raw_transaction
+
     def send(self, tx: dict) -> bytes:
         """Sign and broadcast; returns the transaction hash."""
         with self._lock:
-            if self._nonce is None:
-                self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
-            if self._chain_id is None:
-                self._chain_id = self.w3.eth.chain_id
-            tx = {**self._fees(), **tx, "nonce": self._nonce, "chainId": self._chain_id, "from": self.address}
-            signed = self._account.sign_transaction(tx)
+            raw = self._sign_next(tx)
             try:
-                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+                tx_hash = self.w3.eth.send_raw_transaction(raw)
             except Exception:
                 self._nonce = None  # resync from the chain next time
                 raise
@@ -210,11 +214,9 @@ class Signer:
     def sign_only(self, tx: dict) -> bytes:
         """Sign without broadcasting (used to hold a transaction back)."""
         with self._lock:
-            if self._nonce is None:
-                self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
-            tx = {**self._fees(), **tx, "nonce": self._nonce, "chainId": self.w3.eth.chain_id, "from": self.address}
+            raw = self._sign_next(tx)
             self._nonce += 1
-            return self._account.sign_transaction(tx).raw_transaction
+            return raw
 
 
 class BountyToken:
@@ -342,11 +344,3 @@ def wait_for(w3: Web3, tx_hash: bytes, timeout: float = 120):
 def code_hash(code: bytes) -> bytes:
     """The bounty key: keccak256 of the 32-byte code."""
     return keccak(code)
-
-
-def watch_events(token: BountyToken, names: Sequence[str], on_event: Callable[[str, dict, int], None],
-                 from_block: int, to_block: int) -> None:
-    """Feed every event of the given types in [from_block, to_block] to on_event(name, args, block)."""
-    for name in names:
-        for log in getattr(token.contract.events, name)().get_logs(from_block=from_block, to_block=to_block):
-            on_event(name, dict(log["args"]), log["blockNumber"])

@@ -44,7 +44,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,9 +55,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from benchlib import HOST, cpu_seconds, free_port, raise_nofile  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "channel.json"
-HOST = "127.0.0.1"
 RSA_KEYS = 8
 PER_WORKER = 250  # member clients per worker process
 CONNECT_THREADS = 6  # concurrent handshakes per worker (the node funds each new name inside its handshake)
@@ -67,26 +66,7 @@ TARGET_GAS = 10_000  # per delivered copy
 REDEEMED = re.compile(r"redeemed (\d+) code\(s\) in tx (0x[0-9a-fA-F]+) \(gas (\d+)\)")
 
 
-def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 raise_nofile()  # at import: the main process (the node inherits it) and every spawned worker
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_split(pid: int) -> tuple[float, float]:

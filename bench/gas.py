@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import posixpath
 import secrets
 import socket
 import statistics
@@ -64,28 +63,7 @@ EXPIRY_SECONDS = 7 * 24 * 3600
 # --------------------------------------------------------------------------------------
 
 def original_sources() -> dict[str, str]:
-    """contract_build.collect_sources for bench/original/BountyToken.sol. Older
-    versions of it resolve the entry file in the repo root only; then the same
-    walk is done here."""
-    try:
-        return contract_build.collect_sources(ORIGINAL_SOURCE)
-    except contract_build.BuildError:
-        pass
-    sources: dict[str, str] = {}
-    pending = [ORIGINAL_SOURCE.name]
-    while pending:
-        unit = pending.pop()
-        if unit in sources:
-            continue
-        path = ORIGINAL_SOURCE.parent / unit if unit == ORIGINAL_SOURCE.name else contract_build.NODE_MODULES / unit
-        if not path.exists():
-            raise contract_build.BuildError(f"cannot resolve import {unit!r} (looked at {path})")
-        sources[unit] = path.read_text()
-        for target in contract_build._IMPORT.findall(sources[unit]):
-            if target.startswith("."):
-                target = posixpath.normpath(posixpath.join(posixpath.dirname(unit), target))
-            pending.append(target)
-    return dict(sorted(sources.items()))
+    return contract_build.collect_sources(ORIGINAL_SOURCE)
 
 
 def compile_original() -> dict:

@@ -25,18 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchlib import free_port  # noqa: E402
 
 import devchain  # noqa: E402
 import main as main_cli  # noqa: E402
 import web3_utils as wu  # noqa: E402
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_case(env: dict, port: int, data: Path, token, pay: str, count: int) -> dict:

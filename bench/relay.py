@@ -81,13 +81,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from benchlib import HOST, cpu_seconds, free_port, raise_nofile  # noqa: E402
 
 import protocol  # noqa: E402  (light: json/re/struct only; the heavy imports are inside functions)
 
 BENCH = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH / "results"
 RESULTS = RESULTS_DIR / "relay.json"
-HOST = "127.0.0.1"
 CHUNK = 256 * 1024  # bytes per sendall when sending at full speed
 RECV = 1 << 20
 PAIRS = 4
@@ -105,28 +105,7 @@ QUICK = {"book_per_pair": 20_000, "calibration_per_pair": 2_000, "throughput_sec
          "latency_seconds": 2.0, "connections": 1_000, "new_names": 20, "e2e_book": 300, "e2e_single": 50}
 
 
-def raise_nofile() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit (every process calls this; the node inherits it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 raise_nofile()  # at import: the main process and every spawned worker
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> tuple[float, float]:

@@ -772,3 +772,51 @@ def test_a_paid_message_with_an_unencodable_msg_id_leaves_nothing_behind(tester_
     assert node.redeemer._thread.is_alive(), "the redeemer thread died"
     assert node.token.bounty(bytes.fromhex(bounty.wire["code_hash"])).state == "open"  # never earned
     assert_node_serves_a_pair(tester_node, wait_paid=True)  # and the node is still paid for real work
+
+
+# =============================================================================================
+# Declared limits: idle timeout and claim timeout
+# =============================================================================================
+
+def test_an_idle_session_is_closed_and_a_pinging_one_is_kept(extra_nodes, data_dir):
+    node = extra_nodes("idle", idle_timeout=1.5)
+    ensure_users(data_dir, "quiet", "chatty")
+    with contextlib.ExitStack() as stack:
+        quiet, chatty = connect(node.port, stack), connect(node.port, stack)
+        assert raw_login(quiet, data_dir, "quiet")["type"] == "welcome"
+        assert raw_login(chatty, data_dir, "chatty")["type"] == "welcome"
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # chatty pings twice a second; quiet says nothing
+            assert_ping_works(chatty)
+            time.sleep(0.5)
+        frames, _ = read_until_closed(quiet, timeout=1)
+        assert codes(frames) == ["timeout"] and "idle" in frames[0]["message"]
+        assert_ping_works(chatty)
+
+
+def test_an_unclaimed_delivery_is_forgotten_after_the_claim_timeout(extra_nodes, data_dir):
+    """The node keeps a delivered message's bounty waiting for its code for claim_timeout;
+    after that a late claim is refused and the bounty still cannot carry a second message."""
+    node = extra_nodes("claims", claim_timeout=1)
+    ensure_users(data_dir, "sender", "silent")
+    running = RunningNode(node)
+    running.data_dir, running.clients = data_dir, []
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [c.close() for c in running.clients])
+        silent = connect(node.port, stack)  # a recipient that never returns codes
+        assert raw_login(silent, data_dir, "silent")["type"] == "welcome"
+        _, receipts, _, events = collecting_events()
+        sender = running.client("sender", events, book_size=3)
+        msg_id = sender.send_text("silent", "you will not pay for this")
+        deliver = read_frame(silent)
+        assert deliver["type"] == "deliver" and deliver["msg_id"] == msg_id
+        assert msg_id in node._pending
+        wait_until(lambda: msg_id not in node._pending, timeout=3, message="the pending delivery to expire")
+        silent.sendall(protocol.encode({"type": "claim", "msg_id": msg_id, "code": "00" * 32}))
+        reply = read_frame(silent)
+        assert reply["type"] == "error" and reply["code"] == "unknown_message"
+        reused = dict(deliver, type="send", to="silent")
+        del reused["from"]
+        sender.outstanding[msg_id + "x"] = object()
+        sender._write(dict(reused, msg_id=msg_id + "x"))
+        wait_until(lambda: receipts.get(msg_id + "x") == "refused", timeout=5, message="the reuse to be refused")

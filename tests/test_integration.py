@@ -207,3 +207,19 @@ def test_a_message_too_long_for_one_frame_is_refused_before_anything_is_paid(tes
     with pytest.raises(ClientError, match="the limit is"):
         alice.send_text("bob", "x" * (MAX_TEXT_BYTES + 1))
     assert alice.payer._cursor == cursor and not alice.outstanding
+
+
+def test_a_restarted_sender_never_reuses_a_code_of_its_book(tester_node):
+    """The book's cursor is saved ahead of use, so a sender that crashes and comes
+    back resumes past every code it may have handed out."""
+    make_users(tester_node.data_dir, "alice", "bob")
+    tester_node.client("bob")
+    first = tester_node.client("alice", book_size=100)
+    first.send_many("bob", ["one", "two", "three"])
+    assert first.wait_acknowledged(timeout=10)
+    root, used = first.payer._book.root, first.payer._cursor
+    first.sock.close()  # no clean shutdown
+    again = tester_node.client("alice", book_size=100)
+    assert again.payer._book.root == root and again.payer._cursor >= used
+    bounty = again.payer.next_bounty()
+    assert bounty.wire["index"] >= used
