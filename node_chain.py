@@ -51,7 +51,7 @@ class BountyIndex:
         self._lock = threading.Lock()
         self._next_block = 0
         self.lookups = 0  # direct chain lookups, i.e. index misses
-        self._books_by_hex: dict[str, OpenBook] = {}  # announced books by root hex, for the hot path
+        self.books_by_hex: dict[str, OpenBook] = {}  # announced books by root hex, for the hot path
 
     def sync(self) -> None:
         """Apply events from the blocks not seen yet."""
@@ -75,7 +75,7 @@ class BountyIndex:
                     self._books[root] = OpenBook(args["size"], args["expiry"], args["sender"])
         self._next_block = latest + 1
 
-    def start_following(self, stop: threading.Event, interval: float = 0.2) -> threading.Thread:
+    def start_following(self, stop: threading.Event, interval: float = 1.0) -> threading.Thread:
         def follow():
             while not stop.wait(interval):
                 try:
@@ -124,12 +124,12 @@ class BountyIndex:
         """paid_by: ("single", code hash hex) or ("book", root hex, leaf index), lower-case hex."""
         if paid_by[0] == "single":
             return self.single_is_payable(bytes.fromhex(paid_by[1]))
-        book = self._books_by_hex.get(paid_by[1])  # the hot path: one dict lookup
+        book = self.books_by_hex.get(paid_by[1])  # the hot path: one dict lookup
         if book is None:
             book = self.book(bytes.fromhex(paid_by[1]))
             if book is None or book.tree is None:
                 return False
-            self._books_by_hex[paid_by[1]] = book
+            self.books_by_hex[paid_by[1]] = book
         return self._leaf_is_payable(book, paid_by[2])
 
     def _leaf_is_payable(self, book: OpenBook, index: int) -> bool:

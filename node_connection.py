@@ -28,6 +28,7 @@ class Connection:
         self.connected_at = self.last_frame_at = clock()
         self.frame_started_at: float | None = None
         self.errors = 0
+        self.relayed = 0  # messages this connection sent that reached their recipient
         self.closed = False
         self._send_lock = threading.RLock()  # close() takes it too, from inside a failed write
         self._out: list[bytes] = []
@@ -45,6 +46,15 @@ class Connection:
                 data = b"".join(self._out) + data
                 self._out.clear()
             return self._write(data)
+
+    def queue(self, frames: list[bytes], outbox: set) -> bool:
+        """Add a burst's frames for this destination; they are written at flush()."""
+        with self._send_lock:
+            if self.closed:
+                return False
+            self._out += frames
+            outbox.add(self)
+            return True
 
     def flush(self) -> None:
         with self._send_lock:

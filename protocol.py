@@ -17,7 +17,7 @@ MAX_MSG_ID = 64
 # frames have a handful of containers; refuse absurd counts before parsing.
 MAX_CONTAINERS = 1000
 _HEX32 = re.compile(r"(0x)?[0-9a-fA-F]{64}")
-_HEADER = struct.Struct(">I")
+HEADER = struct.Struct(">I")
 
 # Error codes, each with the text a user sees when no better one is given.
 ERRORS = {
@@ -69,7 +69,7 @@ def encode(message: dict) -> bytes:
 def frame(payload: bytes) -> bytes:
     if len(payload) > MAX_FRAME:
         raise ProtocolError("frame_too_large", f"a {len(payload)}-byte frame exceeds the {MAX_FRAME}-byte cap")
-    return _HEADER.pack(len(payload)) + payload
+    return HEADER.pack(len(payload)) + payload
 
 
 class FrameDecoder:
@@ -97,29 +97,36 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[bytes]:
         if self._error:
             raise self._error
+        need = self._need
         buffer = self._buffer
-        buffer += data
+        if buffer:
+            buffer += data
+            if need is not None and len(buffer) < need:  # still inside one frame's body: no copy
+                return []
+            data = bytes(buffer)
+            buffer.clear()
+        # Frames are sliced straight out of `data`: one copy per frame.
         frames = []
         pos = 0
-        end = len(buffer)
-        need = self._need
+        end = len(data)
         while True:
             if need is None:
                 if end - pos < 4:
                     break
-                (need,) = _HEADER.unpack_from(buffer, pos)
+                (need,) = HEADER.unpack_from(data, pos)
                 pos += 4
                 if need > self.max_frame:
                     self._error = ProtocolError(
                         "frame_too_large", f"a {need}-byte frame exceeds the {self.max_frame}-byte cap", fatal=True)
-                    del buffer[:]
+                    self._need = None
                     raise self._error
             if end - pos < need:
                 break
-            frames.append(bytes(buffer[pos:pos + need]))
+            frames.append(data[pos:pos + need])
             pos += need
             need = None
-        del buffer[:pos]
+        if pos < end:
+            buffer += memoryview(data)[pos:]
         self._need = need
         return frames
 
@@ -268,4 +275,4 @@ def auth_payload(nonce: str, node_id: str, name: str, public_key: str, eth_addre
     """What a client signs to prove its name: every field length-prefixed, so
     no two different sessions can produce the same bytes."""
     parts = [nonce, node_id, name, public_key, eth_address]
-    return b"dm-auth-v1" + b"".join(_HEADER.pack(len(p.encode())) + p.encode() for p in parts)
+    return b"dm-auth-v1" + b"".join(HEADER.pack(len(p.encode())) + p.encode() for p in parts)

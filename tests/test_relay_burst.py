@@ -1,0 +1,209 @@
+"""The node's hot path: many `send` frames arriving in one read.
+
+The node relays a run of plain, book-paid sends without taking a lock and
+hands anything unusual to the general path. These tests write whole bursts
+in one sendall, with bad frames in the middle, and check that every frame
+gets exactly the answer it would get alone, in order, over real sockets.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import sys
+import threading
+
+import pytest
+
+import datadir
+import devchain
+import protocol
+import web3_utils as wu
+from bounty_book import BookSecrets
+from conftest import make_users, wait_until
+from test_abuse import connect, raw_login, read_frame
+
+ENVELOPE = {"from": "x", "to": "y", "ciphertext": "QUJD", "signature": "c2ln"}  # the node never opens it
+
+
+def send_frame(to: str, msg_id: str, root: str, index: int, **extra) -> bytes:
+    """A `send` in the canonical key order clients use."""
+    return protocol.encode({"type": "send", "to": to, "msg_id": msg_id,
+                            "bounty": {"book": root, "index": index}, **extra, "envelope": ENVELOPE})
+
+
+def open_announced_book(node, data_dir, sock, name: str, size: int) -> BookSecrets:
+    """Open a real book on chain for `name`, bound to the node, and announce its leaves."""
+    token = node.token
+    signer = wu.Signer(token.w3, datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    devchain.fund_user(token, devchain.faucet_signer(token.w3, data_dir), signer.address)
+    book = BookSecrets.generate(size)
+    now = token.w3.eth.get_block("latest")["timestamp"]
+    token.open_book(signer, book.root, size, node.signer.address, now + 86_400)
+    node.index.sync()
+    sock.sendall(protocol.encode({"type": "book", "root": book.root.hex(),
+                                  "leaves": [leaf.hex() for leaf in book.leaf_hashes]}))
+    assert read_frame(sock, timeout=10) == {"type": "book", "root": book.root.hex(), "size": size}
+    return book
+
+
+def read_frames(sock: socket.socket, count: int, timeout: float = 10) -> list[dict]:
+    frames = []
+    while len(frames) < count:
+        frame = read_frame(sock, timeout=timeout)
+        assert frame is not None, f"the node hung up after {len(frames)} of {count} frames"
+        frames.append(frame)
+    return frames
+
+
+def in_order(frames: list[dict]) -> list[tuple[str, str]]:
+    """(msg_id, 'delivered' / 'offline') for receipts, (ref, error code) for errors."""
+    return [(f["msg_id"], f["status"]) if f["type"] == "receipt" else (f["ref"], f["code"]) for f in frames]
+
+
+def answers_by_ref(frames: list[dict]) -> dict[str, str]:
+    """msg_id -> 'delivered' / 'offline' (receipts) or the error code."""
+    out = {}
+    for frame in frames:
+        if frame["type"] == "receipt":
+            out[frame["msg_id"]] = frame["status"]
+        else:
+            assert frame["type"] == "error", frame
+            out[frame["ref"]] = frame["code"]
+    return out
+
+
+@pytest.fixture
+def logged_in(tester_node):
+    """Raw authenticated sockets by name."""
+    with contextlib.ExitStack() as stack:
+        def login(*names: str) -> list[socket.socket]:
+            make_users(tester_node.data_dir, *[n for n in names
+                                               if not datadir.private_key_path(tester_node.data_dir, n).exists()])
+            socks = []
+            for name in names:
+                sock = connect(tester_node.port, stack, timeout=10)
+                assert raw_login(sock, tester_node.data_dir, name)["type"] == "welcome"
+                socks.append(sock)
+            return socks
+        yield login
+
+
+def test_a_burst_with_bad_frames_in_the_middle_gets_one_right_answer_per_frame(tester_node, logged_in):
+    node, data_dir = tester_node.node, tester_node.data_dir
+    make_users(data_dir, "carol")  # known to the node once she logs in, then offline
+    (carol,) = logged_in("carol")
+    carol.close()
+    wait_until(lambda: "carol" not in node._online, message="carol offline")
+    alice, bob = logged_in("alice", "bob")
+    book = open_announced_book(node, data_dir, alice, "alice", 8)
+    root = book.root.hex()
+
+    reordered = json.dumps({"type": "send", "envelope": ENVELOPE, "to": "bob", "msg_id": "m6",
+                            "bounty": {"index": 4, "book": root}}).encode()
+    burst = b"".join([
+        send_frame("bob", "m1", root, 0),
+        send_frame("bob", "m2", root, 1),
+        send_frame("bob", "m3", root, 1),          # the same leaf again: unpaid
+        send_frame("nobody", "m4", root, 2),       # never seen by the node
+        send_frame("bob", "m1", root, 3),          # a msg_id still pending
+        protocol.frame(reordered),                 # another key order: the general path
+        send_frame("bob", "m7", root, 5),
+        send_frame("carol", "m8", root, 6),        # pinned but offline: leaf 6 stays unused
+        send_frame("bob", "m9", root, 99),         # beyond the book
+        send_frame("bob", "m10", "0x" + root.upper(), 7),  # the same book, spelled differently
+    ])
+    alice.sendall(burst)
+
+    assert in_order(read_frames(alice, 10)) == [
+        ("m1", "delivered"), ("m2", "delivered"), ("m3", "unpaid"), ("m4", "unknown_peer"), ("m1", "bad_field"),
+        ("m6", "delivered"), ("m7", "delivered"), ("m8", "offline"), ("m9", "unpaid"), ("m10", "delivered")]
+    frames = read_frames(bob, 5)
+    assert [f["msg_id"] for f in frames] == ["m1", "m2", "m6", "m7", "m10"]
+    assert all(f["type"] == "deliver" and f["from"] == "alice" and f["envelope"] == ENVELOPE for f in frames)
+    assert [f["bounty"]["index"] for f in frames] == [0, 1, 4, 5, 7]
+
+    # The leaf of the offline message is still good; the leaf bob got is claimable once.
+    alice.sendall(send_frame("bob", "m11", root, 6))
+    assert read_frame(alice) == {"type": "receipt", "msg_id": "m11", "status": "delivered"}
+    assert read_frame(bob)["msg_id"] == "m11"
+    bob.sendall(protocol.encode({"type": "claim", "msg_id": "m2", "code": book.codes[1].hex()}))
+    bob.sendall(protocol.encode({"type": "claim", "msg_id": "m2", "code": book.codes[1].hex()}))
+    assert read_frame(bob) == {"type": "error", "code": "unknown_message", "ref": "m2",
+                               "message": protocol.ERRORS["unknown_message"]}
+
+
+def test_every_frame_of_a_burst_is_answered_in_order(tester_node, logged_in):
+    """Receipts and errors come back in the order the frames were sent."""
+    node, data_dir = tester_node.node, tester_node.data_dir
+    alice, bob = logged_in("alice", "bob")
+    root = open_announced_book(node, data_dir, alice, "alice", 6).root.hex()
+    alice.sendall(b"".join([
+        send_frame("bob", "a", root, 0),
+        send_frame("bob", "b", root, 0),
+        send_frame("bob", "c", root, 1),
+        send_frame("nobody", "d", root, 2),
+        send_frame("bob", "e", root, 3),
+    ]))
+    assert in_order(read_frames(alice, 5)) == [
+        ("a", "delivered"), ("b", "unpaid"), ("c", "delivered"), ("d", "unknown_peer"), ("e", "delivered")]
+    assert [f["msg_id"] for f in read_frames(bob, 3)] == ["a", "c", "e"]
+
+
+def test_two_senders_racing_for_the_same_leaves_get_each_one_delivered_once(tester_node, logged_in):
+    """The hot path reserves a bounty without a lock; two connection threads sending
+    the same 300 leaves at once must still get each leaf through exactly once.
+    (The node runs in this process: a tiny switch interval makes its threads
+    interleave between any two bytecodes.)"""
+    node, data_dir = tester_node.node, tester_node.data_dir
+    alice, mallory, bob = logged_in("alice", "mallory", "bob")
+    shared, own = 300, 30
+    root = open_announced_book(node, data_dir, alice, "alice", shared + 2 * own).root.hex()
+
+    def burst(name: str, own_leaves: range) -> bytes:
+        frames = []
+        for i in range(shared):
+            frames.append(send_frame("bob", f"{name}-{i}", root, i))
+            if i % 10 == 9:  # a leaf only this sender uses: fewer than max_errors refusals in a row
+                frames.append(send_frame("bob", f"{name}-own-{i}", root, own_leaves[i // 10]))
+        return b"".join(frames)
+
+    bursts = {"alice": burst("alice", range(shared, shared + own)),
+              "mallory": burst("mallory", range(shared + own, shared + 2 * own))}
+    answers: dict[str, dict] = {}
+
+    def run(name, sock):
+        sock.sendall(bursts[name])
+        answers[name] = answers_by_ref(read_frames(sock, shared + own, timeout=30))
+
+    threads = [threading.Thread(target=run, args=pair) for pair in (("alice", alice), ("mallory", mallory))]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert answers.keys() == {"alice", "mallory"}, "a sender got no answers (see the thread's error above)"
+    winners = [i for i in range(shared) for name in ("alice", "mallory") if answers[name][f"{name}-{i}"] == "delivered"]
+    assert sorted(winners) == list(range(shared))  # every shared leaf once, none twice
+    assert {code for who in answers.values() for code in who.values()} <= {"delivered", "unpaid"}
+    got = read_frames(bob, shared + 2 * own, timeout=30)
+    assert sorted(f["bounty"]["index"] for f in got) == list(range(shared + 2 * own))
+    with pytest.raises(TimeoutError):
+        read_frame(bob, timeout=0.5)  # and nothing more
+
+
+def test_the_node_counts_what_it_relayed(tester_node, logged_in):
+    node, data_dir = tester_node.node, tester_node.data_dir
+    alice, bob = logged_in("alice", "bob")
+    root = open_announced_book(node, data_dir, alice, "alice", 4).root.hex()
+    before = node.relayed
+    alice.sendall(b"".join(send_frame("bob", f"n{i}", root, i) for i in range(4)))
+    read_frames(alice, 4)
+    assert node.relayed == before + 4
+    alice.close()
+    wait_until(lambda: "alice" not in node._online, message="alice gone")
+    assert node.relayed == before + 4  # a closed connection's count is kept
