@@ -254,6 +254,10 @@ class Node:
                         break
                 self._handle_payload(conn, payloads[position])
                 position += 1
+        except Exception:  # a bug must cost one connection, never the node
+            log.exception("internal error relaying a burst from %s", conn.label)
+            conn.send(protocol.error("internal"))
+            conn.close()
         finally:
             burst.outbox = None
             self.redeemer.journal.sync()  # one fsync for every claim of the burst, before anything else

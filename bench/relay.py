@@ -20,6 +20,10 @@ killed at the end). Four measurements:
                 encoded before the clock starts and written in ~256 KB
                 sendall batches; senders drain their `receipt`s in a thread.
                 Rate = messages delivered / (first send -> last delivery).
+                Receivers and receipt drainers count frames by their `{"type":"..."`
+                marker (class Tally) instead of decoding each one: the load
+                generators must leave the node its core. With 2+ CPUs the node
+                runs on the first and the clients on the rest (--no-pin: not).
 2. latency      the same, paced at 10,000 msg/s in total (2,500/s per sender,
                 a burst every ~1 ms). The send time (time.time_ns) travels in
                 the msg_id; receivers on the same machine compute one-way
@@ -89,7 +93,7 @@ BENCH = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH / "results"
 RESULTS = RESULTS_DIR / "relay.json"
 CHUNK = 256 * 1024  # bytes per sendall when sending at full speed
-RECV = 1 << 20
+RECV = 256 * 1024  # a larger recv() gets fresh (kernel-zeroed) pages every call: 3x slower here
 PAIRS = 4
 ENVELOPE_SIZE = 512
 LATENCY_RATE = 10_000  # msg/s in total
@@ -222,6 +226,8 @@ def open_and_announce(wire: Wire, rpc_url: str, contract: str, eth_key: str, nod
 
 def _worker(target, role: str, cfg: dict, barrier, results, stop) -> None:
     try:
+        if cfg.get("cpus"):
+            os.sched_setaffinity(0, cfg["cpus"])
         target(cfg, barrier, results, stop)
     except BaseException:
         if barrier is not None:
@@ -230,32 +236,77 @@ def _worker(target, role: str, cfg: dict, barrier, results, stop) -> None:
         results.put(("error", role, traceback.format_exc()))
 
 
+class Tally:
+    """Counts frame types in a byte stream split anywhere, without decoding a frame.
+    Sound because JSON escapes every quote inside a string: `{"type":"deliver"`
+    can only be the start of a frame (our envelopes carry no `type` key).
+    At full speed the clients must cost the machine little: the node needs the cores."""
+
+    FRAME = b'{"type":"'
+
+    def __init__(self, *markers: bytes):
+        self.markers = (self.FRAME, *markers)
+        self.counts = dict.fromkeys(self.markers, 0)
+        self.keep = max(len(m) for m in self.markers) - 1
+        self.tail = b""
+        self.samples: list[str] = []  # the first few frames of an unexpected type
+
+    def feed(self, data: bytes, expected: bytes) -> None:
+        edge = self.tail + data[:self.keep]  # a marker split across two reads
+        for marker in self.markers:
+            self.counts[marker] += data.count(marker) + edge.count(marker)
+        self.tail = data[-self.keep:]
+        if len(self.samples) < 5 and data.count(self.FRAME) != data.count(expected):
+            at = data.find(self.FRAME)
+            while at >= 0 and len(self.samples) < 5:
+                if not data.startswith(expected, at):
+                    self.samples.append(data[at:at + 300].decode(errors="replace"))
+                at = data.find(self.FRAME, at + 1)
+
+    def __getitem__(self, marker: bytes) -> int:
+        return self.counts[marker]
+
+
+DELIVER = b'{"type":"deliver"'
+
+
 class Drainer(threading.Thread):
     """Reads the sender's socket: receipts (one per message) and errors, so the node never blocks
     on us. At full speed it runs as a thread (sendall blocks); paced, the sending loop calls
     pump() after each burst instead, which saves a thread switch per burst."""
 
+    RECEIPT, DELIVERED, ERROR = b'{"type":"receipt"', b'"status":"delivered"', b'{"type":"error"'
+
     def __init__(self, wire: Wire):
         super().__init__(name="drainer", daemon=True)
         self.wire = wire
-        self.acks = self.delivered = self.errors = 0
-        self.error_samples: list[str] = []
+        self.tally = Tally(self.RECEIPT, self.DELIVERED, self.ERROR)
         self.closed = threading.Event()
         self.last_at = time.monotonic()
-        self.feed(list(wire.pending))
+        if wire.decoder.mid_frame:
+            raise RuntimeError("the node sent a partial frame before the first message")
+        self.feed(b"".join(protocol.frame(payload) for payload in wire.pending))
         wire.pending.clear()
 
-    def feed(self, payloads) -> None:
-        for payload in payloads:
-            if b'"receipt"' in payload:
-                self.acks += 1
-                self.delivered += b'"delivered"' in payload
-            elif b'"error"' in payload:
-                self.acks += 1
-                self.errors += 1
-                if len(self.error_samples) < 5:
-                    self.error_samples.append(payload[:300].decode(errors="replace"))
-        if payloads:
+    @property
+    def acks(self) -> int:
+        return self.tally[self.RECEIPT] + self.tally[self.ERROR]
+
+    @property
+    def delivered(self) -> int:
+        return self.tally[self.DELIVERED]
+
+    @property
+    def errors(self) -> int:
+        return self.tally[self.ERROR]
+
+    @property
+    def error_samples(self) -> list[str]:
+        return self.tally.samples
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.tally.feed(data, self.RECEIPT)
             self.last_at = time.monotonic()
 
     def pump(self, wait: float = 0.0) -> None:
@@ -268,7 +319,7 @@ class Drainer(threading.Thread):
             else:
                 data = sock.recv(RECV, socket.MSG_DONTWAIT)
             while data:
-                self.feed(self.wire.decoder.feed(data))
+                self.feed(data)
                 data = sock.recv(RECV, socket.MSG_DONTWAIT)
             self.closed.set()  # b"": the node closed the connection
         except (BlockingIOError, socket.timeout):
@@ -280,14 +331,14 @@ class Drainer(threading.Thread):
                 sock.settimeout(None)
 
     def run(self) -> None:
-        sock, decoder = self.wire.sock, self.wire.decoder
+        sock = self.wire.sock
         sock.settimeout(None)
         try:
             while True:
                 data = sock.recv(RECV)
                 if not data:
                     break
-                self.feed(decoder.feed(data))
+                self.feed(data)
         except OSError:
             pass
         finally:
@@ -395,6 +446,8 @@ def receiver_main(cfg: dict, barrier, results, stop) -> None:
     sock.settimeout(None)  # blocking; SO_RCVTIMEO wakes us up to check for the end (one syscall per recv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 200_000))
     marker = b'"msg_id":"lat'
+    if decoder.mid_frame or wire.pending:
+        raise RuntimeError("the node sent frames before the first delivery")
     carry = 0  # deliveries beyond a round's count (never expected: each round waits for the last)
     closed = False
     for round_no in range(len(counts)):
@@ -402,7 +455,8 @@ def receiver_main(cfg: dict, barrier, results, stop) -> None:
         expected = counts[round_no]
         cpu_before = own_cpu()
         barrier.wait(timeout=600)
-        got, other, carry = carry, 0, 0
+        got, other, carried, carry = carry, 0, carry, 0
+        tally = Tally(DELIVER)
         first = last = None
         samples: list[str] = []
         lat = array("q")
@@ -422,7 +476,14 @@ def receiver_main(cfg: dict, barrier, results, stop) -> None:
                 break
             now = time.time_ns()
             before = got
-            for payload in decoder.feed(data):
+            if not latency:  # full speed: count frames without decoding them
+                tally.feed(data, DELIVER)
+                got, other = carried + tally[DELIVER], tally[Tally.FRAME] - tally[DELIVER]
+                samples = tally.samples
+                payloads = ()
+            else:
+                payloads = decoder.feed(data)
+            for payload in payloads:
                 if b'"type":"deliver"' in payload:
                     got += 1
                     if latency:
@@ -564,7 +625,7 @@ class NodeProcess:
 
     def __init__(self, tmp: Path, label: str, chain_data: Path, rpc_url: str, *, batch_size: int,
                  batch_wait: float, max_connections: int | None = None, pins: dict | None = None,
-                 profile: Path | None = None, profile_clock: str = "cpu"):
+                 profile: Path | None = None, profile_clock: str = "cpu", cpus: set[int] | None = None):
         self.label = label
         self.data = tmp / label
         (self.data / "node").mkdir(parents=True, mode=0o700)
@@ -586,6 +647,8 @@ class NodeProcess:
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.pid = self.proc.pid
+        if cpus:  # before the interpreter starts its threads: they inherit it
+            os.sched_setaffinity(self.pid, cpus)
         self.ready = threading.Event()
         self._pumper = threading.Thread(target=self._pump, daemon=True)
         self._pumper.start()
@@ -630,6 +693,13 @@ class Bench:
     def __init__(self, args, sizes: dict, tmp: Path):
         self.args, self.sizes, self.tmp = args, sizes, tmp
         self.ctx = mp.get_context("spawn")
+        # The node alone: on a machine with 2+ CPUs the node gets the first and the load
+        # generators the others, so the figures measure the node, not where the scheduler
+        # happened to put it next to eight busy clients (unpinned runs vary 75-95k msg/s here).
+        cpus = sorted(os.sched_getaffinity(0))
+        pin = not args.no_pin and len(cpus) >= 2
+        self.node_cpus = {cpus[0]} if pin else None
+        self.client_cpus = set(cpus[1:]) if pin else None
         self.workers: list = []
         self.nodes: list[NodeProcess] = []
         self.anvil = None
@@ -708,7 +778,7 @@ class Bench:
         procs = []
         for i in range(PAIRS):
             _, eth_key = self.account(btk=leaves + 2_000)
-            common = {"port": node.port, "index": i, "counts": counts}
+            common = {"port": node.port, "index": i, "counts": counts, "cpus": self.client_cpus}
             procs.append(self.spawn(receiver_main, f"{label} receiver {i}", {
                 **common, "name": f"{label}-r{i}", "key_path": self.key_paths[(2 * i + 1) % RSA_KEYS],
                 "eth_address": self.sink_address, "latency": rate is not None}, barrier, results, stop))
@@ -1216,7 +1286,8 @@ def report(out: dict) -> str:
     lines = [f"Environment: {env['cpu_count']} CPUs ({env['cpu_model']}), Python {env['python']}, "
              f"machine {env['background_cpu_busy_at_start']:.0%} busy before the run "
              f"(load average {env['loadavg_at_start']:.2f}); node.py {out['code'].get('node_py_sha256')}"
-             f"{' (uncommitted changes)' if out['code'].get('node_py_modified') else ''} at {out['code'].get('git_head')}",
+             f"{' (uncommitted changes)' if out['code'].get('node_py_modified') else ''} at {out['code'].get('git_head')}; "
+             f"throughput/latency node on CPU {out['params'].get('node_cpus')}, clients on {out['params'].get('client_cpus')}",
              "", "| Measurement | Result | Target | |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -1268,6 +1339,9 @@ def top_profile(path: Path, limit: int = 25) -> tuple[str, list]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke test)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="throughput and latency: let the scheduler place the node and its clients "
+                             "(default: the node on the first CPU, the clients on the others)")
     parser.add_argument("--only", help="comma-separated phases: throughput, latency, connections, e2e "
                                        "(default: all; with --profile: throughput)")
     parser.add_argument("--profile-clock", choices=["cpu", "wall"], default="cpu",
@@ -1296,6 +1370,8 @@ def main(argv=None) -> int:
                                           "latency_rate": LATENCY_RATE, "targets": TARGETS}}
     tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     bench = Bench(args, sizes, tmp)
+    out["params"]["node_cpus"] = sorted(bench.node_cpus) if bench.node_cpus else "unpinned"
+    out["params"]["client_cpus"] = sorted(bench.client_cpus) if bench.client_cpus else "unpinned"
     failed = None
     try:
         print("starting anvil and deploying BountyToken ...", flush=True)
@@ -1303,14 +1379,15 @@ def main(argv=None) -> int:
         bench.make_keys()
         names, pins = bench.connection_plan() if "connections" in phases else ([], None)
 
-        def relay_node(phase: str, **options) -> NodeProcess:
+        def relay_node(phase: str, cpus: set[int] | None = None, **options) -> NodeProcess:
             """A fresh node per phase: no pending deliveries left over from the phase before."""
             profile = RESULTS_DIR / f"relay-node-{phase}.prof" if args.profile else None
             if profile is not None:
                 RESULTS_DIR.mkdir(parents=True, exist_ok=True)
                 profile.unlink(missing_ok=True)
             node = NodeProcess(tmp, f"node-{phase}", bench.data, bench.rpc_url, batch_size=1_000_000,
-                               batch_wait=3600, profile=profile, profile_clock=args.profile_clock, **options)
+                               batch_wait=3600, profile=profile, profile_clock=args.profile_clock, cpus=cpus,
+                               **options)
             node.profile = profile
             bench.nodes.append(node)
             node.wait_ready()
@@ -1328,7 +1405,7 @@ def main(argv=None) -> int:
             print(f"throughput: {PAIRS} pairs, books of {sizes['book_per_pair']:,}, calibration round of "
                   f"{sizes['calibration_per_pair']:,} per pair, then ~{sizes['throughput_seconds']:g} s ...",
                   flush=True)
-            node = relay_node("throughput")
+            node = relay_node("throughput", cpus=bench.node_cpus)
             out["throughput"] = bench.run_pairs(node, "t", sizes["calibration_per_pair"], sizes["book_per_pair"],
                                                 target_seconds=sizes["throughput_seconds"])
             done_with(node, "throughput")
@@ -1336,7 +1413,7 @@ def main(argv=None) -> int:
         if "latency" in phases:
             per_sender = int(LATENCY_RATE / PAIRS * sizes["latency_seconds"])
             print(f"latency: {LATENCY_RATE:,} msg/s for {sizes['latency_seconds']:g} s ...", flush=True)
-            node = relay_node("latency")
+            node = relay_node("latency", cpus=bench.node_cpus)
             out["latency"] = bench.run_pairs(node, "l", per_sender, per_sender, rate=LATENCY_RATE)
             done_with(node, "latency")
             print(f"  p50 {out['latency']['p50_ms']} ms, p99 {out['latency']['p99_ms']} ms", flush=True)
