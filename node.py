@@ -65,6 +65,7 @@ _FAST_SEND = re.compile(
 
 
 _PLAIN_ID = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}")
+_SETTLED = ("settled",)  # in _used: the bounty carried a message that is no longer pending
 _FRAME_LENGTH = protocol.HEADER.pack
 _RECEIPT_HEAD = b'{"type":"receipt","msg_id":"'
 _RECEIPT_DELIVERED = b'","status":"delivered"}'
@@ -148,6 +149,21 @@ class Node:
         self.pins.close()
         log.info("stopped; earned %d BTK this run", self.redeemer.earned)
 
+    def _forget_settled(self, now: float) -> None:
+        """Drop deliveries whose code came back, and those that waited longer than the
+        claim timeout (their bounty stays used). Oldest first, so the queue stays short
+        while recipients answer."""
+        expiring, pending, used = self._expiring, self._pending, self._used
+        while expiring:
+            msg_id, _, _, paid_by, delivered_at = entry = expiring[0]
+            if pending.get(msg_id) is entry:
+                if now - delivered_at <= self.claim_timeout:
+                    break
+                pending.pop(msg_id, None)
+            if used.get(paid_by) is entry:
+                used[paid_by] = _SETTLED  # keep the bounty used, free the rest of the entry
+            expiring.popleft()
+
     @property
     def relayed(self) -> int:
         """Messages relayed this run (each connection counts its own: no shared counter to race on)."""
@@ -193,11 +209,7 @@ class Node:
         reported, next_report = self.relayed, self.clock() + RELAY_REPORT_SECONDS
         while not self._stop.wait(0.25):
             now = self.clock()
-            expiring = self._expiring
-            while expiring and now - expiring[0][4] > self.claim_timeout:
-                entry = expiring.popleft()
-                if self._pending.get(entry[0]) is entry:
-                    self._pending.pop(entry[0], None)
+            self._forget_settled(now)
             if now >= next_report:
                 relayed = self.relayed
                 if relayed != reported:

@@ -207,3 +207,22 @@ def test_the_node_counts_what_it_relayed(tester_node, logged_in):
     alice.close()
     wait_until(lambda: "alice" not in node._online, message="alice gone")
     assert node.relayed == before + 4  # a closed connection's count is kept
+
+
+def test_claimed_deliveries_leave_the_node_s_memory_but_their_bounties_stay_used(tester_node, logged_in):
+    """At 100,000 messages/s the node cannot keep every delivery for the hour a code may
+    take: a claimed one is dropped at the next watchdog tick, its bounty kept as used."""
+    node, data_dir = tester_node.node, tester_node.data_dir
+    alice, bob = logged_in("alice", "bob")
+    book = open_announced_book(node, data_dir, alice, "alice", 5)
+    root = book.root.hex()
+    alice.sendall(b"".join(send_frame("bob", f"c{i}", root, i) for i in range(5)))
+    assert {status for _, status in in_order(read_frames(alice, 5))} == {"delivered"}
+    read_frames(bob, 5)
+    bob.sendall(b"".join(protocol.encode({"type": "claim", "msg_id": f"c{i}", "code": book.codes[i].hex()})
+                         for i in range(4)))  # c4 stays unclaimed
+    wait_until(lambda: [entry[0] for entry in node._expiring] == ["c4"], timeout=5,
+               message="claimed deliveries dropped, the unclaimed one kept")
+    assert list(node._pending) == ["c4"]
+    alice.sendall(send_frame("bob", "again", root, 2))
+    assert in_order([read_frame(alice)]) == [("again", "unpaid")]
