@@ -33,14 +33,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import queue
 import re
-import resource
 import secrets
 import shutil
 import signal
@@ -55,7 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchlib import HOST, cpu_seconds, free_port, raise_nofile  # noqa: E402
+from benchlib import (HOST, cpu_seconds, environment, finish, free_port,  # noqa: E402
+                      machine_busy, own_cpu, pct, raise_nofile, verdict)
 
 RESULTS = ROOT / "bench" / "results" / "channel.json"
 RSA_KEYS = 8
@@ -86,35 +84,6 @@ def context_switches(pid: int) -> int:
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                     total += int(line.split()[-1])
     return total
-
-
-def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def machine_busy() -> tuple[float, float]:
-    with open("/proc/stat") as handle:
-        values = [int(v) for v in handle.readline().split()[1:]]
-    idle = values[3] + values[4]
-    tick = os.sysconf("SC_CLK_TCK")
-    return (sum(values) - idle) / tick, sum(values) / tick
-
-
-def background_load(seconds: float = 1.0) -> float:
-    busy0, total0 = machine_busy()
-    time.sleep(seconds)
-    busy1, total1 = machine_busy()
-    return round((busy1 - busy0) / max(1e-9, total1 - total0), 2)
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * p / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 # --------------------------------------------------------------------------------------
@@ -598,20 +567,6 @@ def crypto_alone(n: int) -> dict:
             "open_envelope_warm_total_ms": round(open_s * 1e3, 1)}
 
 
-def environment() -> dict:
-    model = ""
-    with contextlib.suppress(OSError):
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                      if line.startswith("model name")), "")
-    return {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "cpu_model": model,
-            "python": platform.python_version(), "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-            "loadavg_at_start": list(os.getloadavg()), "background_cpu_busy_at_start": background_load()}
-
-
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
-
-
 def report(out: dict) -> str:
     lines = ["| members | delivered | time to last member (ms) | p50 (ms) | redeem gas per copy "
              "| book gas per copy | total gas per copy |", "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -642,7 +597,7 @@ def main(argv=None) -> int:
     env = environment()
     print(f"environment: {env['cpu_count']} CPUs ({env['cpus_usable']} usable) {env['cpu_model']}; Python "
           f"{env['python']}; RLIMIT_NOFILE {env['nofile_limit']}; load average "
-          f"{', '.join(f'{x:.2f}' for x in env['loadavg_at_start'])}; machine "
+          f"{env['loadavg_at_start']:.2f}; machine "
           f"{env['background_cpu_busy_at_start']:.0%} busy before we start", flush=True)
     if env["background_cpu_busy_at_start"] > 0.1:
         print("WARNING: something else is using the CPU; the times below are skewed by it", flush=True)
@@ -722,17 +677,7 @@ def main(argv=None) -> int:
         if "gas_per_copy" in r and r["members"] != 1000:
             out["targets"][f"gas per delivered copy <= 10,000 ({r['members']:,} members)"] = (
                 f"{r['gas_per_copy']['total']:,.0f}", r["gas_per_copy"]["total"] <= TARGET_GAS)
-    out["run_seconds"] = round(time.perf_counter() - started, 1)
-    out["environment"]["loadavg_at_end"] = list(os.getloadavg())
-    if failed is not None:
-        out["failed"] = repr(failed)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
-    print()
-    print(report(out))
-    print()
-    print(f"run time {out['run_seconds']} s; raw numbers in {RESULTS.relative_to(ROOT)}")
-    return 1 if failed is not None else 0
+    return finish(out, started, failed, RESULTS, ROOT, report(out))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import socket
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import bounty_book  # noqa: E402
 import contract_build  # noqa: E402
 import devchain  # noqa: E402
 import web3_utils as wu  # noqa: E402
+from benchlib import free_port  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ORIGINAL_SOURCE = BENCH / "original" / "BountyToken.sol"
@@ -113,12 +113,6 @@ def ours_artifact_status() -> str:
 # --------------------------------------------------------------------------------------
 # Chain helpers
 # --------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def rpc(w3: Web3, method: str, params: list):
     response = w3.provider.make_request(method, params)

@@ -65,9 +65,7 @@ import io
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue
-import resource
 import secrets
 import shutil
 import signal
@@ -85,7 +83,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchlib import HOST, cpu_seconds, free_port, raise_nofile  # noqa: E402
+from benchlib import (HOST, cpu_seconds, environment, finish, free_port,  # noqa: E402
+                      machine_busy, own_cpu, pct, raise_nofile, verdict)
 
 import protocol  # noqa: E402  (light: json/re/struct only; the heavy imports are inside functions)
 
@@ -112,15 +111,6 @@ QUICK = {"book_per_pair": 20_000, "calibration_per_pair": 2_000, "throughput_sec
 raise_nofile()  # at import: the main process and every spawned worker
 
 
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine, from /proc/stat."""
-    with open("/proc/stat") as handle:
-        values = [int(v) for v in handle.readline().split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = values[3] + values[4]
-    return (sum(values) - idle) / tick, sum(values) / tick
-
-
 def proc_status(pid: int) -> dict:
     out = {}
     with open(f"/proc/{pid}/status") as handle:
@@ -129,11 +119,6 @@ def proc_status(pid: int) -> dict:
             if key in ("Threads", "VmRSS"):
                 out[key] = value.strip()
     return out
-
-
-def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def make_envelope(sender: str, recipient: str, size: int = ENVELOPE_SIZE) -> dict:
@@ -1179,15 +1164,6 @@ class Bench:
         }
 
 
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    k = (len(values) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 def bound(e2e: dict) -> dict:
     """Which of chain / crypto / node bounds the end-to-end rate, from per-message costs.
 
@@ -1227,10 +1203,6 @@ def bound(e2e: dict) -> dict:
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
-
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
-
 
 def report(out: dict) -> str:
     rows = []
@@ -1303,24 +1275,6 @@ def code_version() -> dict:
         version["git_head"] = git("rev-parse", "--short", "HEAD")
         version["node_py_modified"] = bool(git("status", "--porcelain", "node.py"))
     return version
-
-
-def background_load(seconds: float = 1.0) -> float:
-    """CPU busy on the whole machine while we do nothing (other work skews every number here)."""
-    busy0, total0 = machine_busy()
-    time.sleep(seconds)
-    busy1, total1 = machine_busy()
-    return round((busy1 - busy0) / max(1e-9, total1 - total0), 2)
-
-
-def environment() -> dict:
-    model = ""
-    with contextlib.suppress(OSError):
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "cpu_model": model,
-            "python": platform.python_version(), "implementation": platform.python_implementation(),
-            "platform": platform.platform(), "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-            "loadavg_at_start": os.getloadavg()[0], "background_cpu_busy_at_start": background_load()}
 
 
 def top_profile(path: Path, limit: int = 25) -> tuple[str, list]:
@@ -1450,17 +1404,7 @@ def main(argv=None) -> int:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(bench.anvil.proc.pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
-    out["run_seconds"] = round(time.perf_counter() - started, 1)
-    out["environment"]["loadavg_at_end"] = os.getloadavg()[0]
-    if failed is not None:
-        out["failed"] = repr(failed)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
-    print()
-    print(report(out))
-    print()
-    print(f"run time {out['run_seconds']} s; raw numbers in {RESULTS.relative_to(ROOT)}")
-    return 1 if failed is not None else 0
+    return finish(out, started, failed, RESULTS, ROOT, report(out))
 
 
 if __name__ == "__main__":
