@@ -86,6 +86,31 @@ def tester_node(data_dir, tester_chain):
     node.stop()
 
 
+@pytest.fixture
+def extra_nodes(tester_chain, data_dir, tmp_path):
+    """Builds more nodes on the same chain (each with its own node directory)."""
+    w3, token = tester_chain
+    started: list[Node] = []
+    faucet = devchain.faucet_signer(w3, data_dir)  # one Signer per key: one nonce sequence
+
+    def build(name: str, **options) -> Node:
+        node_dir = tmp_path / name
+        node_dir.mkdir(mode=0o700)
+        signer = wu.Signer(w3, wu.new_account()[1])
+        devchain.fund_user(token, faucet, signer.address, btk=0)
+        index = BountyIndex(token, signer.address, books_dir=node_dir / "node" / "books")
+        options = {"handshake_timeout": 3, "frame_timeout": 3, **options}
+        node = Node(token=token, signer=signer, data_dir=node_dir, index=index, faucet=faucet, host="127.0.0.1",
+                    port=0, redeemer_options={"batch_size": 20, "batch_wait": 0.2}, **options)
+        node.start()
+        started.append(node)
+        return node
+
+    yield build
+    for node in started:
+        node.stop()
+
+
 def collecting_events():
     """(inbox queue of Incoming, receipts by msg_id, paid msg_ids, Events wired to them)."""
     import queue

@@ -26,14 +26,11 @@ import pytest
 from web3 import Web3
 
 import datadir
-import devchain
 import key_utils
 import protocol
 import web3_utils as wu
 from client_core import Events, Outstanding
 from conftest import ROOT, RunningNode, collecting_events, make_users, wait_until
-from node import Node
-from node_chain import BountyIndex
 
 LOCAL = "127.0.0.1"
 ETH_ADDRESS = Web3.to_checksum_address("0x" + "5a" * 20)  # hello wants a checksummed address
@@ -177,6 +174,15 @@ def fresh_pair_names() -> tuple[str, str]:
     return f"pa{n}", f"pb{n}"
 
 
+def assert_arrives(inbox: queue.Queue, sender: str, text: str, timeout: float = 10) -> None:
+    """The next message in `inbox` is `text` from `sender`, shown as genuine."""
+    try:
+        incoming = inbox.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"nothing from {sender} within {timeout:g} s") from None
+    assert (incoming.sender, incoming.text, incoming.genuine) == (sender, text, True)
+
+
 def assert_node_serves_a_pair(tester_node, a: str | None = None, b: str | None = None, *,
                               wait_paid: bool = False):
     """Two fresh clients; one paid message a -> b arrives genuine with the right text."""
@@ -189,11 +195,7 @@ def assert_node_serves_a_pair(tester_node, a: str | None = None, b: str | None =
     sender = tester_node.client(a, a_events, pay="single")
     text = f"{a} says hi to {b}"
     msg_id = sender.send_text(b, text)
-    try:
-        incoming = b_inbox.get(timeout=10)
-    except queue.Empty:
-        raise AssertionError(f"{b} got nothing from {a} within 10 s") from None
-    assert (incoming.sender, incoming.text, incoming.genuine) == (a, text, True)
+    assert_arrives(b_inbox, a, text)
     wait_until(lambda: a_receipts.get(msg_id) == "delivered", timeout=10, message="the delivered receipt")
     if wait_paid:
         wait_until(lambda: msg_id in a_paid, timeout=8, message="the paid notice (the node redeemed the code)")
@@ -201,31 +203,6 @@ def assert_node_serves_a_pair(tester_node, a: str | None = None, b: str | None =
 
 
 # --- a second node, for the connection cap and accept-loop tests -----------------------------
-
-@pytest.fixture
-def extra_nodes(tester_chain, data_dir, tmp_path):
-    """Builds more nodes on the same chain (each with its own node directory)."""
-    w3, token = tester_chain
-    started: list[Node] = []
-    faucet = devchain.faucet_signer(w3, data_dir)  # one Signer per key: one nonce sequence
-
-    def build(name: str, **options) -> Node:
-        node_dir = tmp_path / name
-        node_dir.mkdir(mode=0o700)
-        signer = wu.Signer(w3, wu.new_account()[1])
-        devchain.fund_user(token, faucet, signer.address, btk=0)
-        index = BountyIndex(token, signer.address, books_dir=node_dir / "node" / "books")
-        options = {"handshake_timeout": 3, "frame_timeout": 3, **options}
-        node = Node(token=token, signer=signer, data_dir=node_dir, index=index, faucet=faucet, host=LOCAL,
-                    port=0, redeemer_options={"batch_size": 20, "batch_wait": 0.2}, **options)
-        node.start()
-        started.append(node)
-        return node
-
-    yield build
-    for node in started:
-        node.stop()
-
 
 def hello_gets_challenge(port: int, timeout: float = 3.0) -> bool:
     """Whether a new connection is served at all (accepted, and answered)."""
@@ -622,8 +599,7 @@ def test_a_recipient_that_vanishes_mid_delivery_costs_only_its_own_connection(te
     bob_inbox, _, _, bob_events = collecting_events()
     tester_node.client("bob", bob_events)
     alice.send_text("bob", "welcome back")
-    incoming = bob_inbox.get(timeout=10)
-    assert (incoming.sender, incoming.text, incoming.genuine) == ("alice", "welcome back", True)
+    assert_arrives(bob_inbox, "alice", "welcome back")
 
 
 # =============================================================================================
@@ -655,15 +631,13 @@ def test_a_pinned_name_cannot_be_taken_with_another_key_or_a_wrong_signature(tes
     assert tester_node.node.pins.get("alice")["public_key"].strip() == alice_pem.strip()
     # the genuine alice was not kicked out: she still gets messages on her session...
     bob.send_text("alice", "still you?")
-    incoming = alice_inbox.get(timeout=10)
-    assert (incoming.sender, incoming.text, incoming.genuine) == ("bob", "still you?", True)
+    assert_arrives(alice_inbox, "bob", "still you?")
     # ...and can connect again and chat
     alice.close()
     alice2_inbox, _, _, alice2_events = collecting_events()
     tester_node.client("alice", alice2_events)
     bob.send_text("alice", "and now?")
-    incoming = alice2_inbox.get(timeout=10)
-    assert (incoming.sender, incoming.text, incoming.genuine) == ("bob", "and now?", True)
+    assert_arrives(alice2_inbox, "bob", "and now?")
 
 
 def test_a_garbage_signature_is_auth_failed(tester_node):

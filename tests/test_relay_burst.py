@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import sys
 import threading
@@ -21,6 +22,7 @@ import protocol
 import web3_utils as wu
 from bounty_book import BookSecrets
 from conftest import make_users, wait_until
+import node as node_module
 from test_abuse import connect, raw_login, read_frame
 
 ENVELOPE = {"from": "x", "to": "y", "ciphertext": "QUJD", "signature": "c2ln"}  # the node never opens it
@@ -226,3 +228,19 @@ def test_claimed_deliveries_leave_the_node_s_memory_but_their_bounties_stay_used
     assert list(node._pending) == ["c4"]
     alice.sendall(send_frame("bob", "again", root, 2))
     assert in_order([read_frame(alice)]) == [("again", "unpaid")]
+
+
+def test_the_log_sums_up_relaying_every_interval(extra_nodes, data_dir, monkeypatch, caplog):
+    monkeypatch.setattr(node_module, "RELAY_REPORT_SECONDS", 0.5)
+    node = extra_nodes("relay-log")
+    make_users(data_dir, "alice", "bob")
+    caplog.set_level(logging.INFO, logger="node")
+    with contextlib.ExitStack() as stack:
+        alice, bob = (connect(node.port, stack, timeout=10) for _ in range(2))
+        for sock, name in ((alice, "alice"), (bob, "bob")):
+            assert raw_login(sock, data_dir, name)["type"] == "welcome"
+        root = open_announced_book(node, data_dir, alice, "alice", 3).root.hex()
+        alice.sendall(b"".join(send_frame("bob", f"l{i}", root, i) for i in range(3)))
+        read_frames(alice, 3)
+        wait_until(lambda: any("relayed 3 message(s) in the last 0.5s, 3 this run" in record.getMessage()
+                               for record in caplog.records), timeout=5, message="the relay summary in the log")
