@@ -100,7 +100,7 @@ def member_worker(cfg: dict, commands, results) -> None:
 def _member_worker(cfg: dict, commands, results) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    import web3_utils as wu
+    from dm.chain import ethereum as wu
     from client_core import ChatClient, Events
 
     data_dir, channel = Path(cfg["data_dir"]), cfg["channel"]
@@ -262,9 +262,9 @@ class Bench:
         self.results = self.ctx.Queue()
 
     def start(self) -> None:
-        import devchain
-        import key_utils
-        import web3_utils as wu
+        from dm.chain import devchain
+        from dm import crypto as key_utils
+        from dm.chain import ethereum as wu
 
         self.wu = wu
         self.data = self.tmp / "data"
@@ -300,7 +300,7 @@ class Bench:
         would give a new user (100 ETH, 10,000 BTK) in one burst of transactions, so the
         node's funding check in each handshake finds nothing to send."""
         import datadir
-        import devchain
+        from dm.chain import devchain
 
         wu, w3 = self.wu, self.w3
         addresses = []
@@ -541,7 +541,7 @@ def crypto_alone(n: int) -> dict:
     the sender's seal_many to n members with warm session keys, and each member's
     open_envelope with a warm unwrap cache (RSA-PSS verify of the batch signature, Merkle
     proof, AES-GCM). Puts the CPU the member processes spent in the run in proportion."""
-    import key_utils
+    from dm import crypto as key_utils
 
     keys = [key_utils.generate_private_key() for _ in range(2)]
     sender_key = keys[0]

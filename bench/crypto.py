@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import key_utils as ku  # noqa: E402
+from dm import crypto as ku  # noqa: E402
 
 PAYLOAD = {"text": "hello, this is a fairly ordinary chat message", "code": "ab" * 32}
 

@@ -36,10 +36,10 @@ if str(ROOT) not in sys.path:
 import solcx  # noqa: E402
 from web3 import Web3  # noqa: E402
 
-import bounty_book  # noqa: E402
-import contract_build  # noqa: E402
-import devchain  # noqa: E402
-import web3_utils as wu  # noqa: E402
+from dm.chain import books as bounty_book  # noqa: E402
+from dm.chain import build as contract_build  # noqa: E402
+from dm.chain import devchain  # noqa: E402
+from dm.chain import ethereum as wu  # noqa: E402
 from benchlib import free_port  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchlib import free_port  # noqa: E402
 
-import devchain  # noqa: E402
-import main as main_cli  # noqa: E402
-import web3_utils as wu  # noqa: E402
+from dm.chain import devchain  # noqa: E402
+from dm.cli import accounts as main_cli  # noqa: E402
+from dm.chain import ethereum as wu  # noqa: E402
 
 
 def run_case(env: dict, port: int, data: Path, token, pay: str, count: int) -> dict:

@@ -86,7 +86,7 @@ if str(ROOT) not in sys.path:
 from benchlib import (HOST, cpu_seconds, environment, finish, free_port,  # noqa: E402
                       machine_busy, own_cpu, pct, raise_nofile, verdict)
 
-import protocol  # noqa: E402  (light: json/re/struct only; the heavy imports are inside functions)
+from dm import wire as protocol  # noqa: E402  (light: json/re/struct only; the heavy imports are inside functions)
 
 BENCH = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH / "results"
@@ -162,7 +162,7 @@ class Wire:
         return message
 
     def handshake(self, name: str, key, pem: str, eth_address: str) -> dict:
-        import key_utils
+        from dm import crypto as key_utils
 
         self.write({"type": "hello", "name": name, "public_key": pem, "eth_address": eth_address})
         challenge = self.expect("challenge")
@@ -177,7 +177,7 @@ class Wire:
 
 
 def load_key(path: str):
-    import key_utils
+    from dm import crypto as key_utils
 
     key = key_utils.load_private_key(path)
     return key, key_utils.public_key_pem(key)
@@ -189,8 +189,8 @@ def chain_now(w3) -> int:
 
 def open_and_announce(wire: Wire, rpc_url: str, contract: str, eth_key: str, node_address: str, size: int):
     """A real book of `size` leaves, opened on chain for the node and announced; returns (book, seconds)."""
-    import web3_utils as wu
-    from bounty_book import BookSecrets
+    from dm.chain import ethereum as wu
+    from dm.chain.books import BookSecrets
 
     started = time.perf_counter()
     w3 = wu.connect(rpc_url)
@@ -334,7 +334,7 @@ def sender_main(cfg: dict, barrier, results, stop) -> None:
     """Connect, open and announce one book for every round, pre-encode every frame; then per
     round: barrier (the count is set) -> build the batches -> barrier (go) -> send -> all acked."""
     key, pem = load_key(cfg["key_path"])
-    import web3_utils as wu
+    from dm.chain import ethereum as wu
 
     name, peer, leaves, paced, counts = cfg["name"], cfg["peer"], cfg["leaves"], cfg.get("rate"), cfg["counts"]
     wire = Wire(cfg["port"])
@@ -586,7 +586,7 @@ def run(self):  # one profiler per thread; kept when the thread ends (connection
             finished.append(profiler)
 
 threading.Thread.run = run
-import node
+from dm.cli import node
 try:
     code = node.main()
 finally:
@@ -692,8 +692,8 @@ class Bench:
     # --- setup -----------------------------------------------------------------------
 
     def start_chain(self) -> None:
-        import devchain
-        import web3_utils as wu
+        from dm.chain import devchain
+        from dm.chain import ethereum as wu
 
         self.data = self.tmp / "data"
         self.data.mkdir(mode=0o700)
@@ -713,7 +713,7 @@ class Bench:
         return address, key
 
     def make_keys(self) -> None:
-        import key_utils
+        from dm import crypto as key_utils
 
         self.key_paths, self.pems = [], []
         keys_dir = self.tmp / "bench-keys"
@@ -974,8 +974,8 @@ class Bench:
     # --- 4: end to end ---------------------------------------------------------------
 
     def run_e2e(self, node: NodeProcess, throughput: float | None) -> dict:
-        import key_utils
-        import main as main_cli
+        from dm import crypto as key_utils
+        from dm.cli import accounts as main_cli
         from client_core import ChatClient, Events
         from node_chain import Claim, Journal
 
@@ -1101,7 +1101,7 @@ class Bench:
                 return bounty
             client.payer.next_bounty = timed_next_bounty
         # Time the encryption in place too: whatever key_utils function ChatClient calls.
-        import key_utils
+        from dm import crypto as key_utils
 
         crypto = {"seconds": 0.0}
         patched = {}

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-import devchain
-import main as main_cli
-import web3_utils as wu
-from client_core import ChatClient, Events
-from node import Node
-from node_chain import BountyIndex
+from dm.chain import devchain
+from dm.cli import main as main_cli
+from dm.chain import ethereum
+from dm.client.core import ChatClient, Events
+from dm.relay.node import Node
+from dm.relay.bounties import BountyIndex
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -46,8 +46,8 @@ def data_dir(tmp_path) -> Path:
 @pytest.fixture
 def tester_chain(data_dir):
     """eth-tester with BountyToken deployed through the same code path as anvil."""
-    w3 = wu.connect(wu.TESTER_URL)
-    token, _ = devchain.ensure_deployment(w3, wu.TESTER_URL, data_dir)
+    w3 = ethereum.connect(ethereum.TESTER_URL)
+    token, _ = devchain.ensure_deployment(w3, ethereum.TESTER_URL, data_dir)
     return w3, token
 
 
@@ -58,7 +58,7 @@ class RunningNode:
         self.address = node.signer.address
 
     def client(self, name: str, events: Events | None = None, **options) -> ChatClient:
-        client = ChatClient("127.0.0.1", self.port, name, self.data_dir, rpc_url=wu.TESTER_URL,
+        client = ChatClient("127.0.0.1", self.port, name, self.data_dir, rpc_url=ethereum.TESTER_URL,
                             events=events, w3=self.node.token.w3, **options)
         client.connect()
         self.clients.append(client)
@@ -69,7 +69,7 @@ class RunningNode:
 def tester_node(data_dir, tester_chain):
     """A node in this process on eth-tester, redeeming quickly."""
     w3, token = tester_chain
-    signer = wu.Signer(w3, wu.new_account()[1])
+    signer = ethereum.Signer(w3, ethereum.new_account()[1])
     faucet = devchain.faucet_signer(w3, data_dir)
     devchain.fund_user(token, faucet, signer.address, btk=0)
     index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books")
@@ -96,7 +96,7 @@ def extra_nodes(tester_chain, data_dir, tmp_path):
     def build(name: str, **options) -> Node:
         node_dir = tmp_path / name
         node_dir.mkdir(mode=0o700)
-        signer = wu.Signer(w3, wu.new_account()[1])
+        signer = ethereum.Signer(w3, ethereum.new_account()[1])
         devchain.fund_user(token, faucet, signer.address, btk=0)
         index = BountyIndex(token, signer.address, books_dir=node_dir / "node" / "books")
         options = {"handshake_timeout": 3, "frame_timeout": 3, **options}

@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-import datadir
-import key_utils
-import protocol
-import web3_utils as wu
-from client_core import Events, Outstanding
+from dm import datadir
+from dm import crypto
+from dm import wire
+from dm.chain import ethereum
+from dm.client.core import Events, Outstanding
 from conftest import ROOT, RunningNode, collecting_events, make_users, wait_until
 
 LOCAL = "127.0.0.1"
@@ -97,7 +97,7 @@ def read_frame(sock: socket.socket, timeout: float = 5.0) -> dict | None:
     if header is None:
         return None
     (length,) = struct.unpack(">I", header)
-    assert length <= protocol.MAX_FRAME, f"the node sent a {length}-byte frame"
+    assert length <= wire.MAX_FRAME, f"the node sent a {length}-byte frame"
     body = exact(length)
     return None if body is None else json.loads(body)
 
@@ -125,7 +125,7 @@ def codes(frames: list[dict]) -> list[str]:
 
 def hello(name: str = "mallory", public_key: str | None = None, eth_address: str = ETH_ADDRESS) -> dict:
     if public_key is None:
-        public_key = key_utils.public_key_pem(_spare_key())
+        public_key = crypto.public_key_pem(_spare_key())
     return {"type": "hello", "name": name, "public_key": public_key, "eth_address": eth_address}
 
 
@@ -134,30 +134,30 @@ _SPARE = []
 
 def _spare_key():
     if not _SPARE:
-        _SPARE.append(key_utils.generate_private_key())
+        _SPARE.append(crypto.generate_private_key())
     return _SPARE[0]
 
 
 def user_keys(data_dir: Path, name: str):
-    rsa_key = key_utils.load_private_key(datadir.private_key_path(data_dir, name))
-    eth = wu.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, name)))
-    return rsa_key, key_utils.public_key_pem(rsa_key), eth
+    rsa_key = crypto.load_private_key(datadir.private_key_path(data_dir, name))
+    eth = ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    return rsa_key, crypto.public_key_pem(rsa_key), eth
 
 
 def raw_login(sock: socket.socket, data_dir: Path, name: str, *, signing_key=None) -> dict | None:
     """The whole handshake by hand; returns the node's answer to `auth` (welcome or error)."""
     rsa_key, pem, eth = user_keys(data_dir, name)
-    sock.sendall(protocol.encode({"type": "hello", "name": name, "public_key": pem, "eth_address": eth}))
+    sock.sendall(wire.encode({"type": "hello", "name": name, "public_key": pem, "eth_address": eth}))
     challenge = read_frame(sock)
     assert challenge and challenge["type"] == "challenge", challenge
-    data = protocol.auth_payload(challenge["nonce"], challenge["node_id"], name, pem, eth)
-    signature = key_utils.sign(signing_key or rsa_key, data)
-    sock.sendall(protocol.encode({"type": "auth", "signature": base64.b64encode(signature).decode()}))
+    data = wire.auth_payload(challenge["nonce"], challenge["node_id"], name, pem, eth)
+    signature = crypto.sign(signing_key or rsa_key, data)
+    sock.sendall(wire.encode({"type": "auth", "signature": base64.b64encode(signature).decode()}))
     return read_frame(sock, timeout=10)
 
 
 def assert_ping_works(sock: socket.socket) -> None:
-    sock.sendall(protocol.encode({"type": "ping"}))
+    sock.sendall(wire.encode({"type": "ping"}))
     assert read_frame(sock) == {"type": "pong"}
 
 
@@ -208,7 +208,7 @@ def hello_gets_challenge(port: int, timeout: float = 3.0) -> bool:
     """Whether a new connection is served at all (accepted, and answered)."""
     with contextlib.ExitStack() as stack:
         sock = connect(port, stack)
-        sock.sendall(protocol.encode(hello("probe")))
+        sock.sendall(wire.encode(hello("probe")))
         try:
             reply = read_frame(sock, timeout)
         except TimeoutError:
@@ -235,17 +235,17 @@ def test_garbage_bytes_get_an_error_or_a_hang_up_and_the_node_goes_on(tester_nod
 
 def test_a_4gb_or_just_too_large_length_header_is_refused_at_once(tester_node):
     with contextlib.ExitStack() as stack:
-        for length in (0xFFFFFFFF, protocol.MAX_FRAME + 1):
+        for length in (0xFFFFFFFF, wire.MAX_FRAME + 1):
             attacker = connect(tester_node.port, stack)
             start = time.monotonic()
             attacker.sendall(struct.pack(">I", length) + b'{"type":"ping"')  # no body follows: no waiting
             frames, _ = read_until_closed(attacker, timeout=2)
             assert time.monotonic() - start < 2  # answered promptly, without allocating 4 GB
             assert codes(frames) == ["frame_too_large"], (length, frames)
-            assert str(protocol.MAX_FRAME) in frames[0]["message"]
+            assert str(wire.MAX_FRAME) in frames[0]["message"]
         # exactly MAX_FRAME is allowed: the node waits for that body instead of refusing it
         patient = connect(tester_node.port, stack)
-        patient.sendall(struct.pack(">I", protocol.MAX_FRAME))
+        patient.sendall(struct.pack(">I", wire.MAX_FRAME))
         with pytest.raises(TimeoutError):
             read_frame(patient, timeout=0.3)
     assert_node_serves_a_pair(tester_node)
@@ -291,13 +291,13 @@ NODE_PROCESS = r"""
 import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import devchain, web3_utils as wu
-from node import Node
-from node_chain import BountyIndex
+from dm.chain import devchain, ethereum
+from dm.relay.node import Node
+from dm.relay.bounties import BountyIndex
 data = Path(sys.argv[2])
-w3 = wu.connect(wu.TESTER_URL)
-token, _ = devchain.ensure_deployment(w3, wu.TESTER_URL, data)
-signer = wu.Signer(w3, wu.new_account()[1])
+w3 = ethereum.connect(ethereum.TESTER_URL)
+token, _ = devchain.ensure_deployment(w3, ethereum.TESTER_URL, data)
+signer = ethereum.Signer(w3, ethereum.new_account()[1])
 node = Node(token=token, signer=signer, data_dir=data, host="127.0.0.1", port=0,
             index=BountyIndex(token, signer.address, books_dir=data / "node" / "books"))
 node.start()
@@ -337,7 +337,7 @@ def test_deeply_nested_json_does_not_crash_the_node(node_process):
         reply = read_frame(attacker)
         assert reply is not None and reply.get("code") == "bad_frame", reply
         # as deep as the parser allows, inside a real message: parsed, and refused as unknown
-        inner = protocol.MAX_CONTAINERS - 1
+        inner = wire.MAX_CONTAINERS - 1
         attacker.sendall(raw_frame(b'{"type":"teleport","x":' + b"[" * inner + b"]" * inner + b"}"))
         reply = read_frame(attacker)
         assert reply is not None and reply.get("code") == "unknown_type", reply
@@ -426,7 +426,7 @@ def test_slow_and_silent_clients_are_cut_off_while_an_honest_pair_is_served(test
     node = tester_node.node
     a, b = fresh_pair_names()
     ensure_users(tester_node.data_dir, a, b, "halfway")  # key generation is not part of the race
-    hello_bytes = protocol.encode(hello())
+    hello_bytes = wire.encode(hello())
     stop = threading.Event()
     dribbled = []
     pinged = []
@@ -440,7 +440,7 @@ def test_slow_and_silent_clients_are_cut_off_while_an_honest_pair_is_served(test
                 return
 
     def ping(sock):
-        while not stop.is_set() and send_ok(sock, protocol.encode({"type": "ping"})):
+        while not stop.is_set() and send_ok(sock, wire.encode({"type": "ping"})):
             frame = read_frame(sock)
             if frame is None:
                 return
@@ -455,7 +455,7 @@ def test_slow_and_silent_clients_are_cut_off_while_an_honest_pair_is_served(test
         for kind in ("slowloris", "silent", "pinging"):
             socks[kind] = connect(tester_node.port, stack)
             opened[kind] = time.monotonic()
-        halfway.sendall(protocol.encode({"type": "ping"})[:7])
+        halfway.sendall(wire.encode({"type": "ping"})[:7])
         socks["halfway"], opened["halfway"] = halfway, time.monotonic()
         threads = [threading.Thread(target=dribble, args=(socks["slowloris"],), daemon=True),
                    threading.Thread(target=ping, args=(socks["pinging"],), daemon=True)]
@@ -496,7 +496,7 @@ def send_ok(sock, data) -> bool:
 def test_a_steady_sender_is_not_mistaken_for_a_slow_frame(extra_nodes, data_dir):
     ensure_users(data_dir, "steady")
     node = extra_nodes("steady", frame_timeout=1)
-    ping = protocol.encode({"type": "ping"})
+    ping = wire.encode({"type": "ping"})
     rounds = 6  # 0.4 s a frame, 2.4 s in all: well past frame_timeout (1 s)
     with contextlib.ExitStack() as stack:
         sock = connect(node.port, stack)
@@ -524,7 +524,7 @@ def test_a_client_that_stops_reading_does_not_stall_the_watchdog(extra_nodes, da
     watchdog thread must not wait behind that lock: other connections still get timed out."""
     ensure_users(data_dir, "hog")
     node = extra_nodes("watchdog", handshake_timeout=1, idle_timeout=2)
-    lookup = protocol.encode({"type": "lookup", "name": "hog"})  # ~40 bytes in, ~540 bytes back
+    lookup = wire.encode({"type": "lookup", "name": "hog"})  # ~40 bytes in, ~540 bytes back
     with contextlib.ExitStack() as stack:
         hog = socket.socket()
         stack.callback(hog.close)
@@ -551,8 +551,8 @@ def test_a_client_that_stops_reading_does_not_stall_the_watchdog(extra_nodes, da
 
 def test_500_dropped_connections_leak_nothing(tester_node):
     node = tester_node.node
-    half_hello = protocol.encode(hello())[:50]
-    full_hello = protocol.encode(hello())
+    half_hello = wire.encode(hello())[:50]
+    full_hello = wire.encode(hello())
     socks = []
     try:
         for i in range(500):
@@ -587,7 +587,7 @@ def test_a_recipient_that_vanishes_mid_delivery_costs_only_its_own_connection(te
         msg_id = "to-vanished-bob"
         with alice.acked:
             alice.outstanding[msg_id] = Outstanding("bob")
-        send = protocol.encode({"type": "send", "to": "bob", "msg_id": msg_id, "bounty": bounty.wire,
+        send = wire.encode({"type": "send", "to": "bob", "msg_id": msg_id, "bounty": bounty.wire,
                                 "envelope": {"from": "alice"}})
         abort(bob_raw)  # ...bob's reset and the message for him
         with alice._send_lock:
@@ -613,12 +613,12 @@ def test_a_pinned_name_cannot_be_taken_with_another_key_or_a_wrong_signature(tes
     alice = tester_node.client("alice", alice_events)  # pins alice's key
     bob_inbox, _, _, bob_events = collecting_events()
     bob = tester_node.client("bob", bob_events, pay="single")
-    thief_key = key_utils.generate_private_key()
+    thief_key = crypto.generate_private_key()
     _, alice_pem, alice_eth = user_keys(data_dir, "alice")
 
     with contextlib.ExitStack() as stack:
         thief = connect(tester_node.port, stack)
-        thief.sendall(protocol.encode(hello("alice", key_utils.public_key_pem(thief_key), alice_eth)))
+        thief.sendall(wire.encode(hello("alice", crypto.public_key_pem(thief_key), alice_eth)))
         frames, _ = read_until_closed(thief, timeout=3)
         assert codes(frames) == ["name_taken"]
 
@@ -645,9 +645,9 @@ def test_a_garbage_signature_is_auth_failed(tester_node):
     _, pem, eth = user_keys(tester_node.data_dir, "carol")
     with contextlib.ExitStack() as stack:
         attacker = connect(tester_node.port, stack)
-        attacker.sendall(protocol.encode(hello("carol", pem, eth)))
+        attacker.sendall(wire.encode(hello("carol", pem, eth)))
         assert read_frame(attacker)["type"] == "challenge"
-        attacker.sendall(protocol.encode({"type": "auth", "signature": "not base64!!"}))
+        attacker.sendall(wire.encode({"type": "auth", "signature": "not base64!!"}))
         frames, _ = read_until_closed(attacker, timeout=3)
         assert codes(frames) == ["auth_failed"]
     assert tester_node.node.pins.get("carol") is None  # nothing pinned for a failed proof
@@ -786,7 +786,7 @@ def test_an_unclaimed_delivery_is_forgotten_after_the_claim_timeout(extra_nodes,
         assert deliver["type"] == "deliver" and deliver["msg_id"] == msg_id
         assert msg_id in node._pending
         wait_until(lambda: msg_id not in node._pending, timeout=3, message="the pending delivery to expire")
-        silent.sendall(protocol.encode({"type": "claim", "msg_id": msg_id, "code": "00" * 32}))
+        silent.sendall(wire.encode({"type": "claim", "msg_id": msg_id, "code": "00" * 32}))
         reply = read_frame(silent)
         assert reply["type"] == "error" and reply["code"] == "unknown_message"
         reused = dict(deliver, type="send", to="silent")

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any cwd
 
-import bounty_book as bb  # noqa: E402
-from bounty_book import BookSecrets, KnownBook, MerkleTree, hash_pair, leaf_hash, redemption_args  # noqa: E402
+from dm.chain import books as bb  # noqa: E402
+from dm.chain.books import BookSecrets, KnownBook, MerkleTree, hash_pair, leaf_hash, redemption_args  # noqa: E402
 
 bytes32 = st.binary(min_size=32, max_size=32)
 

@@ -6,9 +6,9 @@ import shutil
 import stat
 import subprocess
 
-import contract_build
-import devchain
-import web3_utils as wu
+from dm.chain import build as contract_build
+from dm.chain import devchain
+from dm.chain import ethereum
 from conftest import PYTHON, ROOT, cli_env, free_port
 
 
@@ -19,7 +19,7 @@ def run_cli(*args, env) -> subprocess.CompletedProcess:
 def test_committed_artifact_matches_a_fresh_compile():
     fresh = contract_build.compile_artifact()
     committed = contract_build.load_artifact()
-    assert committed["sourceHash"] == fresh["sourceHash"], "contract.sol changed: run python3 contract_build.py"
+    assert committed["sourceHash"] == fresh["sourceHash"], "contract.sol changed: run python3 -m dm.chain.build"
     assert committed["bytecode"] == fresh["bytecode"]
     assert committed["abi"] == fresh["abi"]
 
@@ -61,12 +61,12 @@ def test_chain_starts_by_itself_keeps_state_and_info_matches_it(tmp_path):
     try:
         token, record = devchain.ensure_deployment(w3, url, tmp_path)
         assert token.is_genuine()
-        alice = wu.address_of((tmp_path / "keys" / "alice_ETH.key").read_text())
+        alice = ethereum.address_of((tmp_path / "keys" / "alice_ETH.key").read_text())
         faucet = devchain.faucet_signer(w3, tmp_path)
         assert devchain.fund_user(token, faucet, alice)
-        token.transfer(faucet, alice, 7 * wu.TOKEN)
+        token.transfer(faucet, alice, 7 * ethereum.TOKEN)
         expected = token.balance_of(alice)
-        assert expected == devchain.USER_GRANT_BTK + 7 * wu.TOKEN
+        assert expected == devchain.USER_GRANT_BTK + 7 * ethereum.TOKEN
     finally:
         anvil.stop()
     assert (tmp_path / "chain" / "anvil-state.json").exists()
@@ -82,9 +82,9 @@ def test_chain_starts_by_itself_keeps_state_and_info_matches_it(tmp_path):
         assert data["deployment"]["address"] == token.address
         assert data["deployment"]["chain_id"] == 31337
         (user,) = data["users"]
-        assert user["eth_address"] == alice and user["btk_wei"] == expected and user["btk"] == expected / wu.TOKEN
+        assert user["eth_address"] == alice and user["btk_wei"] == expected and user["btk"] == expected / ethereum.TOKEN
         text = run_cli("main.py", "info", env=env).stdout
-        assert token.address in text and f"{expected / wu.TOKEN:g} BTK" in text
+        assert token.address in text and f"{expected / ethereum.TOKEN:g} BTK" in text
     finally:
         anvil.stop()
 

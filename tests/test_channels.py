@@ -7,9 +7,9 @@ import queue
 
 import pytest
 
-import datadir
-import key_utils
-import web3_utils as wu
+from dm import datadir
+from dm import crypto
+from dm.chain import ethereum
 from conftest import cli_env, collecting_events, free_port, make_users, wait_until
 
 
@@ -34,7 +34,7 @@ def test_a_channel_message_reaches_every_online_member_each_paid_separately(test
         assert (message.channel, message.sender, message.text, message.genuine) == \
             ("#general", "host", "hello channel", True)
         assert message.line() == "[#general host] hello channel"
-    wait_until(lambda: token.balance_of(tester_node.address) - node_before == 3 * wu.TOKEN,
+    wait_until(lambda: token.balance_of(tester_node.address) - node_before == 3 * ethereum.TOKEN,
                message="three copies redeemed")
     book = token.book(clients["host"].payer._book.root)
     assert book.spent == 3  # away's copy was never paid: its leaf stays unspent and refundable
@@ -60,7 +60,7 @@ def test_a_member_who_leaves_receives_nothing_more(tester_node):
     details = {}
     clients["a"].events.receipt = lambda msg_id, status, detail: details.__setitem__(msg_id, (status, detail))
     bounty = clients["a"].payer.next_bounty()
-    envelope = key_utils.seal({"text": "sneak", "code": bounty.code.hex(), "channel": "#room"}, sender="a",
+    envelope = crypto.seal({"text": "sneak", "code": bounty.code.hex(), "channel": "#room"}, sender="a",
                               recipient="c", sender_key=clients["a"].rsa_key,
                               recipient_public_key=clients["a"].peer_key("c"))
     clients["a"].outstanding[envelope["msg_id"]] = object()
@@ -76,26 +76,26 @@ def test_a_changed_key_for_a_known_peer_is_loudly_refused(tester_node):
     """bob pinned alice's key earlier; now someone holding another key is 'alice' on
     this node. Her message must not be shown as genuine, and bob is warned."""
     make_users(tester_node.data_dir, "alice", "bob")
-    old_alice = key_utils.generate_private_key()
+    old_alice = crypto.generate_private_key()
     pins = tester_node.data_dir / "clients" / "bob" / "peers.json"
-    datadir.write_json(pins, {"alice": key_utils.public_key_pem(old_alice)})
+    datadir.write_json(pins, {"alice": crypto.public_key_pem(old_alice)})
     bob_inbox, _, _, bob_events = collecting_events()
     tester_node.client("bob", bob_events)
     alice = tester_node.client("alice", book_size=3)
     alice.send_text("bob", "trust me")
     message = bob_inbox.get(timeout=10)
     assert not message.genuine and message.text == ""
-    assert "CHANGED" in message.problem and key_utils.fingerprint(old_alice) in message.problem
-    assert json.loads(pins.read_text())["alice"] == key_utils.public_key_pem(old_alice)  # never silently replaced
+    assert "CHANGED" in message.problem and crypto.fingerprint(old_alice) in message.problem
+    assert json.loads(pins.read_text())["alice"] == crypto.public_key_pem(old_alice)  # never silently replaced
 
 
 def test_fingerprints_match_the_key_files_main_py_made(tester_node):
     make_users(tester_node.data_dir, "alice", "bob")
     alice = tester_node.client("alice")
     tester_node.client("bob")
-    expected = key_utils.fingerprint(key_utils.load_public_key(datadir.public_key_path(tester_node.data_dir, "bob")))
+    expected = crypto.fingerprint(crypto.load_public_key(datadir.public_key_path(tester_node.data_dir, "bob")))
     assert alice.fingerprint("bob") == expected
-    assert alice.fingerprint("alice") == key_utils.fingerprint(alice.rsa_key.public_key())
+    assert alice.fingerprint("alice") == crypto.fingerprint(alice.rsa_key.public_key())
 
 
 # ---------------------------------------------------------------------------------
@@ -127,17 +127,17 @@ def test_twenty_clients_and_a_channel_of_ten_on_anvil(anvil_chain, processes):
     for name in names:
         clients[name].wait_for_line(lambda l: l.startswith("(joined"), stream="errors", timeout=90)
     token = anvil_chain["token"]
-    sender_address = wu.address_of((data_dir / "keys" / f"{sender}_ETH.key").read_text())
-    node_address = wu.address_of((data_dir / "node" / "node_ETH.key").read_text())
+    sender_address = ethereum.address_of((data_dir / "keys" / f"{sender}_ETH.key").read_text())
+    node_address = ethereum.address_of((data_dir / "node" / "node_ETH.key").read_text())
     wait_until(lambda: token.balance_of(sender_address) > 0, message="the sender to be funded")
     sender_before, node_before = token.balance_of(sender_address), token.balance_of(node_address)
 
     clients[sender].write("hello, ten\n")
     for name in members:
         clients[name].wait_for_line(lambda l: l == f"[#ten {sender}] hello, ten", timeout=30)
-    wait_until(lambda: token.balance_of(node_address) - node_before == 10 * wu.TOKEN, timeout=30,
+    wait_until(lambda: token.balance_of(node_address) - node_before == 10 * ethereum.TOKEN, timeout=30,
                message="ten redemptions")
-    assert sender_before - token.balance_of(sender_address) == 10 * wu.TOKEN  # one book of exactly ten
+    assert sender_before - token.balance_of(sender_address) == 10 * ethereum.TOKEN  # one book of exactly ten
     for name in others:
         assert not clients[name].lines, f"{name} is not in #ten but received {clients[name].lines}"
 

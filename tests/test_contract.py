@@ -27,9 +27,9 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any cwd
 
-import devchain  # noqa: E402
-import web3_utils as wu  # noqa: E402
-from bounty_book import BookSecrets, MerkleTree, leaf_hash, redemption_args  # noqa: E402
+from dm.chain import devchain  # noqa: E402
+from dm.chain import ethereum  # noqa: E402
+from dm.chain.books import BookSecrets, MerkleTree, leaf_hash, redemption_args  # noqa: E402
 from web3_utils import TOKEN, code_hash  # noqa: E402
 
 INITIAL_SUPPLY = 1_000_000 * TOKEN
@@ -46,7 +46,7 @@ SKIP_UNKNOWN, SKIP_REDEEMED, SKIP_REFUNDED, SKIP_EXPIRED = range(4)
 
 @pytest.fixture(scope="module")
 def w3():
-    return wu.connect(wu.TESTER_URL)
+    return ethereum.connect(ethereum.TESTER_URL)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def tester(w3):
 @pytest.fixture(scope="module")
 def deployment(w3):
     """(token, deployer key, deploy receipt), deployed once per module by a fresh account."""
-    address, key = wu.new_account()
+    address, key = ethereum.new_account()
     devchain.give_eth(w3, address, 1_000 * 10**18)
-    token, receipt = wu.BountyToken.deploy(wu.Signer(w3, key), INITIAL_SUPPLY)
+    token, receipt = ethereum.BountyToken.deploy(ethereum.Signer(w3, key), INITIAL_SUPPLY)
     return token, key, receipt
 
 
@@ -80,7 +80,7 @@ def token(deployment):
 @pytest.fixture
 def deployer(w3, deployment):
     # A fresh Signer per test: Signer caches its nonce, and snapshots rewind it.
-    return wu.Signer(w3, deployment[1])
+    return ethereum.Signer(w3, deployment[1])
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def new_key(w3, token, deployer):
     account, given gas money and `btk` whole tokens by the deployer."""
 
     def make(btk: int = 0, eth: bool = True) -> tuple[str, str]:
-        address, key = wu.new_account()
+        address, key = ethereum.new_account()
         if eth:
             devchain.give_eth(w3, address, GAS_ETH)
         if btk:
@@ -102,7 +102,7 @@ def new_key(w3, token, deployer):
 @pytest.fixture
 def new_account(w3, new_key):
     """new_account(btk=0, eth=True) -> a Signer for a fresh funded account."""
-    return lambda btk=0, eth=True: wu.Signer(w3, new_key(btk, eth)[1])
+    return lambda btk=0, eth=True: ethereum.Signer(w3, new_key(btk, eth)[1])
 
 
 # --- helpers --------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def _normal(value):
 @contextmanager
 def reverts(name: str, **args):
     """The block must revert with custom error `name` and exactly these arguments."""
-    with pytest.raises(wu.ContractRevert) as info:
+    with pytest.raises(ethereum.ContractRevert) as info:
         yield info
     assert info.value.name == name, str(info.value)
     assert {k: _normal(v) for k, v in info.value.args_by_name.items()} == {k: _normal(v) for k, v in args.items()}
@@ -139,7 +139,7 @@ def mined_failure(token, signer, method, *args, gas=300_000):
     """Send a call that will revert, past the gas estimate, and return its receipt."""
     call = getattr(token.contract.functions, method)(*args)
     tx_hash = token.transact(signer, call, gas=gas, wait=False)
-    return wu.wait_for(token.w3, tx_hash)
+    return ethereum.wait_for(token.w3, tx_hash)
 
 
 def event_names(token, receipt) -> list[str]:
@@ -277,7 +277,7 @@ def test_explain_failure_recovers_the_custom_error_of_a_mined_failure(w3, token,
     receipt = mined_failure(token, relayer, "redeemBounty", code)
     assert receipt["status"] == 0
     err = token.explain_failure(token.contract.functions.redeemBounty(code), relayer.address, receipt)
-    assert isinstance(err, wu.ContractRevert), repr(err)
+    assert isinstance(err, ethereum.ContractRevert), repr(err)
     assert (err.name, err.args_by_name) == ("AlreadyRedeemed", {"codeHash": code_hash(code)})
 
 
@@ -573,7 +573,7 @@ def test_redeem_book_with_a_flipped_flag_reverts(w3, token, new_account):
     # the calldata array and the EVM panics (Panic(0x32), not a custom error,
     # so the wrapper reports a plain ChainError).
     k = flags.index(True)
-    with pytest.raises(wu.ChainError):
+    with pytest.raises(ethereum.ChainError):
         token.redeem_book(relayer, book.root, indices, codes, proof, flags[:k] + [False] + flags[k + 1:])
     assert token.balance_of(relayer.address) == 0
 
@@ -786,7 +786,7 @@ class ModelBook:
 @dataclass
 class MachineEnv:
     w3: object
-    token: wu.BountyToken
+    token: ethereum.BountyToken
     deployer_address: str
     sender_keys: list
     relayer_keys: list
@@ -812,8 +812,8 @@ class BountyMachine(RuleBasedStateMachine):
         self.tester = self.w3.provider.ethereum_tester
         self.snapshot = self.tester.take_snapshot()
         # Fresh Signers: their cached nonces must not outlive a snapshot.
-        self.senders = [wu.Signer(self.w3, k) for k in env.sender_keys]
-        self.relayers = [wu.Signer(self.w3, k) for k in env.relayer_keys]
+        self.senders = [ethereum.Signer(self.w3, k) for k in env.sender_keys]
+        self.relayers = [ethereum.Signer(self.w3, k) for k in env.relayer_keys]
         self.balances = dict(env.balances)
         self.bounties: dict[bytes, ModelBounty] = {}  # code -> bounty
         self.books: dict[bytes, ModelBook] = {}  # root -> book

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-import web3_utils as wu
+from dm.chain import ethereum
 from conftest import cli_env, free_port, make_users, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -25,11 +25,11 @@ def start_client(processes, env, port, me, peer, *extra):
 
 
 def token_and_accounts(url, data_dir):
-    w3 = wu.connect(url)
+    w3 = ethereum.connect(url)
     record = json.loads((data_dir / "deployment.json").read_text())
-    token = wu.BountyToken(w3, record["address"])
-    node_address = wu.address_of((data_dir / "node" / "node_ETH.key").read_text())
-    user = lambda name: wu.address_of((data_dir / "keys" / f"{name}_ETH.key").read_text())
+    token = ethereum.BountyToken(w3, record["address"])
+    node_address = ethereum.address_of((data_dir / "node" / "node_ETH.key").read_text())
+    user = lambda name: ethereum.address_of((data_dir / "keys" / f"{name}_ETH.key").read_text())
     return token, node_address, user
 
 
@@ -56,10 +56,10 @@ def test_the_original_four_commands_give_a_paid_encrypted_conversation(tmp_path,
     user_1.write("one more\n")
     user_2.wait_for_line(lambda l: l == "[user_1] one more")
 
-    wait_until(lambda: token.balance_of(node_address) - node_before == 3 * wu.TOKEN, timeout=30,
+    wait_until(lambda: token.balance_of(node_address) - node_before == 3 * ethereum.TOKEN, timeout=30,
                message="the node to redeem all three codes")
-    assert before["user_1"] - token.balance_of(user("user_1")) == 2 * wu.TOKEN
-    assert before["user_2"] - token.balance_of(user("user_2")) == 1 * wu.TOKEN
+    assert before["user_1"] - token.balance_of(user("user_1")) == 2 * ethereum.TOKEN
+    assert before["user_2"] - token.balance_of(user("user_2")) == 1 * ethereum.TOKEN
     # The node's log shows what it did; and it never prints a key.
     user_1.close_stdin()
     user_2.close_stdin()
@@ -133,12 +133,12 @@ def test_a_node_killed_with_codes_pending_redeems_each_exactly_once_after_restar
     assert token.balance_of(node_address) == before  # nothing was redeemed before the crash
 
     restarted = start_node(processes, env, port, "--batch-wait", "0.2")
-    wait_until(lambda: token.balance_of(node_address) - before == 12 * wu.TOKEN, timeout=30,
+    wait_until(lambda: token.balance_of(node_address) - before == 12 * ethereum.TOKEN, timeout=30,
                message="the 12 journaled codes to be redeemed")
     restarted.stop()  # a clean stop must not redeem anything twice
     restarted_again = start_node(processes, env, port, "--batch-wait", "0.2")
     restarted_again.stop()
-    assert token.balance_of(node_address) - before == 12 * wu.TOKEN
+    assert token.balance_of(node_address) - before == 12 * ethereum.TOKEN
     root = bytes.fromhex(json.loads(next((running["data_dir"] / "clients" / "alice" / "books").glob("*.json"))
                                     .read_text())["root"].removeprefix("0x"))
     assert token.book(root).spent == 12

@@ -5,10 +5,10 @@ import queue
 
 import pytest
 
-import protocol
+from dm import wire
 
-import web3_utils as wu
-from client_core import ClientError, Incoming
+from dm.chain import ethereum
+from dm.client.core import ClientError, Incoming
 from conftest import collecting_events, make_users, wait_until
 
 
@@ -28,13 +28,13 @@ def test_a_paid_message_moves_exactly_one_btk_from_sender_to_node(tester_node, p
     assert (incoming.sender, incoming.text, incoming.genuine) == ("alice", "hello bob, this is alice", True)
     wait_until(lambda: alice_paid == [msg_id], message="the paid notice")
     assert alice_receipts[msg_id] == "delivered"
-    assert token.balance_of(tester_node.address) - node_before == wu.TOKEN
+    assert token.balance_of(tester_node.address) - node_before == ethereum.TOKEN
     if pay == "single":
-        assert alice_before - token.balance_of(alice.eth_address) == wu.TOKEN
+        assert alice_before - token.balance_of(alice.eth_address) == ethereum.TOKEN
     else:  # the book escrowed 5; one leaf paid the node and 4 stay refundable
         book = token.book(bytes.fromhex(alice.payer._book.root.hex()))
         assert (book.size, book.spent) == (5, 1)
-        assert alice_before - token.balance_of(alice.eth_address) == 5 * wu.TOKEN
+        assert alice_before - token.balance_of(alice.eth_address) == 5 * ethereum.TOKEN
 
 
 def test_offline_recipient_is_reported_and_nothing_is_spent(tester_node):
@@ -93,10 +93,10 @@ def test_a_forged_sender_is_not_shown_as_genuine(tester_node):
     tester_node.client("alice")
     tester_node.client("bob", bob_events)
     mallory = tester_node.client("mallory", book_size=3)
-    import key_utils
+    from dm import crypto
 
     bounty = mallory.payer.next_bounty()
-    envelope = key_utils.seal({"text": "send money", "code": bounty.code.hex()}, sender="alice", recipient="bob",
+    envelope = crypto.seal({"text": "send money", "code": bounty.code.hex()}, sender="alice", recipient="bob",
                               sender_key=mallory.rsa_key, recipient_public_key=mallory.peer_key("bob"))
     mallory._write({"type": "send", "to": "bob", "msg_id": envelope["msg_id"], "bounty": bounty.wire,
                     "envelope": envelope})
@@ -116,7 +116,7 @@ def test_a_replayed_envelope_is_reported_not_shown(tester_node):
     original_write = alice._write_raw
 
     def capture(data):
-        sent.extend(protocol.parse(p) for p in protocol.FrameDecoder().feed(data))
+        sent.extend(wire.parse(p) for p in wire.FrameDecoder().feed(data))
         original_write(data)
 
     alice._write_raw = capture
@@ -124,7 +124,7 @@ def test_a_replayed_envelope_is_reported_not_shown(tester_node):
     first = bob_inbox.get(timeout=10)
     assert first.genuine
     wait_until(lambda: msg_id in alice_paid, message="the first copy to be claimed and paid")
-    original_write(protocol.encode(dict(sent[-1], bounty=alice.payer.next_bounty().wire)))  # same envelope, fresh bounty
+    original_write(wire.encode(dict(sent[-1], bounty=alice.payer.next_bounty().wire)))  # same envelope, fresh bounty
     second = bob_inbox.get(timeout=10)
     assert not second.genuine and "replay" in second.problem.lower()
 
@@ -145,10 +145,10 @@ def test_send_in_any_key_order_is_relayed_and_the_fast_path_keeps_every_check(te
     details = {}
     alice = tester_node.client("alice", book_size=4)
     alice.events.receipt = lambda msg_id, status, detail: details.__setitem__(msg_id, (status, detail))
-    import key_utils
+    from dm import crypto
 
     def frame_for(text, bounty, reorder):
-        envelope = key_utils.seal({"text": text, "code": bounty.code.hex()}, sender="alice", recipient="bob",
+        envelope = crypto.seal({"text": text, "code": bounty.code.hex()}, sender="alice", recipient="bob",
                                   sender_key=alice.rsa_key, recipient_public_key=alice.peer_key("bob"))
         message = {"type": "send", "to": "bob", "msg_id": envelope["msg_id"], "bounty": bounty.wire,
                    "envelope": envelope}
@@ -156,7 +156,7 @@ def test_send_in_any_key_order_is_relayed_and_the_fast_path_keeps_every_check(te
             message = {"envelope": envelope, "bounty": bounty.wire, "msg_id": envelope["msg_id"], "to": "bob",
                        "type": "send"}
         alice.outstanding[envelope["msg_id"]] = object()
-        return message, protocol.encode(message)
+        return message, wire.encode(message)
 
     first = alice.payer.next_bounty()
     _, canonical = frame_for("canonical", first, reorder=False)
@@ -176,7 +176,7 @@ def test_send_in_any_key_order_is_relayed_and_the_fast_path_keeps_every_check(te
 
 
 def test_pins_survive_a_restart_and_a_torn_last_line(tmp_path):
-    from node_pins import PinStore
+    from dm.relay.pins import PinStore
 
     path = tmp_path / "pins.json"
     store = PinStore(path)
@@ -196,7 +196,7 @@ def test_pins_survive_a_restart_and_a_torn_last_line(tmp_path):
 
 
 def test_a_message_too_long_for_one_frame_is_refused_before_anything_is_paid(tester_node):
-    from client_core import MAX_TEXT_BYTES
+    from dm.client.core import MAX_TEXT_BYTES
 
     make_users(tester_node.data_dir, "alice", "bob")
     tester_node.client("bob")

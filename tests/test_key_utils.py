@@ -16,7 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import key_utils as ku
-from key_utils import (
+from dm.crypto import (
     BadSignature, DecryptionFailed, EnvelopeError, KeyFileError, MalformedEnvelope,
     ReplayedMessage, ReplayGuard,
 )
@@ -414,7 +414,7 @@ def test_failed_write_leaves_no_partial_key_file(tmp_path, alice, monkeypatch):
         def write(self, data):
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ku.os, "fdopen", DiskFull)
+    monkeypatch.setattr(os, "fdopen", DiskFull)
     path = tmp_path / "k.pem"
     with pytest.raises(KeyFileError, match="No space left"):
         ku.save_private_key(path, alice)

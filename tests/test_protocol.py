@@ -4,8 +4,8 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import protocol
-from protocol import FrameDecoder, MessageDecoder, ProtocolError
+from dm import wire
+from dm.wire import FrameDecoder, MessageDecoder, ProtocolError
 
 
 def feed_all(decoder, data, step=None):
@@ -23,9 +23,9 @@ messages = st.dictionaries(st.text(max_size=8), st.one_of(st.text(), st.integers
 
 @given(st.lists(messages, max_size=6), st.integers(min_value=1, max_value=50))
 def test_frames_round_trip_in_any_split(msgs, step):
-    stream = b"".join(protocol.encode(m) for m in msgs)
+    stream = b"".join(wire.encode(m) for m in msgs)
     decoder = MessageDecoder()
-    got = [protocol.parse(p) for p in feed_all(decoder, stream, step)]
+    got = [wire.parse(p) for p in feed_all(decoder, stream, step)]
     assert got == msgs
     assert not decoder.mid_frame
 
@@ -39,7 +39,7 @@ def test_any_bytes_decode_or_raise_protocol_error_whole_or_bytewise(data):
         try:
             for payload in feed_all(decoder, data, step):
                 try:
-                    protocol.parse(payload)
+                    wire.parse(payload)
                 except ProtocolError:
                     pass
         except ProtocolError as exc:
@@ -53,7 +53,7 @@ def test_oversize_length_is_rejected_before_the_body_arrives():
     assert info.value.code == "frame_too_large"
     assert decoder.buffered == 0
     with pytest.raises(ProtocolError):  # the decoder stays broken: the stream is out of sync
-        decoder.feed(protocol.encode({"type": "ping"}))
+        decoder.feed(wire.encode({"type": "ping"}))
 
 
 def test_the_cap_is_exact():
@@ -62,25 +62,25 @@ def test_the_cap_is_exact():
     with pytest.raises(ProtocolError):
         decoder.feed(struct.pack(">I", 11))
     with pytest.raises(ProtocolError):
-        protocol.frame(b"x" * (protocol.MAX_FRAME + 1))
+        wire.frame(b"x" * (wire.MAX_FRAME + 1))
 
 
 @pytest.mark.parametrize("payload", [b"", b"[]", b"123", b'{"type": 5}', b"\xff\xfe", b'{"no_type": 1}',
                                      b"[" * 100000])
 def test_bad_payloads_raise_bad_frame(payload):
     with pytest.raises(ProtocolError) as info:
-        protocol.parse(payload)
+        wire.parse(payload)
     assert info.value.code == "bad_frame"
 
 
 def test_order_rules_require_authentication_first():
     send = {"type": "send", "to": "bob", "msg_id": "m1", "bounty": {"code_hash": "ab" * 32}, "envelope": {}}
     with pytest.raises(ProtocolError) as info:
-        protocol.check_client_message(send, "connected")
+        wire.check_client_message(send, "connected")
     assert info.value.code == "out_of_order" and "authenticate first" in info.value.message
-    assert protocol.check_client_message(send, "ready") is send
+    assert wire.check_client_message(send, "ready") is send
     with pytest.raises(ProtocolError) as info:
-        protocol.check_client_message({"type": "hello", "name": "a", "public_key": "k", "eth_address": "0x"},
+        wire.check_client_message({"type": "hello", "name": "a", "public_key": "k", "eth_address": "0x"},
                                       "ready")
     assert info.value.code == "out_of_order"
 
@@ -96,15 +96,15 @@ def test_order_rules_require_authentication_first():
 ])
 def test_malformed_messages_get_typed_errors(message, code):
     with pytest.raises(ProtocolError) as info:
-        protocol.check_client_message(message, "ready")
+        wire.check_client_message(message, "ready")
     assert info.value.code == code
-    wire = info.value.to_message()
-    assert wire["type"] == "error" and wire["code"] == code and wire["message"]
+    refusal = info.value.to_message()
+    assert refusal["type"] == "error" and refusal["code"] == code and refusal["message"]
 
 
 def test_every_error_code_is_documented():
     doc = open("docs/PROTOCOL.md").read()
-    for code in protocol.ERRORS:
+    for code in wire.ERRORS:
         assert f"`{code}`" in doc, code
-    for kind in set(protocol.CLIENT_MESSAGES) | set(protocol.NODE_MESSAGES):
+    for kind in set(wire.CLIENT_MESSAGES) | set(wire.NODE_MESSAGES):
         assert f"`{kind}`" in doc, kind

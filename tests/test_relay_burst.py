@@ -16,13 +16,13 @@ import threading
 
 import pytest
 
-import datadir
-import devchain
-import protocol
-import web3_utils as wu
-from bounty_book import BookSecrets
+from dm import datadir
+from dm.chain import devchain
+from dm import wire
+from dm.chain import ethereum
+from dm.chain.books import BookSecrets
 from conftest import make_users, wait_until
-import node as node_module
+from dm.relay import node as node_module
 from test_abuse import connect, raw_login, read_frame
 
 ENVELOPE = {"from": "x", "to": "y", "ciphertext": "QUJD", "signature": "c2ln"}  # the node never opens it
@@ -30,20 +30,20 @@ ENVELOPE = {"from": "x", "to": "y", "ciphertext": "QUJD", "signature": "c2ln"}  
 
 def send_frame(to: str, msg_id: str, root: str, index: int, **extra) -> bytes:
     """A `send` in the canonical key order clients use."""
-    return protocol.encode({"type": "send", "to": to, "msg_id": msg_id,
+    return wire.encode({"type": "send", "to": to, "msg_id": msg_id,
                             "bounty": {"book": root, "index": index}, **extra, "envelope": ENVELOPE})
 
 
 def open_announced_book(node, data_dir, sock, name: str, size: int) -> BookSecrets:
     """Open a real book on chain for `name`, bound to the node, and announce its leaves."""
     token = node.token
-    signer = wu.Signer(token.w3, datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    signer = ethereum.Signer(token.w3, datadir.read_secret(datadir.eth_key_path(data_dir, name)))
     devchain.fund_user(token, devchain.faucet_signer(token.w3, data_dir), signer.address)
     book = BookSecrets.generate(size)
     now = token.w3.eth.get_block("latest")["timestamp"]
     token.open_book(signer, book.root, size, node.signer.address, now + 86_400)
     node.index.sync()
-    sock.sendall(protocol.encode({"type": "book", "root": book.root.hex(),
+    sock.sendall(wire.encode({"type": "book", "root": book.root.hex(),
                                   "leaves": [leaf.hex() for leaf in book.leaf_hashes]}))
     assert read_frame(sock, timeout=10) == {"type": "book", "root": book.root.hex(), "size": size}
     return book
@@ -109,7 +109,7 @@ def test_a_burst_with_bad_frames_in_the_middle_gets_one_right_answer_per_frame(t
         send_frame("bob", "m3", root, 1),          # the same leaf again: unpaid
         send_frame("nobody", "m4", root, 2),       # never seen by the node
         send_frame("bob", "m1", root, 3),          # a msg_id still pending
-        protocol.frame(reordered),                 # another key order: the general path
+        wire.frame(reordered),                 # another key order: the general path
         send_frame("bob", "m7", root, 5),
         send_frame("carol", "m8", root, 6),        # pinned but offline: leaf 6 stays unused
         send_frame("bob", "m9", root, 99),         # beyond the book
@@ -129,10 +129,10 @@ def test_a_burst_with_bad_frames_in_the_middle_gets_one_right_answer_per_frame(t
     alice.sendall(send_frame("bob", "m11", root, 6))
     assert read_frame(alice) == {"type": "receipt", "msg_id": "m11", "status": "delivered"}
     assert read_frame(bob)["msg_id"] == "m11"
-    bob.sendall(protocol.encode({"type": "claim", "msg_id": "m2", "code": book.codes[1].hex()}))
-    bob.sendall(protocol.encode({"type": "claim", "msg_id": "m2", "code": book.codes[1].hex()}))
+    bob.sendall(wire.encode({"type": "claim", "msg_id": "m2", "code": book.codes[1].hex()}))
+    bob.sendall(wire.encode({"type": "claim", "msg_id": "m2", "code": book.codes[1].hex()}))
     assert read_frame(bob) == {"type": "error", "code": "unknown_message", "ref": "m2",
-                               "message": protocol.ERRORS["unknown_message"]}
+                               "message": wire.ERRORS["unknown_message"]}
 
 
 def test_every_frame_of_a_burst_is_answered_in_order(tester_node, logged_in):
@@ -221,7 +221,7 @@ def test_claimed_deliveries_leave_the_node_s_memory_but_their_bounties_stay_used
     alice.sendall(b"".join(send_frame("bob", f"c{i}", root, i) for i in range(5)))
     assert {status for _, status in in_order(read_frames(alice, 5))} == {"delivered"}
     read_frames(bob, 5)
-    bob.sendall(b"".join(protocol.encode({"type": "claim", "msg_id": f"c{i}", "code": book.codes[i].hex()})
+    bob.sendall(b"".join(wire.encode({"type": "claim", "msg_id": f"c{i}", "code": book.codes[i].hex()})
                          for i in range(4)))  # c4 stays unclaimed
     wait_until(lambda: [entry[0] for entry in node._expiring] == ["c4"], timeout=5,
                message="claimed deliveries dropped, the unclaimed one kept")

@@ -5,8 +5,8 @@ node_modules through tools/solcjs (py-solc-x cannot download compilers here).
 Imports are resolved here and inlined as source contents, so both compilers
 see exactly the same input and the source hash covers every imported file.
 
-    python3 contract_build.py           # rewrite artifacts/BountyToken.json
-    python3 contract_build.py --check   # exit 1 when the artifact is stale
+    python3 -m dm.chain.build           # rewrite artifacts/BountyToken.json
+    python3 -m dm.chain.build --check   # exit 1 when the artifact is stale
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 import solcx
+from dm import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parent
+ROOT = PROJECT_ROOT
 SOURCE = ROOT / "contract.sol"
 ARTIFACT = ROOT / "artifacts" / "BountyToken.json"
 CONTRACT_NAME = "BountyToken"
@@ -106,7 +107,7 @@ def load_artifact(path: Path = ARTIFACT) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise BuildError(f"{path} is missing: run `python3 contract_build.py`") from None
+        raise BuildError(f"{path} is missing: run `python3 -m dm.chain.build`") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             current = load_artifact()
             stale = [k for k in ("sourceHash", "bytecode", "abi") if current.get(k) != fresh[k]]
             if stale:
-                print(f"artifact is stale ({', '.join(stale)} differ): run `python3 contract_build.py`")
+                print(f"artifact is stale ({', '.join(stale)} differ): run `python3 -m dm.chain.build`")
                 return 1
             print("artifact is up to date")
             return 0

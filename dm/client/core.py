@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import datadir
-import key_utils
-import protocol
-import web3_utils as wu
-from payment import BookPayer, SinglePayer
+from dm import datadir
+from dm import crypto
+from dm import wire
+from dm.chain import ethereum
+from dm.client.payment import BookPayer, SinglePayer
 
 PING_EVERY = 60  # keeps the node's idle timer from closing a quiet session
 
@@ -28,7 +28,7 @@ class ClientError(Exception):
 
 
 # What fits in one frame once encrypted: base64 adds a third, plus the envelope's fields.
-MAX_TEXT_BYTES = (protocol.MAX_FRAME - 16_384) * 3 // 4
+MAX_TEXT_BYTES = (wire.MAX_FRAME - 16_384) * 3 // 4
 
 
 def check_length(text: str) -> None:
@@ -70,7 +70,7 @@ class Outstanding:
 
 
 class ChatClient:
-    def __init__(self, host: str, port: int, me: str, data_dir: Path, rpc_url: str = wu.DEFAULT_RPC_URL,
+    def __init__(self, host: str, port: int, me: str, data_dir: Path, rpc_url: str = ethereum.DEFAULT_RPC_URL,
                  pay: str = "book", book_size: int = 100, expiry_seconds: int = 86_400, events: Events | None = None,
                  w3=None):
         self.host, self.port, self.me, self.data_dir = host, port, datadir.check_name(me), data_dir
@@ -78,21 +78,21 @@ class ChatClient:
         self.events = events or Events()
         self._w3 = w3
         try:
-            self.rsa_key = key_utils.load_private_key(datadir.private_key_path(data_dir, me))
+            self.rsa_key = crypto.load_private_key(datadir.private_key_path(data_dir, me))
             self.eth_key = datadir.read_secret(datadir.eth_key_path(data_dir, me))
-        except (key_utils.KeyFileError, datadir.DataError):
+        except (crypto.KeyFileError, datadir.DataError):
             raise ClientError(f"no keys for {me!r} in {data_dir}: run `python3 main.py Y {me}` first") from None
-        self.public_pem = key_utils.public_key_pem(self.rsa_key)
-        self.eth_address = wu.address_of(self.eth_key)
+        self.public_pem = crypto.public_key_pem(self.rsa_key)
+        self.eth_address = ethereum.address_of(self.eth_key)
         self.client_dir = data_dir / "clients" / me
         (self.client_dir / "books").mkdir(parents=True, exist_ok=True, mode=0o700)
         self.peer_pins_path = self.client_dir / "peers.json"
         self.peer_pins: dict[str, str] = datadir.read_json(self.peer_pins_path, {})
         self._peer_keys: dict = {}  # verified this session
         self._pin_lock = threading.Lock()
-        self.replay_guard = key_utils.ReplayGuard()
-        self.session_keys = key_utils.SessionKeys()  # one RSA wrap per peer per 1,000 messages
-        self.unwrap_cache = key_utils.UnwrapCache()  # and one RSA unwrap on our side
+        self.replay_guard = crypto.ReplayGuard()
+        self.session_keys = crypto.SessionKeys()  # one RSA wrap per peer per 1,000 messages
+        self.unwrap_cache = crypto.UnwrapCache()  # and one RSA unwrap on our side
         self.outstanding: dict[str, Outstanding] = {}
         self.acked = threading.Condition()
         self._send_lock = threading.Lock()
@@ -112,13 +112,13 @@ class ChatClient:
         except OSError as exc:
             raise ClientError(f"cannot reach the node at {self.host}:{self.port}: {exc.strerror or exc}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        decoder = protocol.MessageDecoder()
+        decoder = wire.MessageDecoder()
         self._write({"type": "hello", "name": self.me, "public_key": self.public_pem,
                      "eth_address": self.eth_address})
         challenge = self._read_one(decoder, "challenge")
-        data = protocol.auth_payload(challenge["nonce"], challenge["node_id"], self.me, self.public_pem,
+        data = wire.auth_payload(challenge["nonce"], challenge["node_id"], self.me, self.public_pem,
                                      self.eth_address)
-        self._write({"type": "auth", "signature": base64.b64encode(key_utils.sign(self.rsa_key, data)).decode()})
+        self._write({"type": "auth", "signature": base64.b64encode(crypto.sign(self.rsa_key, data)).decode()})
         self.welcome = self._read_one(decoder, "welcome")
         self.sock.settimeout(None)
         threading.Thread(target=self._reader, args=(decoder,), name="reader", daemon=True).start()
@@ -126,7 +126,7 @@ class ChatClient:
         threading.Thread(target=self._pinger, name="pinger", daemon=True).start()
         self._setup_payment()
 
-    def _read_one(self, decoder: protocol.MessageDecoder, expected: str) -> dict:
+    def _read_one(self, decoder: wire.MessageDecoder, expected: str) -> dict:
         while True:
             try:
                 data = self.sock.recv(65536)
@@ -145,7 +145,7 @@ class ChatClient:
 
     def _setup_payment(self) -> None:
         """Pay only into the contract the node names, and only if it really is BountyToken."""
-        w3 = self._w3 or wu.connect(self.rpc_url)
+        w3 = self._w3 or ethereum.connect(self.rpc_url)
         try:
             chain_id = w3.eth.chain_id
         except Exception as exc:
@@ -153,11 +153,11 @@ class ChatClient:
         if chain_id != self.welcome["chain_id"]:
             raise ClientError(f"the node is paid on chain {self.welcome['chain_id']} but {self.rpc_url} "
                               f"is chain {chain_id}")
-        token = wu.BountyToken(w3, self.welcome["contract"])
+        token = ethereum.BountyToken(w3, self.welcome["contract"])
         if not token.is_genuine():
             raise ClientError(f"the code at {token.address} is not BountyToken: refusing to pay into it")
         self.token = token
-        signer = wu.Signer(w3, self.eth_key)
+        signer = ethereum.Signer(w3, self.eth_key)
         relayer = self.welcome["node_eth_address"]
         if self.pay == "single":
             self.payer = SinglePayer(token, signer, relayer, self.expiry_seconds)
@@ -179,7 +179,7 @@ class ChatClient:
             self.sock.close()
 
     def _write(self, message: dict) -> None:
-        self._write_raw(protocol.encode(message))
+        self._write_raw(wire.encode(message))
 
     def _write_raw(self, data: bytes) -> None:
         with self._send_lock:
@@ -188,7 +188,7 @@ class ChatClient:
             except OSError as exc:
                 raise ClientError(f"lost the connection to the node: {exc}") from None
 
-    def _reader(self, decoder: protocol.MessageDecoder) -> None:
+    def _reader(self, decoder: wire.MessageDecoder) -> None:
         reason = "the node closed the connection"
         try:
             while True:
@@ -197,8 +197,8 @@ class ChatClient:
                     break
                 for payload in decoder.feed(data):
                     try:
-                        message = protocol.parse(payload)
-                    except protocol.ProtocolError as exc:  # one bad frame (e.g. a garbled deliver) is skipped
+                        message = wire.parse(payload)
+                    except wire.ProtocolError as exc:  # one bad frame (e.g. a garbled deliver) is skipped
                         self._inbox.put({"type": "error", "code": exc.code, "message": f"skipped a frame: {exc}"})
                         continue
                     kind = message["type"]
@@ -214,7 +214,7 @@ class ChatClient:
                             waiter.put(message)
                             continue
                     self._inbox.put(message)
-        except (OSError, protocol.ProtocolError) as exc:
+        except (OSError, wire.ProtocolError) as exc:
             if not self._closed.is_set():
                 reason = f"connection lost: {exc}"
         finally:
@@ -257,7 +257,7 @@ class ChatClient:
                 for name in missing:
                     waiters[name] = queue.Queue()
                     self._replies[("lookup", name)] = waiters[name]
-                self._write_raw(b"".join(protocol.encode({"type": "lookup", "name": n}) for n in missing))
+                self._write_raw(b"".join(wire.encode({"type": "lookup", "name": n}) for n in missing))
                 served = {}
                 for name in missing:
                     try:
@@ -274,7 +274,7 @@ class ChatClient:
                     if name not in self.peer_pins:
                         self.peer_pins[name] = pem
                         changed = True
-                    self._peer_keys[name] = key_utils.public_key_from_pem(pem)
+                    self._peer_keys[name] = crypto.public_key_from_pem(pem)
                 if changed:
                     datadir.write_json(self.peer_pins_path, self.peer_pins)
             return {n: self._peer_keys[n] for n in names}
@@ -286,14 +286,14 @@ class ChatClient:
             pinned = local.read_text()
         if pinned is not None and pinned.strip() != served.strip():
             raise ClientError(
-                f"WARNING: the key for {name} has CHANGED (pinned {key_utils.fingerprint(pinned)}, node now serves "
-                f"{key_utils.fingerprint(served)}). Someone may be impersonating {name}. Compare fingerprints "
+                f"WARNING: the key for {name} has CHANGED (pinned {crypto.fingerprint(pinned)}, node now serves "
+                f"{crypto.fingerprint(served)}). Someone may be impersonating {name}. Compare fingerprints "
                 f"out of band; if the change is genuine, remove {name} from {self.peer_pins_path}.")
 
     def fingerprint(self, name: str) -> str:
         if name == self.me:
-            return key_utils.fingerprint(self.public_pem)
-        return key_utils.fingerprint(self.peer_key(name))
+            return crypto.fingerprint(self.public_pem)
+        return crypto.fingerprint(self.peer_key(name))
 
     def peers(self) -> list[str]:
         return self._request({"type": "peers"}, "peers")["names"]
@@ -305,22 +305,22 @@ class ChatClient:
 
     def send_many(self, to: str, texts: list[str]) -> list[str]:
         """Encrypt, pay and send each text to `to`, in order. One RSA signature covers
-        the whole batch (key_utils.seal_many), so piped input is not bound by RSA."""
+        the whole batch (crypto.seal_many), so piped input is not bound by RSA."""
         for text in texts:
             check_length(text)
         recipient_key = self.peer_key(to)
         try:
             bounties = self.payer.next_bounties(len(texts))
-        except wu.ChainError as exc:
+        except ethereum.ChainError as exc:
             raise ClientError(f"paying the bounty failed: {exc}") from None
-        envelopes = key_utils.seal_many(
+        envelopes = crypto.seal_many(
             [({"text": text, "code": bounty.code.hex()}, to, recipient_key) for text, bounty in zip(texts, bounties)],
             sender=self.me, sender_key=self.rsa_key, session_keys=self.session_keys)
         frames = []
         with self.acked:
             for bounty, envelope in zip(bounties, envelopes):
                 self.outstanding[envelope["msg_id"]] = Outstanding(to)
-                frames.append(protocol.encode({"type": "send", "to": to, "msg_id": envelope["msg_id"],
+                frames.append(wire.encode({"type": "send", "to": to, "msg_id": envelope["msg_id"],
                                                "bounty": bounty.wire, "envelope": envelope}))
         self.last_bounty = bounties[-1].wire
         self._write_raw(b"".join(frames))
@@ -346,9 +346,9 @@ class ChatClient:
         keys = self.peer_keys(recipients)
         try:
             bounties = self.payer.next_bounties(len(recipients)) if recipients else []
-        except wu.ChainError as exc:
+        except ethereum.ChainError as exc:
             raise ClientError(f"paying the bounties failed: {exc}") from None
-        envelopes = key_utils.seal_many(
+        envelopes = crypto.seal_many(
             [({"text": text, "code": b.code.hex(), "channel": channel}, name, keys[name])
              for name, b in zip(recipients, bounties)], sender=self.me, sender_key=self.rsa_key,
             session_keys=self.session_keys) if recipients else []
@@ -357,7 +357,7 @@ class ChatClient:
             for name, bounty, envelope in zip(recipients, bounties, envelopes):
                 self.outstanding[envelope["msg_id"]] = Outstanding(name)
                 # Canonical key order (type, to, msg_id, bounty, channel, envelope): the node's fast path.
-                frames.append(protocol.encode({"type": "send", "to": name, "msg_id": envelope["msg_id"],
+                frames.append(wire.encode({"type": "send", "to": name, "msg_id": envelope["msg_id"],
                                                "bounty": bounty.wire, "channel": channel, "envelope": envelope}))
         self._write_raw(b"".join(frames))
         return [e["msg_id"] for e in envelopes], members["offline"]
@@ -420,13 +420,13 @@ class ChatClient:
         try:
             sender_key = self.peer_key(sender)
             if envelope.get("from") != sender:
-                raise key_utils.MalformedEnvelope("the envelope's sender is not the one the node authenticated")
+                raise crypto.MalformedEnvelope("the envelope's sender is not the one the node authenticated")
             if envelope.get("msg_id") != message["msg_id"]:
-                raise key_utils.MalformedEnvelope("the envelope's id differs from the one the node relayed")
-            payload = key_utils.open_envelope(envelope, recipient=self.me, recipient_key=self.rsa_key,
+                raise crypto.MalformedEnvelope("the envelope's id differs from the one the node relayed")
+            payload = crypto.open_envelope(envelope, recipient=self.me, recipient_key=self.rsa_key,
                                               sender_public_key=sender_key, replay_guard=self.replay_guard,
                                               unwrap_cache=self.unwrap_cache)
-        except (key_utils.EnvelopeError, ClientError) as exc:
+        except (crypto.EnvelopeError, ClientError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
             self.events.message(Incoming(sender, "", message["msg_id"], False, reason))
             return

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import datadir
-import web3_utils as wu
-from bounty_book import BookSecrets
+from dm import datadir
+from dm.chain import ethereum
+from dm.chain.books import BookSecrets
 
 CURSOR_STRIDE = 32  # book cursor is persisted this far ahead, so a crash never reuses a code
 
@@ -30,12 +30,12 @@ class Bounty:
 class SinglePayer:
     """One registerBounty transaction per message (the original's scheme)."""
 
-    def __init__(self, token: wu.BountyToken, signer: wu.Signer, relayer: str, expiry_seconds: int):
+    def __init__(self, token: ethereum.BountyToken, signer: ethereum.Signer, relayer: str, expiry_seconds: int):
         self.token, self.signer, self.relayer, self.expiry_seconds = token, signer, relayer, expiry_seconds
 
     def next_bounty(self) -> Bounty:
         code = secrets.token_bytes(32)
-        code_hash = wu.code_hash(code)
+        code_hash = ethereum.code_hash(code)
         self.token.register(self.signer, code_hash, self.relayer, _chain_now(self.token) + self.expiry_seconds,
                             gas=150_000)
         return Bounty({"code_hash": code_hash.hex()}, code)
@@ -47,7 +47,7 @@ class SinglePayer:
 class BookPayer:
     """Spends one leaf of a prepaid book per message; opens a new book when one runs out."""
 
-    def __init__(self, token: wu.BountyToken, signer: wu.Signer, relayer: str, expiry_seconds: int,
+    def __init__(self, token: ethereum.BountyToken, signer: ethereum.Signer, relayer: str, expiry_seconds: int,
                  size: int, books_dir: Path, announce: Callable[[BookSecrets], None]):
         self.token, self.signer, self.relayer = token, signer, relayer
         self.expiry_seconds, self.size, self.books_dir, self.announce = expiry_seconds, size, books_dir, announce
@@ -86,9 +86,9 @@ class BookPayer:
         path.chmod(0o600)
 
     def _open_book(self, at_least: int = 1) -> None:
-        balance = self.token.balance_of(self.signer.address) // wu.TOKEN
+        balance = self.token.balance_of(self.signer.address) // ethereum.TOKEN
         if balance < at_least:
-            raise wu.ChainError(f"your account {self.signer.address} has {balance} BTK; {at_least} needed")
+            raise ethereum.ChainError(f"your account {self.signer.address} has {balance} BTK; {at_least} needed")
         book = BookSecrets.generate(min(max(self.size, at_least), balance))  # a smaller book rather than none
         expiry = _chain_now(self.token) + self.expiry_seconds
         self._save(book, 0, expiry)
@@ -115,6 +115,6 @@ class BookPayer:
         return [Bounty({"book": root, "index": i}, book.codes[i]) for i in range(start, start + count)]
 
 
-def _chain_now(token: wu.BountyToken) -> int:
+def _chain_now(token: ethereum.BountyToken) -> int:
     """Expiry is judged by block time, which may run ahead of ours on a dev chain."""
     return max(int(time.time()), token.w3.eth.get_block("latest")["timestamp"])

@@ -1,7 +1,7 @@
 """Envelopes: hybrid encryption, RSA-PSS signatures (single or batched), replay protection.
 
 Pure functions plus three small thread-safe helpers (SessionKeys, UnwrapCache, ReplayGuard);
-no sockets, no chain. Every public name is re-exported by key_utils. Wire format (JSON):
+no sockets, no chain. Every public name is re-exported by dm.crypto (and key_utils). Wire format (JSON):
 
     {"from": str, "to": str, "msg_id": str, "ts": int (unix seconds),
      "wrapped_key": b64, "nonce": b64, "ciphertext": b64, "signature": b64}

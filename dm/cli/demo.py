@@ -11,12 +11,13 @@ import threading
 import time
 from pathlib import Path
 
-import datadir
-import devchain
-import main as main_cli
-import web3_utils as wu
+from dm import datadir
+from dm.chain import devchain
+from dm.cli.accounts import create_users, unspent_in_books
+from dm.chain import ethereum
+from dm import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parent
+ROOT = PROJECT_ROOT
 ALICE_LINES = ["Hi Bob! This message is end-to-end encrypted; the node only sees ciphertext.",
                "Each message carries a secret code that pays the node 1 BTK once you receive it.",
                "Here is a long one: " + "lorem ipsum " * 40]
@@ -29,8 +30,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _balances(token: wu.BountyToken, accounts: dict[str, str]) -> dict[str, float]:
-    return {name: token.balance_of(address) / wu.TOKEN for name, address in accounts.items()}
+def _balances(token: ethereum.BountyToken, accounts: dict[str, str]) -> dict[str, float]:
+    return {name: token.balance_of(address) / ethereum.TOKEN for name, address in accounts.items()}
 
 
 class _Client:
@@ -64,23 +65,23 @@ class _Client:
         self.proc.wait(60)
 
 
-def _escrow(token: wu.BountyToken, data_dir: Path, name: str) -> float:
+def _escrow(token: ethereum.BountyToken, data_dir: Path, name: str) -> float:
     """BTK still unspent in a user's open books (the node has none)."""
-    return main_cli.unspent_in_books(token, data_dir / "clients" / name / "books") if name != "node" else 0.0
+    return unspent_in_books(token, data_dir / "clients" / name / "books") if name != "node" else 0.0
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise wu.ChainError(f"the demo timed out waiting for {what}")
+            raise ethereum.ChainError(f"the demo timed out waiting for {what}")
         time.sleep(0.05)
 
 
 def run(data_dir: Path, rpc_url: str, port: int = 0) -> int:
     for name in ("alice", "bob"):
         if not datadir.private_key_path(data_dir, name).exists():
-            main_cli.create_users(data_dir, [name])
+            create_users(data_dir, [name])
     w3, anvil = devchain.ensure_chain(rpc_url, data_dir)
     node = None
     clients: list[_Client] = []
@@ -93,10 +94,10 @@ def run(data_dir: Path, rpc_url: str, port: int = 0) -> int:
                                  "--batch-wait", "0.5", "--log-level", "warning"], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, text=True)
         if not node.stdout.readline().startswith("node ready"):
-            raise wu.ChainError("the node did not start; run `python3 node.py` to see why")
-        node_address = wu.address_of(datadir.read_secret(data_dir / "node" / "node_ETH.key"))
-        accounts = {"alice": wu.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, "alice"))),
-                    "bob": wu.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, "bob"))),
+            raise ethereum.ChainError("the node did not start; run `python3 node.py` to see why")
+        node_address = ethereum.address_of(datadir.read_secret(data_dir / "node" / "node_ETH.key"))
+        accounts = {"alice": ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, "alice"))),
+                    "bob": ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, "bob"))),
                     "node": node_address}
         bob = _Client(port, "bob", "alice", env)
         bob.connected.wait(60)
@@ -115,7 +116,7 @@ def run(data_dir: Path, rpc_url: str, port: int = 0) -> int:
         for line in alice.received:
             print(f"  alice's screen: {line}")
         delivered = len(ALICE_LINES) + len(BOB_LINES)
-        _wait(lambda: token.balance_of(node_address) / wu.TOKEN - before["node"] >= delivered, 60,
+        _wait(lambda: token.balance_of(node_address) / ethereum.TOKEN - before["node"] >= delivered, 60,
               "the node to redeem the codes")
         after = _balances(token, accounts)
         print(f"\nBTK balances ({delivered} messages delivered):")

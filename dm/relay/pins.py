@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-import datadir
+from dm import datadir
 
 
 class PinStore:

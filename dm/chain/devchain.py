@@ -21,18 +21,19 @@ from urllib.parse import urlparse
 
 from web3 import Web3
 
-import datadir
-import web3_utils as wu
+from dm import datadir
+from dm.chain import ethereum
+from dm import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parent
+ROOT = PROJECT_ROOT
 ANVIL_BINARIES = (
     ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil",
     ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-arm64" / "bin" / "anvil",
     ROOT / "node_modules" / "@foundry-rs" / "anvil-darwin-arm64" / "bin" / "anvil",
     ROOT / "node_modules" / "@foundry-rs" / "anvil-darwin-amd64" / "bin" / "anvil",
 )
-INITIAL_SUPPLY = 1_000_000_000 * wu.TOKEN
-USER_GRANT_BTK = 10_000 * wu.TOKEN  # what a new user is given on a dev chain
+INITIAL_SUPPLY = 1_000_000_000 * ethereum.TOKEN
+USER_GRANT_BTK = 10_000 * ethereum.TOKEN  # what a new user is given on a dev chain
 USER_GRANT_ETH = 100 * 10**18  # gas money on a dev chain
 DEV_CHAIN_IDS = (31337, 131277322940537)  # anvil's, and eth-tester's
 
@@ -61,7 +62,7 @@ def anvil_binary() -> str:
     found = shutil.which("anvil")
     if found:
         return found
-    raise wu.ChainError("anvil is not installed: run `npm ci` in the project folder")
+    raise ethereum.ChainError("anvil is not installed: run `npm ci` in the project folder")
 
 
 class Anvil:
@@ -79,15 +80,15 @@ class Anvil:
 
     def wait_ready(self, timeout: float = 30) -> Web3:
         deadline = time.monotonic() + timeout
-        w3 = wu.connect(self.url)
+        w3 = ethereum.connect(self.url)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise wu.ChainError(f"anvil exited with code {self.proc.returncode}; see {self._log.name}")
-            if wu.is_connected(w3):
+                raise ethereum.ChainError(f"anvil exited with code {self.proc.returncode}; see {self._log.name}")
+            if ethereum.is_connected(w3):
                 return w3
             time.sleep(0.05)
         self.stop()
-        raise wu.ChainError(f"anvil did not answer on {self.url} within {timeout:.0f}s")
+        raise ethereum.ChainError(f"anvil did not answer on {self.url} within {timeout:.0f}s")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -112,18 +113,18 @@ def port_is_open(url: str) -> bool:
 def ensure_chain(url: str, data_dir: Path, start: bool = True) -> tuple[Web3, Anvil | None]:
     """Connect to `url`; when it is on loopback and nothing answers, start anvil there.
     Returns the Web3 and the Anvil we started (None if the chain was already up)."""
-    w3 = wu.connect(url)
-    if url == wu.TESTER_URL or wu.is_connected(w3):
+    w3 = ethereum.connect(url)
+    if url == ethereum.TESTER_URL or ethereum.is_connected(w3):
         return w3, None
     if not (start and is_loopback(url)) or port_is_open(url):
-        raise wu.ChainError(f"no Ethereum node answers at {url}")
+        raise ethereum.ChainError(f"no Ethereum node answers at {url}")
     chain_dir = data_dir / "chain"
     anvil = Anvil(url, chain_dir / "anvil-state.json", chain_dir / "anvil.log")
     try:
         return anvil.wait_ready(), anvil
-    except wu.ChainError:
+    except ethereum.ChainError:
         # Someone else may have started a chain on that port meanwhile.
-        if wu.is_connected(w3):
+        if ethereum.is_connected(w3):
             return w3, None
         raise
 
@@ -140,12 +141,12 @@ def give_eth(w3: Web3, address: str, amount: int) -> None:
         w3.provider.make_request("anvil_setBalance", [address, hex(balance + amount)])
     else:
         tx_hash = w3.eth.send_transaction({"from": w3.eth.accounts[0], "to": address, "value": amount})
-        wu.wait_for(w3, tx_hash)
+        ethereum.wait_for(w3, tx_hash)
 
 
-def faucet_signer(w3: Web3, data_dir: Path) -> wu.Signer:
-    key = datadir.ensure_secret(data_dir / "chain" / "faucet.key", lambda: wu.new_account()[1])
-    signer = wu.Signer(w3, key)
+def faucet_signer(w3: Web3, data_dir: Path) -> ethereum.Signer:
+    key = datadir.ensure_secret(data_dir / "chain" / "faucet.key", lambda: ethereum.new_account()[1])
+    signer = ethereum.Signer(w3, key)
     if w3.eth.get_balance(signer.address) < 10**18:
         give_eth(w3, signer.address, 10_000 * 10**18)
     return signer
@@ -162,26 +163,26 @@ def load_deployment(data_dir: Path) -> Deployment | None:
         return None
 
 
-def ensure_deployment(w3: Web3, url: str, data_dir: Path) -> tuple[wu.BountyToken, Deployment]:
+def ensure_deployment(w3: Web3, url: str, data_dir: Path) -> tuple[ethereum.BountyToken, Deployment]:
     """The recorded BountyToken if its code is still on this chain; otherwise
     (on a dev chain) deploy it now and record it."""
-    artifact = wu.load_artifact()
+    artifact = ethereum.load_artifact()
     chain_id = w3.eth.chain_id
     record = load_deployment(data_dir)
     if record and record.chain_id == chain_id:
-        token = wu.BountyToken(w3, record.address, artifact)
+        token = ethereum.BountyToken(w3, record.address, artifact)
         if token.is_genuine():
             return token, record
     if not is_dev_chain(w3):
-        raise wu.ChainError(f"no BountyToken recorded for chain {chain_id}; deploy one and record it in "
+        raise ethereum.ChainError(f"no BountyToken recorded for chain {chain_id}; deploy one and record it in "
                             f"{deployment_path(data_dir)}")
-    token, receipt = wu.BountyToken.deploy(faucet_signer(w3, data_dir), INITIAL_SUPPLY, artifact)
+    token, receipt = ethereum.BountyToken.deploy(faucet_signer(w3, data_dir), INITIAL_SUPPLY, artifact)
     record = Deployment(chain_id, url, token.address, receipt["blockNumber"])
     datadir.write_json(deployment_path(data_dir), record.to_json())
     return token, record
 
 
-def fund_user(token: wu.BountyToken, faucet: wu.Signer, address: str,
+def fund_user(token: ethereum.BountyToken, faucet: ethereum.Signer, address: str,
               btk: int = USER_GRANT_BTK, eth: int = USER_GRANT_ETH) -> bool:
     """On a dev chain, top up `address` with gas and BTK when it runs low.
     Returns whether anything was sent."""

@@ -6,7 +6,7 @@ import socket
 import struct
 import threading
 
-import protocol
+from dm import wire
 
 # While a connection thread handles the frames of one read, what it sends is
 # collected here and written once per destination: one syscall per burst
@@ -24,7 +24,7 @@ class Connection:
         self.phase = "connected"
         self.hello: dict | None = None
         self.nonce = ""
-        self.decoder = protocol.FrameDecoder()
+        self.decoder = wire.FrameDecoder()
         self.connected_at = self.last_frame_at = clock()
         self.frame_started_at: float | None = None
         self.errors = 0
@@ -72,7 +72,7 @@ class Connection:
             return False
 
     def send(self, message: dict) -> bool:
-        return self.send_bytes(protocol.encode(message))
+        return self.send_bytes(wire.encode(message))
 
     def close(self) -> None:
         """Send what is queued (an error frame, typically), then hang up."""
@@ -97,7 +97,7 @@ class Connection:
         if self._send_lock.acquire(blocking=False):
             try:
                 if not self.closed:
-                    self.sock.send(protocol.encode(message), socket.MSG_DONTWAIT)
+                    self.sock.send(wire.encode(message), socket.MSG_DONTWAIT)
             except OSError:
                 pass
             finally:

@@ -1,0 +1,1 @@
+"""The command lines behind main.py, node.py and client.py, and the demo."""

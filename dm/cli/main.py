@@ -1,0 +1,157 @@
+"""Keys, accounts, the chain, and the demo.
+
+    python3 main.py Y NAME...        RSA key pair + Ethereum account for each name (the original's form)
+    python3 main.py info [--json]    the deployment, and each known user's address and BTK balance
+    python3 main.py chain            run the local chain (anvil) with BountyToken deployed, until Ctrl-C
+    python3 main.py refund NAME      take back NAME's expired, unspent bounty books
+    python3 main.py demo             a node and two scripted clients on the local chain
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+from dm import datadir
+from dm.cli.accounts import create_users, unspent_in_books
+from dm.chain import devchain
+from dm import crypto
+from dm.chain import ethereum
+
+
+def gather_info(data_dir: Path, rpc_url: str) -> dict:
+    record = devchain.load_deployment(data_dir)
+    info: dict = {"data_dir": str(data_dir), "rpc_url": rpc_url,
+                  "deployment": record.to_json() if record else None, "users": [], "node": None}
+    token = None
+    if record:
+        w3 = ethereum.connect(rpc_url)
+        if ethereum.is_connected(w3) and w3.eth.chain_id == record.chain_id:
+            candidate = ethereum.BountyToken(w3, record.address)
+            if candidate.is_genuine():
+                token = candidate
+        info["chain_reachable"] = token is not None
+    accounts = [(name, ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, name))))
+                for name in datadir.known_users(data_dir) if datadir.eth_key_path(data_dir, name).exists()]
+    for name, address in accounts:
+        user = {"name": name, "eth_address": address,
+                "fingerprint": crypto.fingerprint(crypto.load_public_key(datadir.public_key_path(data_dir, name)))}
+        if token:
+            wei = token.balance_of(address)
+            user["btk"], user["btk_wei"] = wei / ethereum.TOKEN, wei
+            user["escrowed_in_books"] = unspent_in_books(token, data_dir / "clients" / name / "books")
+        info["users"].append(user)
+    node_key = data_dir / "node" / "node_ETH.key"
+    if node_key.exists():
+        address = ethereum.address_of(datadir.read_secret(node_key))
+        info["node"] = {"eth_address": address, **({"btk": token.balance_of(address) / ethereum.TOKEN} if token else {})}
+    return info
+
+
+def print_info(info: dict) -> None:
+    print(f"data directory: {info['data_dir']}")
+    record = info["deployment"]
+    if record is None:
+        print("deployment:     none yet (run `python3 main.py chain` or start the node)")
+    else:
+        state = "" if info.get("chain_reachable") else "   (chain not reachable now)"
+        print(f"chain id:       {record['chain_id']}{state}")
+        print(f"RPC URL:        {record['rpc_url']}")
+        print(f"BountyToken:    {record['address']} (deployed in block {record['deploy_block']})")
+    if info["node"]:
+        btk = f"  {info['node']['btk']:g} BTK" if "btk" in info["node"] else ""
+        print(f"node account:   {info['node']['eth_address']}{btk}")
+    for user in info["users"]:
+        balance = f"  {user['btk']:g} BTK" if "btk" in user else ""
+        escrow = f" (+{user['escrowed_in_books']:g} escrowed in open books)" if user.get("escrowed_in_books") else ""
+        print(f"{user['name']:<15} {user['eth_address']}{balance}{escrow}")
+    if not info["users"]:
+        print("no users yet: run `python3 main.py Y NAME...`")
+
+
+def run_chain(data_dir: Path, rpc_url: str) -> int:
+    w3, anvil = devchain.ensure_chain(rpc_url, data_dir)
+    try:
+        token, record = devchain.ensure_deployment(w3, rpc_url, data_dir)
+        print(json.dumps(record.to_json(), indent=1))
+        if anvil is None:
+            print("a chain was already running there; nothing more to do")
+            return 0
+        print("local chain running; Ctrl-C stops it (its state is kept in the data directory)", flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        devchain.stop_on_exit(anvil)
+    return 0
+
+
+def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
+    w3 = ethereum.connect(rpc_url)
+    record = devchain.load_deployment(data_dir)
+    if record is None or not ethereum.is_connected(w3):
+        print(f"error: no chain with a BountyToken deployment at {rpc_url}", file=sys.stderr)
+        return 1
+    token = ethereum.BountyToken(w3, record.address)
+    signer = ethereum.Signer(w3, datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    now = w3.eth.get_block("latest")["timestamp"]
+    refunded = 0
+    for path in sorted((data_dir / "clients" / name / "books").glob("*.json")):
+        root = bytes.fromhex(datadir.read_json(path, {})["root"].removeprefix("0x"))
+        book = token.book(root)
+        if book.refunded or book.expiry >= now or book.size == book.spent:
+            continue
+        token.refund_book(signer, root)
+        refunded += book.size - book.spent
+        print(f"book {root.hex()[:12]}: {book.size - book.spent} BTK back")
+    print(f"refunded {refunded} BTK")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "Y" in argv:  # the original's form: main.py Y user_1 user_2 (options may come first)
+        at = argv.index("Y")
+        if all(arg.startswith("-") or argv[i - 1] in ("--data-dir", "--rpc-url") for i, arg in enumerate(argv[:at])):
+            argv = [*argv[:at], "keys", *argv[at + 1:]]
+    parser = argparse.ArgumentParser(description="DistributedMessaging: keys, accounts, chain and demo.")
+    parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
+    parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", ethereum.DEFAULT_RPC_URL))
+    commands = parser.add_subparsers(dest="command", required=True)
+    keys = commands.add_parser("keys", help="create keys and accounts (also: main.py Y NAME...)")
+    keys.add_argument("names", nargs="+")
+    info = commands.add_parser("info", help="deployment, users, balances")
+    info.add_argument("--json", action="store_true")
+    commands.add_parser("chain", help="run the local chain until Ctrl-C")
+    refund = commands.add_parser("refund", help="refund a user's expired books")
+    refund.add_argument("name")
+    demo = commands.add_parser("demo", help="a node and two scripted clients")
+    demo.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        data_dir = datadir.resolve(args.data_dir)
+        if args.command == "keys":
+            return create_users(data_dir, args.names)
+        if args.command == "info":
+            result = gather_info(data_dir, args.rpc_url)
+            print(json.dumps(result, indent=1)) if args.json else print_info(result)
+            return 0
+        if args.command == "chain":
+            return run_chain(data_dir, args.rpc_url)
+        if args.command == "refund":
+            return refund_books(data_dir, args.rpc_url, datadir.check_name(args.name))
+        if args.command == "demo":
+            from dm.cli import demo
+
+            return demo.run(data_dir, args.rpc_url, args.port)
+    except (datadir.DataError, crypto.KeyFileError, ethereum.ChainError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Keys and key files, fingerprints, and envelopes (hybrid encryption, signatures, replay guard)."""
+from .envelope import (  # noqa: F401
+    BATCH_FIELDS, BATCH_TAG, ENVELOPE_FIELDS, HASH_SIZE, HEADER_TAG, LEAF_TAG, MAX_HEADER_FIELD, MAX_PROOF,
+    NODE_TAG, NONCE_SIZE, SIGNATURE_TAG, BadSignature, DecryptionFailed, EnvelopeError, MalformedEnvelope,
+    ReplayedMessage, ReplayGuard, SessionKeys, UnwrapCache, open_envelope, seal, seal_many, sign, verify,
+)
+from .keys import (  # noqa: F401
+    KeyFileError, fingerprint, generate_private_key, load_private_key, load_public_key, public_key_from_pem,
+    public_key_pem, save_private_key, save_public_key,
+)
+
+__all__ = [
+    "BATCH_FIELDS",
+    "BATCH_TAG",
+    "ENVELOPE_FIELDS",
+    "HASH_SIZE",
+    "HEADER_TAG",
+    "LEAF_TAG",
+    "MAX_HEADER_FIELD",
+    "MAX_PROOF",
+    "NODE_TAG",
+    "NONCE_SIZE",
+    "SIGNATURE_TAG",
+    "BadSignature",
+    "DecryptionFailed",
+    "EnvelopeError",
+    "MalformedEnvelope",
+    "ReplayedMessage",
+    "ReplayGuard",
+    "SessionKeys",
+    "UnwrapCache",
+    "open_envelope",
+    "seal",
+    "seal_many",
+    "sign",
+    "verify",
+    "KeyFileError",
+    "fingerprint",
+    "generate_private_key",
+    "load_private_key",
+    "load_public_key",
+    "public_key_from_pem",
+    "public_key_pem",
+    "save_private_key",
+    "save_public_key",
+]

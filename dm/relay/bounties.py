@@ -1,0 +1,149 @@
+"""Which bounties the node may accept.
+
+`BountyIndex` follows BountyToken's events and keeps the open bounties and
+books bound to this node, so checking a message costs no RPC round trip in
+steady state; a miss falls back to one direct lookup.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dm.chain import ethereum
+from dm.chain.books import KnownBook
+
+log = logging.getLogger("node")
+EXPIRY_MARGIN = 30  # seconds a bounty must still have to run when a message is accepted
+
+
+@dataclass
+class OpenBook:
+    size: int
+    expiry: int
+    sender: str
+    tree: KnownBook | None = None  # the leaves, once the sender has announced them
+
+
+class BountyIndex:
+    """Open bounties and books bound to `relayer`, kept from the contract's events."""
+
+    def __init__(self, token: ethereum.BountyToken, relayer: str, books_dir: Path | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.token = token
+        self.books_dir = books_dir  # announced leaves, kept so a restarted node can still redeem
+        self.relayer = relayer
+        self.clock = clock
+        self._bounties: dict[bytes, int] = {}  # code hash -> expiry
+        self._books: dict[bytes, OpenBook] = {}
+        self._lock = threading.Lock()
+        self._next_block = 0
+        self.lookups = 0  # direct chain lookups, i.e. index misses
+        self.books_by_hex: dict[str, OpenBook] = {}  # announced books by root hex, for the hot path
+
+    def sync(self) -> None:
+        """Apply events from the blocks not seen yet."""
+        latest = self.token.w3.eth.block_number
+        if latest < self._next_block:
+            return
+        topics = {"relayer": self.relayer}
+        contract_events = self.token.contract.events
+        registered = contract_events.BountyRegistered().get_logs(
+            argument_filters=topics, from_block=self._next_block, to_block=latest)
+        opened = contract_events.BookOpened().get_logs(
+            argument_filters=topics, from_block=self._next_block, to_block=latest)
+        with self._lock:
+            for event in registered:
+                self._bounties[bytes(event["args"]["codeHash"])] = event["args"]["expiry"]
+            for event in opened:
+                args = event["args"]
+                root = bytes(args["root"])
+                book = self._books.get(root)
+                if book is None:
+                    self._books[root] = OpenBook(args["size"], args["expiry"], args["sender"])
+        self._next_block = latest + 1
+
+    def start_following(self, stop: threading.Event, interval: float = 1.0) -> threading.Thread:
+        def follow():
+            while not stop.wait(interval):
+                try:
+                    self.sync()
+                except Exception as exc:  # a flaky RPC must not kill the node
+                    log.warning("event sync failed: %s", exc)
+
+        thread = threading.Thread(target=follow, name="bounty-index", daemon=True)
+        thread.start()
+        return thread
+
+    def single_is_payable(self, code_hash: bytes) -> bool:
+        """Open, bound to this node, and not about to expire."""
+        now = self.clock()
+        expiry = self._bounties.get(code_hash)
+        if expiry is None:
+            self.lookups += 1
+            info = self.token.bounty(code_hash)
+            if info.state != "open" or info.relayer != self.relayer:
+                return False
+            expiry = info.expiry
+            with self._lock:
+                self._bounties[code_hash] = expiry
+        return expiry > now + EXPIRY_MARGIN
+
+    def book(self, root: bytes) -> OpenBook | None:
+        book = self._books.get(root)
+        if book is None:
+            self.lookups += 1
+            info = self.token.book(root)
+            if info.relayer != self.relayer or info.refunded or info.size == 0:
+                return None
+            book = OpenBook(info.size, info.expiry, info.sender)
+            with self._lock:
+                book = self._books.setdefault(root, book)
+        if book.tree is None and self.books_dir is not None:
+            saved = self.books_dir / f"{root.hex()}.json"
+            if saved.exists():
+                try:
+                    book.tree = KnownBook(root, [bytes.fromhex(x) for x in json.loads(saved.read_text())])
+                except ValueError:
+                    pass
+        return book
+
+    def is_payable(self, paid_by: tuple) -> bool:
+        """paid_by: ("single", code hash hex) or ("book", root hex, leaf index), lower-case hex."""
+        if paid_by[0] == "single":
+            return self.single_is_payable(bytes.fromhex(paid_by[1]))
+        book = self.books_by_hex.get(paid_by[1])  # the hot path: one dict lookup
+        if book is None:
+            book = self.book(bytes.fromhex(paid_by[1]))
+            if book is None or book.tree is None:
+                return False
+            self.books_by_hex[paid_by[1]] = book
+        return self._leaf_is_payable(book, paid_by[2])
+
+    def _leaf_is_payable(self, book: OpenBook, index: int) -> bool:
+        return book.tree is not None and index < book.size and book.expiry > self.clock() + EXPIRY_MARGIN
+
+    def announce_book(self, root: bytes, leaves: list[bytes]) -> OpenBook | None:
+        """A sender tells us the leaf hashes of its book, so we can check codes
+        and build multiproofs ourselves. Returns None if no such book pays us."""
+        book = self.book(root)
+        if book is None or len(leaves) != book.size:
+            return None
+        if book.tree is None:
+            book.tree = KnownBook(root, leaves)  # raises ValueError when the leaves do not make the root
+            if self.books_dir is not None:
+                self.books_dir.mkdir(parents=True, exist_ok=True)
+                tmp = self.books_dir / f"{root.hex()}.tmp"
+                tmp.write_text(json.dumps([leaf.hex() for leaf in leaves]))
+                os.replace(tmp, self.books_dir / f"{root.hex()}.json")
+        return book
+
+    def forget(self, code_hash: bytes) -> None:
+        with self._lock:
+            self._bounties.pop(code_hash, None)
+

@@ -1,0 +1,56 @@
+"""Error codes and the one exception every refusal travels in.
+
+Each code carries the text a user sees when no better one is given. After a
+fatal error the connection is closed: a length-prefixed stream cannot be
+resynchronised.
+"""
+from __future__ import annotations
+
+from .limits import MAX_FRAME
+
+# Error codes, each with the text a user sees when no better one is given.
+ERRORS = {
+    "bad_frame": "the frame is not a JSON object with a string 'type'",
+    "frame_too_large": f"frames are limited to {MAX_FRAME} bytes",
+    "unknown_type": "unknown message type",
+    "bad_field": "a field is missing or has the wrong type",
+    "out_of_order": "that message is not allowed at this point of the session",
+    "auth_failed": "the signature does not prove the key for that name",
+    "name_taken": "that name is pinned to another key on this node",
+    "name_in_use": "that name is already connected",
+    "invalid_name": "names are 1-32 letters, digits, '_', '-' or '.'",
+    "unknown_peer": "no such user is known to this node",
+    "offline": "the recipient is not connected",
+    "unpaid": "the message carries no open bounty bound to this node",
+    "bad_code": "that code does not match the message's bounty",
+    "unknown_message": "no pending message with that id",
+    "bad_channel": "channel names are '#' and 1-31 letters, digits, '_', '-' or '.'",
+    "not_a_member": "join the channel first (or the recipient is not in it)",
+    "timeout": "the connection was idle or too slow",
+    "busy": "the node has too many connections",
+    "internal": "the node failed to handle the message",
+}
+
+
+class ProtocolError(Exception):
+    """Anything malformed or refused. `code` is one of ERRORS; `fatal` means
+    the connection cannot go on (the stream is no longer in sync)."""
+
+    def __init__(self, code: str, message: str | None = None, *, ref: str | None = None, fatal: bool = False):
+        self.code = code
+        self.message = message or ERRORS.get(code, code)
+        self.ref = ref
+        self.fatal = fatal
+        super().__init__(f"{code}: {self.message}")
+
+    def to_message(self) -> dict:
+        msg = {"type": "error", "code": self.code, "message": self.message}
+        if self.ref is not None:
+            msg["ref"] = self.ref
+        return msg
+
+
+
+def error(code: str, message: str | None = None, ref: str | None = None) -> dict:
+    return ProtocolError(code, message, ref=ref).to_message()
+

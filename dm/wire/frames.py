@@ -1,0 +1,113 @@
+"""Frames, sans-IO: a 4-byte big-endian length, then that many bytes of UTF-8
+JSON, one object with a string `type`. Bytes go in, payloads (or messages)
+come out; no sockets and no threads here.
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+from .errors import ProtocolError
+from .limits import MAX_CONTAINERS, MAX_FRAME
+
+HEADER = struct.Struct(">I")
+
+
+def encode(message: dict) -> bytes:
+    """One frame for one message."""
+    return frame(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def frame(payload: bytes) -> bytes:
+    if len(payload) > MAX_FRAME:
+        raise ProtocolError("frame_too_large", f"a {len(payload)}-byte frame exceeds the {MAX_FRAME}-byte cap")
+    return HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Accepts bytes in any split and returns whole frame payloads.
+
+    The length is checked against the cap as soon as the 4 header bytes are
+    in, before any body is buffered. After an error the decoder stays broken:
+    a length-prefixed stream cannot be resynchronised.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME):
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._need: int | None = None  # body length of the frame being read
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def mid_frame(self) -> bool:
+        return bool(self._buffer) or self._need is not None
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._error:
+            raise self._error
+        need = self._need
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            if need is not None and len(buffer) < need:  # still inside one frame's body: no copy
+                return []
+            data = bytes(buffer)
+            buffer.clear()
+        # Frames are sliced straight out of `data`: one copy per frame.
+        frames = []
+        pos = 0
+        end = len(data)
+        while True:
+            if need is None:
+                if end - pos < 4:
+                    break
+                (need,) = HEADER.unpack_from(data, pos)
+                pos += 4
+                if need > self.max_frame:
+                    self._error = ProtocolError(
+                        "frame_too_large", f"a {need}-byte frame exceeds the {self.max_frame}-byte cap", fatal=True)
+                    self._need = None
+                    raise self._error
+            if end - pos < need:
+                break
+            frames.append(data[pos:pos + need])
+            pos += need
+            need = None
+        if pos < end:
+            buffer += memoryview(data)[pos:]
+        self._need = need
+        return frames
+
+
+def parse(payload: bytes) -> dict:
+    """A frame payload as a message: a JSON object with a string `type`."""
+    if payload.count(b"[") + payload.count(b"{") > MAX_CONTAINERS:
+        raise ProtocolError("bad_frame", f"the frame nests more than {MAX_CONTAINERS} JSON containers")
+    try:
+        message = json.loads(payload.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise ProtocolError("bad_frame", "the frame is not valid UTF-8 JSON") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("bad_frame")
+    if (b"\\ud" in payload or b"\\uD" in payload) and _has_lone_surrogate(message):
+        raise ProtocolError("bad_frame", "the frame has a lone UTF-16 surrogate, which is not text")
+    return message
+
+
+def _has_lone_surrogate(message: dict) -> bool:
+    try:
+        json.dumps(message, ensure_ascii=False).encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+class MessageDecoder(FrameDecoder):
+    """A FrameDecoder that also parses each frame (a client's view)."""
+
+    def feed_messages(self, data: bytes) -> list[dict]:
+        return [parse(payload) for payload in self.feed(data)]

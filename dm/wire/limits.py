@@ -1,0 +1,8 @@
+"""The wire's size limits, shared by both directions."""
+
+MAX_FRAME = 8 * 1024 * 1024  # the same cap for every frame, both directions
+MAX_MSG_ID = 64
+# json.loads recurses per nesting level, and web3's imports raise the recursion
+# limit to 100000, so deep nesting would overflow a thread's C stack. Real
+# frames have a handful of containers; refuse absurd counts before parsing.
+MAX_CONTAINERS = 1000
