@@ -28,6 +28,7 @@ class Connection:
         self.connected_at = self.last_frame_at = clock()
         self.frame_started_at: float | None = None
         self.errors = 0
+        self.req: int | None = None  # the request id of the message being handled
         self.relayed = 0  # messages this connection sent that reached their recipient
         self.closed = False
         self._send_lock = threading.RLock()  # close() takes it too, from inside a failed write

@@ -278,14 +278,19 @@ class Node:
                 target.flush()
 
     def _handle_payload(self, conn: Connection, payload: bytes) -> None:
+        conn.req = None
         try:
-            message = wire.check_client_message(wire.parse(payload), conn.phase)
-            self.dispatch(conn, message)
+            message = wire.parse(payload)
+            conn.req = wire.request_id(message)
+            self.dispatch(conn, wire.check_client_message(message, conn.phase))
             conn.errors = 0  # max_errors counts errors in a row
         except ProtocolError as exc:
             conn.errors += 1
+            refusal = exc.to_message()
+            if conn.req is not None:
+                refusal["req"] = conn.req
             try:
-                conn.send(exc.to_message())
+                conn.send(refusal)
             except (ProtocolError, ValueError):  # an unencodable ref: answer without it
                 conn.send(wire.error(exc.code, exc.message))
             if exc.fatal or conn.errors >= self.max_errors:
@@ -314,8 +319,14 @@ class Node:
     def dispatch(self, conn: Connection, message: dict) -> None:
         getattr(self, "on_" + message["type"])(conn, message)
 
+    def _reply(self, conn: Connection, reply: dict) -> None:
+        """Answer the request being handled, echoing its `req` id."""
+        if conn.req is not None:
+            reply["req"] = conn.req
+        conn.send(reply)
+
     def on_ping(self, conn: Connection, message: dict) -> None:
-        conn.send({"type": "pong"})
+        self._reply(conn, {"type": "pong"})
 
     def on_hello(self, conn: Connection, message: dict) -> None:
         name = message["name"]
@@ -338,7 +349,7 @@ class Node:
         conn.hello = message
         conn.nonce = base64.b64encode(secrets.token_bytes(32)).decode()
         conn.phase = "challenged"
-        conn.send({"type": "challenge", "nonce": conn.nonce, "node_id": self.node_id})
+        self._reply(conn, {"type": "challenge", "nonce": conn.nonce, "node_id": self.node_id})
 
     def on_auth(self, conn: Connection, message: dict) -> None:
         hello = conn.hello
@@ -367,7 +378,7 @@ class Node:
         conn.name = name
         conn.name_bytes = name.encode()
         conn.phase = "ready"
-        conn.send({**self.welcome, "name": name})  # before any deliver can reach this connection
+        self._reply(conn, {**self.welcome, "name": name})  # before any deliver can reach this connection
         with self._lock:
             previous = self._online.get(name)
             self._online[name] = conn
@@ -396,12 +407,12 @@ class Node:
         if not pinned:
             raise ProtocolError("unknown_peer", f"no user {message['name'][:40]!r} is known to this node",
                                 ref=message["name"][:64])
-        conn.send({"type": "lookup", "name": message["name"], **pinned})
+        self._reply(conn, {"type": "lookup", "name": message["name"], **pinned})
 
     def on_peers(self, conn: Connection, message: dict) -> None:
         with self._lock:
             names = sorted(self._online)
-        conn.send({"type": "peers", "names": names})
+        self._reply(conn, {"type": "peers", "names": names})
 
     def on_book(self, conn: Connection, message: dict) -> None:
         try:
@@ -412,7 +423,7 @@ class Node:
             raise ProtocolError("bad_field", "book.leaves do not make book.root") from None
         if book is None:
             raise ProtocolError("unpaid", "no open book with that root and size is bound to this node")
-        conn.send({"type": "book", "root": message["root"], "size": book.size})
+        self._reply(conn, {"type": "book", "root": message["root"], "size": book.size})
 
     def on_send(self, conn: Connection, message: dict) -> None:
         """The general path: a `send` the hot path (_relay_run) left alone, parsed whole."""
@@ -610,7 +621,7 @@ class Node:
             self.channels.setdefault(message["channel"], set()).add(conn.name)
             self._save_channels()
         log.info("%s joined %s", conn.name, message["channel"])
-        conn.send(self._channel_reply(conn.name, message["channel"]))
+        self._reply(conn, self._channel_reply(conn.name, message["channel"]))
 
     def on_leave(self, conn: Connection, message: dict) -> None:
         with self._lock:
@@ -622,10 +633,10 @@ class Node:
                 del self.channels[message["channel"]]
             self._save_channels()
         log.info("%s left %s", conn.name, message["channel"])
-        conn.send(self._channel_reply(conn.name, message["channel"]))
+        self._reply(conn, self._channel_reply(conn.name, message["channel"]))
 
     def on_channels(self, conn: Connection, message: dict) -> None:
-        conn.send(self._channel_reply(conn.name))
+        self._reply(conn, self._channel_reply(conn.name))
 
     def on_members(self, conn: Connection, message: dict) -> None:
         channel = message["channel"]
@@ -635,7 +646,7 @@ class Node:
                 raise ProtocolError("not_a_member", f"join {channel} first", ref=channel)
             online = sorted(m for m in members if m in self._online)
             offline = sorted(members - set(online))
-        conn.send({"type": "members", "channel": channel, "online": online, "offline": offline})
+        self._reply(conn, {"type": "members", "channel": channel, "online": online, "offline": offline})
 
     def _save_channels(self) -> None:  # called with self._lock held
         datadir.write_json(self.channels_path, {c: sorted(m) for c, m in self.channels.items()})

@@ -84,6 +84,20 @@ def check_client_message(message: dict, phase: str) -> dict:
     return message
 
 
+MAX_REQUEST_ID = 2**53 - 1  # exact in every JSON implementation
+
+
+def request_id(message: dict) -> int | None:
+    """A request's optional `req` id, echoed in its reply (or error) so a client can match them.
+    Anything else than an integer 0..2**53-1 is refused."""
+    req = message.get("req")
+    if req is None:
+        return None
+    if not isinstance(req, int) or isinstance(req, bool) or not 0 <= req <= MAX_REQUEST_ID:
+        raise ProtocolError("bad_field", f"req must be an integer 0..{MAX_REQUEST_ID}")
+    return req
+
+
 def check_bounty(bounty: dict, ref: str | None = None) -> dict:
     if isinstance(bounty.get("code_hash"), str) and is_hex32(bounty["code_hash"]):
         return bounty
