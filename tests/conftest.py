@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dm.chain import devchain
+from dm.net import free_port  # noqa: F401  (re-exported to the test modules)
 from dm.cli import main as main_cli
 from dm.chain import ethereum
 from dm.client.core import ChatClient, Events
@@ -23,12 +24,6 @@ from dm.relay.bounties import BountyIndex
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_users(data_dir: Path, *names: str) -> None:

@@ -18,7 +18,7 @@ def run_cli(*args, env) -> subprocess.CompletedProcess:
 
 def test_committed_artifact_matches_a_fresh_compile():
     fresh = contract_build.compile_artifact()
-    committed = contract_build.load_artifact()
+    committed = ethereum.load_artifact()
     assert committed["sourceHash"] == fresh["sourceHash"], "contract.sol changed: run python3 -m dm.chain.build"
     assert committed["bytecode"] == fresh["bytecode"]
     assert committed["abi"] == fresh["abi"]
@@ -28,7 +28,7 @@ def test_a_one_character_change_makes_the_artifact_stale(tmp_path, monkeypatch):
     edited = tmp_path / "contract.sol"
     edited.write_text(contract_build.SOURCE.read_text().replace("1e18", "2e18", 1))
     sources = contract_build.collect_sources(edited)
-    assert contract_build.source_hash(sources) != contract_build.load_artifact()["sourceHash"]
+    assert contract_build.source_hash(sources) != ethereum.load_artifact()["sourceHash"]
 
 
 def test_keys_are_created_private_and_never_overwritten(tmp_path):

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import solcx
 from dm import PROJECT_ROOT
+from dm.chain.ethereum import ARTIFACT_PATH as ARTIFACT, ChainError, load_artifact
 
 ROOT = PROJECT_ROOT
 SOURCE = ROOT / "contract.sol"
-ARTIFACT = ROOT / "artifacts" / "BountyToken.json"
 CONTRACT_NAME = "BountyToken"
 SOLC_JS_SHIM = ROOT / "tools" / "solcjs"
 NODE_MODULES = ROOT / "node_modules"
@@ -103,13 +103,6 @@ def compile_artifact() -> dict:
     }
 
 
-def load_artifact(path: Path = ARTIFACT) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BuildError(f"{path} is missing: run `python3 -m dm.chain.build`") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when the committed artifact is stale")
@@ -128,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         ARTIFACT.write_text(json.dumps(fresh, indent=1) + "\n")
         print(f"wrote {ARTIFACT.relative_to(ROOT)} with {fresh['compiler']['version']}")
         return 0
-    except BuildError as exc:
+    except (BuildError, ChainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except solcx.exceptions.SolcError as exc:

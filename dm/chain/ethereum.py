@@ -89,7 +89,7 @@ def load_artifact(path: Path = ARTIFACT_PATH) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ChainError(f"{path} is missing: run `python3 contract_build.py`") from None
+        raise ChainError(f"{path} is missing: run `python3 -m dm.chain.build`") from None
 
 
 def new_account() -> tuple[str, str]:

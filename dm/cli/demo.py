@@ -4,7 +4,6 @@ balances before and after. Run through `python3 main.py demo` (or `make demo`).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,18 +15,13 @@ from dm.chain import devchain
 from dm.cli.accounts import create_users, unspent_in_books
 from dm.chain import ethereum
 from dm import PROJECT_ROOT
+from dm.net import free_port
 
 ROOT = PROJECT_ROOT
 ALICE_LINES = ["Hi Bob! This message is end-to-end encrypted; the node only sees ciphertext.",
                "Each message carries a secret code that pays the node 1 BTK once you receive it.",
                "Here is a long one: " + "lorem ipsum " * 40]
 BOB_LINES = ["Hi Alice, got all of it. Paying the node with my replies too."]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _balances(token: ethereum.BountyToken, accounts: dict[str, str]) -> dict[str, float]:
@@ -88,7 +82,7 @@ def run(data_dir: Path, rpc_url: str, port: int = 0) -> int:
     try:
         token, record = devchain.ensure_deployment(w3, rpc_url, data_dir)
         print(f"\nchain {record.chain_id} at {rpc_url}; BountyToken at {record.address}")
-        port = port or _free_port()
+        port = port or free_port()
         env = {**os.environ, "DM_DATA_DIR": str(data_dir), "DM_RPC_URL": rpc_url, "PYTHONUNBUFFERED": "1"}
         node = subprocess.Popen([sys.executable, "node.py", "--host", "127.0.0.1", "--port", str(port),
                                  "--batch-wait", "0.5", "--log-level", "warning"], cwd=ROOT, env=env,

@@ -17,6 +17,7 @@ from typing import Callable
 from dm import datadir
 from dm import crypto
 from dm import wire
+from dm.net import hang_up
 from dm.chain import ethereum
 from dm.client.payment import BookPayer, SinglePayer
 
@@ -172,10 +173,7 @@ class ChatClient:
         self._closing = True
         self._closed.set()
         if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            hang_up(self.sock)
             self.sock.close()
 
     def _write(self, message: dict) -> None:

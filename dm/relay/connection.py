@@ -7,6 +7,7 @@ import struct
 import threading
 
 from dm import wire
+from dm.net import hang_up
 
 # While a connection thread handles the frames of one read, what it sends is
 # collected here and written once per destination: one syscall per burst
@@ -88,10 +89,7 @@ class Connection:
                 except OSError:
                     pass
             self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        hang_up(self.sock)
 
     def abort(self, message: dict) -> None:
         """From the watchdog: never wait on a writer that is stuck on a slow reader."""
@@ -104,10 +102,7 @@ class Connection:
             finally:
                 self._send_lock.release()
         self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        hang_up(self.sock)
 
     @property
     def label(self) -> str:

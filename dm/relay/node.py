@@ -9,17 +9,13 @@ ProtocolError -> an `error` frame. The node never decrypts: it routes on the
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import collections
 import logging
-import os
 import queue
 import re
 import secrets
-import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
