@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from dm.chain import devchain
+from dm.chain.faucet import faucet_signer
 from dm.net import free_port  # noqa: F401  (re-exported to the test modules)
-from dm.cli import main as main_cli
+from dm.cli import accounts
 from dm.chain import ethereum
 from dm.client.core import ChatClient, Events
 from dm.relay.node import Node
-from dm.relay.bounties import BountyIndex
+from helpers import start_node
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -28,7 +29,7 @@ PYTHON = sys.executable
 
 def make_users(data_dir: Path, *names: str) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main_cli.create_users(data_dir, list(names)) == 0
+        assert accounts.create_users(data_dir, list(names)) == 0
 
 
 @pytest.fixture
@@ -64,21 +65,13 @@ class RunningNode:
 def tester_node(data_dir, tester_chain):
     """A node in this process on eth-tester, redeeming quickly."""
     w3, token = tester_chain
-    signer = ethereum.Signer(w3, ethereum.new_account()[1])
-    faucet = devchain.faucet_signer(w3, data_dir)
-    devchain.fund_user(token, faucet, signer.address, btk=0)
-    index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books")
-    node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=faucet, host="127.0.0.1",
-                port=0, redeemer_options={"batch_size": 20, "batch_wait": 0.2},
-                handshake_timeout=3, frame_timeout=3)
-    node.start()
-    running = RunningNode(node)
+    running = RunningNode(start_node(token, data_dir, faucet=faucet_signer(w3, data_dir)))
     running.data_dir = data_dir
     running.clients = []
     yield running
     for client in running.clients:
         client.close()
-    node.stop()
+    running.node.stop()
 
 
 @pytest.fixture
@@ -86,18 +79,12 @@ def extra_nodes(tester_chain, data_dir, tmp_path):
     """Builds more nodes on the same chain (each with its own node directory)."""
     w3, token = tester_chain
     started: list[Node] = []
-    faucet = devchain.faucet_signer(w3, data_dir)  # one Signer per key: one nonce sequence
+    faucet = faucet_signer(w3, data_dir)  # one Signer per key: one nonce sequence
 
     def build(name: str, **options) -> Node:
         node_dir = tmp_path / name
         node_dir.mkdir(mode=0o700)
-        signer = ethereum.Signer(w3, ethereum.new_account()[1])
-        devchain.fund_user(token, faucet, signer.address, btk=0)
-        index = BountyIndex(token, signer.address, books_dir=node_dir / "node" / "books")
-        options = {"handshake_timeout": 3, "frame_timeout": 3, **options}
-        node = Node(token=token, signer=signer, data_dir=node_dir, index=index, faucet=faucet, host="127.0.0.1",
-                    port=0, redeemer_options={"batch_size": 20, "batch_wait": 0.2}, **options)
-        node.start()
+        node = start_node(token, node_dir, faucet=faucet, **options)
         started.append(node)
         return node
 

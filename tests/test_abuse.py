@@ -30,6 +30,7 @@ from dm import crypto
 from dm import wire
 from dm.chain import ethereum
 from dm.client.core import Events, Outstanding
+from helpers import login, user_keys
 from conftest import ROOT, RunningNode, collecting_events, make_users, wait_until
 
 LOCAL = "127.0.0.1"
@@ -138,22 +139,9 @@ def _spare_key():
     return _SPARE[0]
 
 
-def user_keys(data_dir: Path, name: str):
-    rsa_key = crypto.load_private_key(datadir.private_key_path(data_dir, name))
-    eth = ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, name)))
-    return rsa_key, crypto.public_key_pem(rsa_key), eth
-
-
 def raw_login(sock: socket.socket, data_dir: Path, name: str, *, signing_key=None) -> dict | None:
-    """The whole handshake by hand; returns the node's answer to `auth` (welcome or error)."""
-    rsa_key, pem, eth = user_keys(data_dir, name)
-    sock.sendall(wire.encode({"type": "hello", "name": name, "public_key": pem, "eth_address": eth}))
-    challenge = read_frame(sock)
-    assert challenge and challenge["type"] == "challenge", challenge
-    data = wire.auth_payload(challenge["nonce"], challenge["node_id"], name, pem, eth)
-    signature = crypto.sign(signing_key or rsa_key, data)
-    sock.sendall(wire.encode({"type": "auth", "signature": base64.b64encode(signature).decode()}))
-    return read_frame(sock, timeout=10)
+    """The whole handshake on a raw socket; returns the node's answer to `auth` (welcome or error)."""
+    return login(sock, data_dir, name, signing_key=signing_key)
 
 
 def assert_ping_works(sock: socket.socket) -> None:
@@ -290,17 +278,13 @@ def test_non_fatal_bad_frames_get_their_error_code_and_the_session_goes_on(teste
 NODE_PROCESS = r"""
 import sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from dm.chain import devchain, ethereum
-from dm.relay.node import Node
-from dm.relay.bounties import BountyIndex
+from helpers import start_node
 data = Path(sys.argv[2])
 w3 = ethereum.connect(ethereum.TESTER_URL)
 token, _ = devchain.ensure_deployment(w3, ethereum.TESTER_URL, data)
-signer = ethereum.Signer(w3, ethereum.new_account()[1])
-node = Node(token=token, signer=signer, data_dir=data, host="127.0.0.1", port=0,
-            index=BountyIndex(token, signer.address, books_dir=data / "node" / "books"))
-node.start()
+node = start_node(token, data, handshake_timeout=10, frame_timeout=10, redeemer_options={})
 print(node.port, flush=True)
 sys.stdin.read()
 node.stop()
@@ -476,7 +460,7 @@ def test_slow_and_silent_clients_are_cut_off_while_an_honest_pair_is_served(test
 
     for kind, (frames, after) in results.items():
         assert codes(frames) == ["timeout"], (kind, frames)
-        limit = node.frame_timeout if kind == "halfway" else node.handshake_timeout
+        limit = node.server.frame_timeout if kind == "halfway" else node.server.handshake_timeout
         assert limit - 0.5 < after < limit + 3, (kind, after)
     assert "frame" in results["halfway"][0][-1]["message"]
     assert [f["type"] for f in pinged].count("pong") >= 3  # served, but pings do not stand in for auth
@@ -537,11 +521,11 @@ def test_a_client_that_stops_reading_does_not_stall_the_watchdog(extra_nodes, da
             hog.sendall(lookup * 100_000)
         except OSError:
             pass
-        wait_until(lambda: any(c.name == "hog" and held_elsewhere(c._send_lock) for c in list(node._connections)),
-                   timeout=node.idle_timeout, message="the node to block writing to the hog")
-        time.sleep(max(0.0, flooded + node.idle_timeout + 0.5 - time.monotonic()))  # the hog is idle now
+        wait_until(lambda: any(c.name == "hog" and held_elsewhere(c.transport._send_lock) for c in list(node.server.sessions)),
+                   timeout=node.server.idle_timeout, message="the node to block writing to the hog")
+        time.sleep(max(0.0, flooded + node.server.idle_timeout + 0.5 - time.monotonic()))  # the hog is idle now
         silent = connect(node.port, stack)
-        frames, elapsed = read_until_closed(silent, timeout=node.handshake_timeout + 1)
+        frames, elapsed = read_until_closed(silent, timeout=node.server.handshake_timeout + 1)
         assert codes(frames) == ["timeout"]
 
 
@@ -568,9 +552,9 @@ def test_500_dropped_connections_leak_nothing(tester_node):
             sock.close()
     a, b = fresh_pair_names()
     assert_node_serves_a_pair(tester_node, a, b)
-    wait_until(lambda: len(node._connections) == 2, timeout=8,
-               message=f"the node to forget the dropped connections (has {len(node._connections)})")
-    assert sorted(c.name for c in node._connections) == [a, b]
+    wait_until(lambda: len(node.server.sessions) == 2, timeout=8,
+               message=f"the node to forget the dropped connections (has {len(node.server.sessions)})")
+    assert sorted(c.name for c in node.server.sessions) == [a, b]
     wait_until(lambda: sum(t.name == "conn" for t in threading.enumerate()) == 2, timeout=8,
                message="connection threads to end")
 
@@ -661,14 +645,14 @@ def test_the_connection_cap_answers_busy_and_frees_up(extra_nodes, data_dir):
     node = extra_nodes("capped", max_connections=5)
     with contextlib.ExitStack() as stack:
         held = [connect(node.port, stack) for _ in range(5)]
-        wait_until(lambda: len(node._connections) == 5, timeout=5, message="5 accepted connections")
+        wait_until(lambda: len(node.server.sessions) == 5, timeout=5, message="5 accepted connections")
         sixth = connect(node.port, stack)
         frames, elapsed = read_until_closed(sixth, timeout=3)
         assert codes(frames) == ["busy"]
-        assert len(node._connections) == 5
+        assert len(node.server.sessions) == 5
         for sock in held:
             sock.close()
-        wait_until(lambda: len(node._connections) == 0, timeout=5, message="the held connections to go")
+        wait_until(lambda: len(node.server.sessions) == 0, timeout=5, message="the held connections to go")
     # a real pair on the capped node
     a, b = fresh_pair_names()
     ensure_users(data_dir, a, b)
@@ -685,14 +669,14 @@ def test_a_reset_while_the_node_is_full_does_not_kill_the_accept_loop(extra_node
     node = extra_nodes("full", max_connections=1)
     with contextlib.ExitStack() as stack:
         holder = connect(node.port, stack)
-        wait_until(lambda: len(node._connections) == 1, timeout=5, message="the one allowed connection")
-        with node._lock:  # hold the accept loop between accept() and its `busy` reply, to make the race certain
+        wait_until(lambda: len(node.server.sessions) == 1, timeout=5, message="the one allowed connection")
+        with node.server.lock:  # hold the accept loop between accept() and its `busy` reply, to make the race certain
             rude = connect(node.port, stack)
             abort(rude)
             time.sleep(0.3)
         time.sleep(0.3)
         holder.close()
-        wait_until(lambda: len(node._connections) == 0, timeout=5, message="the holder to go")
+        wait_until(lambda: len(node.server.sessions) == 0, timeout=5, message="the holder to go")
     assert hello_gets_challenge(node.port, timeout=1.5), "the node no longer accepts connections"
 
 
@@ -709,7 +693,7 @@ def test_running_out_of_file_descriptors_once_does_not_stop_accepting(extra_node
         try:
             flood.connect((LOCAL, node.port))  # accepted (a blocked accept() holds a descriptor)...
             deadline = time.monotonic() + 2
-            while len(node._connections) < 1 and time.monotonic() < deadline:
+            while len(node.server.sessions) < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
             deadline = time.monotonic() + 1  # ...and the next accept() fails with EMFILE
             while all(t.is_alive() for t in accept_threads) and time.monotonic() < deadline:
@@ -739,7 +723,7 @@ def test_a_paid_message_with_an_unencodable_msg_id_leaves_nothing_behind(tester_
         ma.sock.sendall(ascii_frame({"type": "send", "to": "mb", "msg_id": msg_id, "bounty": bounty.wire,
                                      "envelope": {}}))
     wait_until(lambda: heard, timeout=5, message="the node's answer to the send")
-    assert msg_id not in node._pending
+    assert msg_id not in node.ledger.pending
     with mb._send_lock:  # the accomplice claims it anyway
         mb.sock.sendall(ascii_frame({"type": "claim", "msg_id": msg_id, "code": bounty.code.hex()}))
     time.sleep(0.6)  # a batch (0.2 s) would have been redeemed by now
@@ -784,8 +768,8 @@ def test_an_unclaimed_delivery_is_forgotten_after_the_claim_timeout(extra_nodes,
         msg_id = sender.send_text("silent", "you will not pay for this")
         deliver = read_frame(silent)
         assert deliver["type"] == "deliver" and deliver["msg_id"] == msg_id
-        assert msg_id in node._pending
-        wait_until(lambda: msg_id not in node._pending, timeout=3, message="the pending delivery to expire")
+        assert msg_id in node.ledger.pending
+        wait_until(lambda: msg_id not in node.ledger.pending, timeout=3, message="the pending delivery to expire")
         silent.sendall(wire.encode({"type": "claim", "msg_id": msg_id, "code": "00" * 32}))
         reply = read_frame(silent)
         assert reply["type"] == "error" and reply["code"] == "unknown_message"

@@ -8,6 +8,7 @@ import subprocess
 
 from dm.chain import build as contract_build
 from dm.chain import devchain
+from dm.chain.faucet import USER_GRANT_BTK, faucet_signer, fund_user, give_eth
 from dm.chain import ethereum
 from conftest import PYTHON, ROOT, cli_env, free_port
 
@@ -62,11 +63,11 @@ def test_chain_starts_by_itself_keeps_state_and_info_matches_it(tmp_path):
         token, record = devchain.ensure_deployment(w3, url, tmp_path)
         assert token.is_genuine()
         alice = ethereum.address_of((tmp_path / "keys" / "alice_ETH.key").read_text())
-        faucet = devchain.faucet_signer(w3, tmp_path)
-        assert devchain.fund_user(token, faucet, alice)
+        faucet = faucet_signer(w3, tmp_path)
+        assert fund_user(token, faucet, alice)
         token.transfer(faucet, alice, 7 * ethereum.TOKEN)
         expected = token.balance_of(alice)
-        assert expected == devchain.USER_GRANT_BTK + 7 * ethereum.TOKEN
+        assert expected == USER_GRANT_BTK + 7 * ethereum.TOKEN
     finally:
         anvil.stop()
     assert (tmp_path / "chain" / "anvil-state.json").exists()

@@ -28,6 +28,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any cwd
 
 from dm.chain import devchain  # noqa: E402
+from dm.chain.faucet import give_eth  # noqa: E402
 from dm.chain import ethereum  # noqa: E402
 from dm.chain.books import BookSecrets, MerkleTree, leaf_hash, redemption_args  # noqa: E402
 from web3_utils import TOKEN, code_hash  # noqa: E402
@@ -58,7 +59,7 @@ def tester(w3):
 def deployment(w3):
     """(token, deployer key, deploy receipt), deployed once per module by a fresh account."""
     address, key = ethereum.new_account()
-    devchain.give_eth(w3, address, 1_000 * 10**18)
+    give_eth(w3, address, 1_000 * 10**18)
     token, receipt = ethereum.BountyToken.deploy(ethereum.Signer(w3, key), INITIAL_SUPPLY)
     return token, key, receipt
 
@@ -91,7 +92,7 @@ def new_key(w3, token, deployer):
     def make(btk: int = 0, eth: bool = True) -> tuple[str, str]:
         address, key = ethereum.new_account()
         if eth:
-            devchain.give_eth(w3, address, GAS_ETH)
+            give_eth(w3, address, GAS_ETH)
         if btk:
             token.transfer(deployer, address, btk * TOKEN)
         return address, key

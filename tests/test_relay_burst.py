@@ -18,11 +18,12 @@ import pytest
 
 from dm import datadir
 from dm.chain import devchain
+from dm.chain.faucet import USER_GRANT_BTK, faucet_signer, fund_user, give_eth
 from dm import wire
 from dm.chain import ethereum
 from dm.chain.books import BookSecrets
 from conftest import make_users, wait_until
-from dm.relay import node as node_module
+from dm.relay import server as relay_server
 from test_abuse import connect, raw_login, read_frame
 
 ENVELOPE = {"from": "x", "to": "y", "ciphertext": "QUJD", "signature": "c2ln"}  # the node never opens it
@@ -38,7 +39,7 @@ def open_announced_book(node, data_dir, sock, name: str, size: int) -> BookSecre
     """Open a real book on chain for `name`, bound to the node, and announce its leaves."""
     token = node.token
     signer = ethereum.Signer(token.w3, datadir.read_secret(datadir.eth_key_path(data_dir, name)))
-    devchain.fund_user(token, devchain.faucet_signer(token.w3, data_dir), signer.address)
+    fund_user(token, faucet_signer(token.w3, data_dir), signer.address)
     book = BookSecrets.generate(size)
     now = token.w3.eth.get_block("latest")["timestamp"]
     token.open_book(signer, book.root, size, node.signer.address, now + 86_400)
@@ -96,7 +97,7 @@ def test_a_burst_with_bad_frames_in_the_middle_gets_one_right_answer_per_frame(t
     make_users(data_dir, "carol")  # known to the node once she logs in, then offline
     (carol,) = logged_in("carol")
     carol.close()
-    wait_until(lambda: "carol" not in node._online, message="carol offline")
+    wait_until(lambda: "carol" not in node.online, message="carol offline")
     alice, bob = logged_in("alice", "bob")
     book = open_announced_book(node, data_dir, alice, "alice", 8)
     root = book.root.hex()
@@ -207,7 +208,7 @@ def test_the_node_counts_what_it_relayed(tester_node, logged_in):
     read_frames(alice, 4)
     assert node.relayed == before + 4
     alice.close()
-    wait_until(lambda: "alice" not in node._online, message="alice gone")
+    wait_until(lambda: "alice" not in node.online, message="alice gone")
     assert node.relayed == before + 4  # a closed connection's count is kept
 
 
@@ -223,15 +224,15 @@ def test_claimed_deliveries_leave_the_node_s_memory_but_their_bounties_stay_used
     read_frames(bob, 5)
     bob.sendall(b"".join(wire.encode({"type": "claim", "msg_id": f"c{i}", "code": book.codes[i].hex()})
                          for i in range(4)))  # c4 stays unclaimed
-    wait_until(lambda: [entry[0] for entry in node._expiring] == ["c4"], timeout=5,
+    wait_until(lambda: [entry[0] for entry in node.ledger.expiring] == ["c4"], timeout=5,
                message="claimed deliveries dropped, the unclaimed one kept")
-    assert list(node._pending) == ["c4"]
+    assert list(node.ledger.pending) == ["c4"]
     alice.sendall(send_frame("bob", "again", root, 2))
     assert in_order([read_frame(alice)]) == [("again", "unpaid")]
 
 
 def test_the_log_sums_up_relaying_every_interval(extra_nodes, data_dir, monkeypatch, caplog):
-    monkeypatch.setattr(node_module, "RELAY_REPORT_SECONDS", 0.5)
+    monkeypatch.setattr(relay_server, "RELAY_REPORT_SECONDS", 0.5)
     node = extra_nodes("relay-log")
     make_users(data_dir, "alice", "bob")
     caplog.set_level(logging.INFO, logger="node")

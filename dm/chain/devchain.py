@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from web3 import Web3
 
 from dm import datadir
-from dm.chain import ethereum
+from dm.chain import ethereum, faucet
 from dm import PROJECT_ROOT
 
 ROOT = PROJECT_ROOT
@@ -33,9 +33,6 @@ ANVIL_BINARIES = (
     ROOT / "node_modules" / "@foundry-rs" / "anvil-darwin-amd64" / "bin" / "anvil",
 )
 INITIAL_SUPPLY = 1_000_000_000 * ethereum.TOKEN
-USER_GRANT_BTK = 10_000 * ethereum.TOKEN  # what a new user is given on a dev chain
-USER_GRANT_ETH = 100 * 10**18  # gas money on a dev chain
-DEV_CHAIN_IDS = (31337, 131277322940537)  # anvil's, and eth-tester's
 
 
 @dataclass
@@ -129,27 +126,7 @@ def ensure_chain(url: str, data_dir: Path, start: bool = True) -> tuple[Web3, An
         raise
 
 
-def is_dev_chain(w3: Web3) -> bool:
-    return w3.eth.chain_id in DEV_CHAIN_IDS
 
-
-def give_eth(w3: Web3, address: str, amount: int) -> None:
-    """Gas money on a dev chain: anvil_setBalance on anvil, a transfer on eth-tester."""
-    address = Web3.to_checksum_address(address)
-    if w3.eth.chain_id == 31337:
-        balance = w3.eth.get_balance(address)
-        w3.provider.make_request("anvil_setBalance", [address, hex(balance + amount)])
-    else:
-        tx_hash = w3.eth.send_transaction({"from": w3.eth.accounts[0], "to": address, "value": amount})
-        ethereum.wait_for(w3, tx_hash)
-
-
-def faucet_signer(w3: Web3, data_dir: Path) -> ethereum.Signer:
-    key = datadir.ensure_secret(data_dir / "chain" / "faucet.key", lambda: ethereum.new_account()[1])
-    signer = ethereum.Signer(w3, key)
-    if w3.eth.get_balance(signer.address) < 10**18:
-        give_eth(w3, signer.address, 10_000 * 10**18)
-    return signer
 
 
 def deployment_path(data_dir: Path) -> Path:
@@ -173,30 +150,13 @@ def ensure_deployment(w3: Web3, url: str, data_dir: Path) -> tuple[ethereum.Boun
         token = ethereum.BountyToken(w3, record.address, artifact)
         if token.is_genuine():
             return token, record
-    if not is_dev_chain(w3):
+    if not ethereum.is_dev_chain(w3):
         raise ethereum.ChainError(f"no BountyToken recorded for chain {chain_id}; deploy one and record it in "
                             f"{deployment_path(data_dir)}")
-    token, receipt = ethereum.BountyToken.deploy(faucet_signer(w3, data_dir), INITIAL_SUPPLY, artifact)
+    token, receipt = ethereum.BountyToken.deploy(faucet.faucet_signer(w3, data_dir), INITIAL_SUPPLY, artifact)
     record = Deployment(chain_id, url, token.address, receipt["blockNumber"])
     datadir.write_json(deployment_path(data_dir), record.to_json())
     return token, record
-
-
-def fund_user(token: ethereum.BountyToken, faucet: ethereum.Signer, address: str,
-              btk: int = USER_GRANT_BTK, eth: int = USER_GRANT_ETH) -> bool:
-    """On a dev chain, top up `address` with gas and BTK when it runs low.
-    Returns whether anything was sent."""
-    w3 = token.w3
-    if not is_dev_chain(w3):
-        return False
-    sent = False
-    if w3.eth.get_balance(address) < eth // 10:
-        give_eth(w3, address, eth)
-        sent = True
-    if token.balance_of(address) < btk // 10:
-        token.transfer(faucet, address, btk)
-        sent = True
-    return sent
 
 
 def stop_on_exit(anvil: Anvil | None) -> None:

@@ -24,13 +24,14 @@ from dm import PROJECT_ROOT
 
 __all__ = ["ARTIFACT_PATH", "DEFAULT_RPC_URL", "TESTER_URL", "TOKEN", "BOUNTY_STATES", "ChainError", "ContractRevert",
            "connect", "is_connected", "load_artifact", "new_account", "address_of", "BountyInfo", "BookInfo", "Signer",
-           "BountyToken", "wait_for", "code_hash"]
+           "BountyToken", "wait_for", "code_hash", "DEV_CHAIN_IDS", "is_dev_chain"]
 
 ARTIFACT_PATH = PROJECT_ROOT / "artifacts" / "BountyToken.json"
 DEFAULT_RPC_URL = "http://127.0.0.1:8545"
 TESTER_URL = "tester://"  # an in-process eth-tester chain (py-evm)
 TOKEN = 10**18  # BTK has 18 decimals
 BOUNTY_STATES = ("none", "open", "redeemed", "refunded")
+DEV_CHAIN_IDS = (31337, 131277322940537)  # anvil's, and eth-tester's
 
 
 class ChainError(Exception):
@@ -345,6 +346,10 @@ def wait_for(w3: Web3, tx_hash: bytes, timeout: float = 120):
         return w3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout, poll_latency=0.05)
     except Web3Exception as exc:
         raise ChainError(f"no receipt for {tx_hash.hex()} after {timeout:.0f}s: {exc}") from None
+
+
+def is_dev_chain(w3: Web3) -> bool:
+    return w3.eth.chain_id in DEV_CHAIN_IDS
 
 
 def code_hash(code: bytes) -> bytes:

@@ -13,6 +13,7 @@ import threading
 
 from dm import datadir
 from dm.chain import devchain, ethereum
+from dm.chain.faucet import Faucet, faucet_signer, fund_user
 from dm.relay.bounties import BountyIndex
 from dm.relay.node import Node
 
@@ -24,13 +25,13 @@ def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
         token, deployment = devchain.ensure_deployment(w3, args.rpc_url, data_dir)
         key = datadir.ensure_secret(data_dir / "node" / "node_ETH.key", lambda: ethereum.new_account()[1])
         signer = ethereum.Signer(w3, key)
-        faucet = None
-        if devchain.is_dev_chain(w3):
-            faucet = devchain.faucet_signer(w3, data_dir)
-            devchain.fund_user(token, faucet, signer.address, btk=0)
-        index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books")
-        index._next_block = deployment.deploy_block
-        node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=faucet,
+        dev_faucet = None
+        if ethereum.is_dev_chain(w3):
+            dev_faucet = Faucet(token, faucet_signer(w3, data_dir))
+            fund_user(token, dev_faucet.signer, signer.address, btk=0)
+        index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books",
+                            from_block=deployment.deploy_block)
+        node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=dev_faucet,
                     host=args.host, port=args.port, max_connections=args.max_connections,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait})
     except BaseException:

@@ -34,7 +34,7 @@ class BountyIndex:
     """Open bounties and books bound to `relayer`, kept from the contract's events."""
 
     def __init__(self, token: ethereum.BountyToken, relayer: str, books_dir: Path | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, from_block: int = 0):
         self.token = token
         self.books_dir = books_dir  # announced leaves, kept so a restarted node can still redeem
         self.relayer = relayer
@@ -42,7 +42,7 @@ class BountyIndex:
         self._bounties: dict[bytes, int] = {}  # code hash -> expiry
         self._books: dict[bytes, OpenBook] = {}
         self._lock = threading.Lock()
-        self._next_block = 0
+        self._next_block = from_block  # the contract's deploy block: no events before it
         self.lookups = 0  # direct chain lookups, i.e. index misses
         self.books_by_hex: dict[str, OpenBook] = {}  # announced books by root hex, for the hot path
 
@@ -80,9 +80,9 @@ class BountyIndex:
         thread.start()
         return thread
 
-    def single_is_payable(self, code_hash: bytes) -> bool:
+    def single_is_payable(self, code_hash: bytes, now: float | None = None) -> bool:
         """Open, bound to this node, and not about to expire."""
-        now = self.clock()
+        now = self.clock() if now is None else now
         expiry = self._bounties.get(code_hash)
         if expiry is None:
             self.lookups += 1
@@ -113,20 +113,21 @@ class BountyIndex:
                     pass
         return book
 
-    def is_payable(self, paid_by: tuple) -> bool:
-        """paid_by: ("single", code hash hex) or ("book", root hex, leaf index), lower-case hex."""
+    def is_payable(self, paid_by: tuple, now: float | None = None) -> bool:
+        """Whether a message may be paid with this bounty: open, bound to this node, at least
+        EXPIRY_MARGIN seconds from expiry at `now` (chain time; read here when None), and for a
+        book, announced and the leaf in range. paid_by comes from dm.wire.bounty_key."""
+        if now is None:
+            now = self.clock()
         if paid_by[0] == "single":
-            return self.single_is_payable(bytes.fromhex(paid_by[1]))
+            return self.single_is_payable(bytes.fromhex(paid_by[1]), now)
         book = self.books_by_hex.get(paid_by[1])  # the hot path: one dict lookup
         if book is None:
             book = self.book(bytes.fromhex(paid_by[1]))
             if book is None or book.tree is None:
                 return False
             self.books_by_hex[paid_by[1]] = book
-        return self._leaf_is_payable(book, paid_by[2])
-
-    def _leaf_is_payable(self, book: OpenBook, index: int) -> bool:
-        return book.tree is not None and index < book.size and book.expiry > self.clock() + EXPIRY_MARGIN
+        return paid_by[2] < book.size and book.expiry > now + EXPIRY_MARGIN
 
     def announce_book(self, root: bytes, leaves: list[bytes]) -> OpenBook | None:
         """A sender tells us the leaf hashes of its book, so we can check codes

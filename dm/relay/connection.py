@@ -1,5 +1,4 @@
-"""One client connection as the node sees it: its socket, session state, and
-writes that are coalesced per burst."""
+"""One client connection's socket as the node sees it, with writes coalesced per burst."""
 from __future__ import annotations
 
 import socket
@@ -16,21 +15,16 @@ burst = threading.local()
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, address, clock):
+    """One client's socket as the node writes to it: frames are coalesced per burst.
+
+    Thread-safety: any thread may write (a sender's connection thread delivers to this
+    one); every write and `_out` are under `_send_lock`. Only the owning connection thread
+    reads the socket. `closed` only ever goes from False to True.
+    """
+
+    def __init__(self, sock: socket.socket, address):
         self.sock = sock
         self.address = address
-        self.name: str | None = None
-        self.name_bytes = b""
-        self.proved = False
-        self.phase = "connected"
-        self.hello: dict | None = None
-        self.nonce = ""
-        self.decoder = wire.FrameDecoder()
-        self.connected_at = self.last_frame_at = clock()
-        self.frame_started_at: float | None = None
-        self.errors = 0
-        self.req: int | None = None  # the request id of the message being handled
-        self.relayed = 0  # messages this connection sent that reached their recipient
         self.closed = False
         self._send_lock = threading.RLock()  # close() takes it too, from inside a failed write
         self._out: list[bytes] = []
@@ -106,7 +100,7 @@ class Connection:
 
     @property
     def label(self) -> str:
-        return self.name or f"{self.address[0]}:{self.address[1]}"
+        return f"{self.address[0]}:{self.address[1]}"
 
 
 def timeval(seconds: float) -> bytes:

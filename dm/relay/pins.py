@@ -1,37 +1,27 @@
 """The node's name -> key pins: set at a name's first proof, kept on disk, never replaced."""
 from __future__ import annotations
 
-import json
-import os
 import threading
 from pathlib import Path
 
-from dm import datadir
+from dm.relay.snapshot_log import SnapshotLog
+
+
+def _apply(pins: dict, entry: dict) -> None:
+    pins[entry["name"]] = {"public_key": entry["public_key"], "eth_address": entry["eth_address"]}
 
 
 class PinStore:
-    """name -> public key, pinned at the first successful proof, kept on disk.
+    """name -> {public_key, eth_address}, pinned at the first successful proof, kept on disk
+    (pins.json, and pins.jsonl for the pins added since the last start).
 
-    pins.json holds the pins as of the last start; each new pin is appended to
-    pins.jsonl (fsynced) and folded into pins.json at the next start, so adding
-    a user costs one short write, not a rewrite of every pin."""
+    Thread-safety: pin() runs under the store's own lock, which nothing else takes, so its
+    fsync holds up no other thread. Readers (get, `names` on the hot path) take no lock: a
+    dict read sees a pin or not, and a pin is never replaced by another key."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.log_path = path.with_suffix(".jsonl")
-        self._pins: dict[str, dict] = datadir.read_json(path, {})
-        try:
-            for line in self.log_path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                    self._pins[entry["name"]] = {"public_key": entry["public_key"], "eth_address": entry["eth_address"]}
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line from a crash
-        except FileNotFoundError:
-            pass
-        datadir.write_json(path, self._pins)
-        self.log_path.unlink(missing_ok=True)
-        self._log = open(self.log_path, "a")
+        self._store = SnapshotLog(path, {}, _apply)
+        self._pins: dict[str, dict] = self._store.state
         self._lock = threading.Lock()
 
     def get(self, name: str) -> dict | None:
@@ -45,6 +35,7 @@ class PinStore:
 
     @property
     def names(self):
+        """A live view, for membership tests without a method call per message."""
         return self._pins.keys()
 
     def pin(self, name: str, public_key: str, eth_address: str) -> str:
@@ -56,11 +47,10 @@ class PinStore:
                 return "conflict"
             outcome = "new" if not pinned else "same" if pinned["eth_address"] == eth_address else "moved"
             if outcome != "same":
-                self._pins[name] = {"public_key": public_key, "eth_address": eth_address}
-                self._log.write(json.dumps({"name": name, **self._pins[name]}) + "\n")
-                self._log.flush()
-                os.fsync(self._log.fileno())
+                entry = {"name": name, "public_key": public_key, "eth_address": eth_address}
+                self._store.append(entry)
+                _apply(self._pins, entry)
             return outcome
 
     def close(self) -> None:
-        self._log.close()
+        self._store.close()

@@ -41,6 +41,7 @@ class ProtocolError(Exception):
         self.message = message or ERRORS.get(code, code)
         self.ref = ref
         self.fatal = fatal
+        self.req: int | None = None  # the request id it answers, set by whoever knows it
         super().__init__(f"{code}: {self.message}")
 
     def to_message(self) -> dict:

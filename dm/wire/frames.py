@@ -83,12 +83,28 @@ class FrameDecoder:
         return frames
 
 
+class _DuplicateMember(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list) -> dict:
+    # json.loads would keep the last of two equal keys; a message that says two things is refused.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateMember
+    return obj
+
+
 def parse(payload: bytes) -> dict:
-    """A frame payload as a message: a JSON object with a string `type`."""
+    """A frame payload as a message: a JSON object with a string `type`, no member twice."""
     if payload.count(b"[") + payload.count(b"{") > MAX_CONTAINERS:
         raise ProtocolError("bad_frame", f"the frame nests more than {MAX_CONTAINERS} JSON containers")
     try:
-        message = json.loads(payload.decode("utf-8"))
+        # strict=False: raw control characters inside strings are accepted, as the fast reader
+        # (dm.wire.send) accepts them without looking; the node never reads those strings.
+        message = json.loads(payload.decode("utf-8"), strict=False, object_pairs_hook=_object_without_duplicates)
+    except _DuplicateMember:
+        raise ProtocolError("bad_frame", "the frame has a member twice in one object") from None
     except (ValueError, RecursionError):
         raise ProtocolError("bad_frame", "the frame is not valid UTF-8 JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):

@@ -44,6 +44,11 @@ NODE_MESSAGES = {
     "pong": {},
 }
 
+# Members a message may carry besides its required fields. Anything else is refused, so that a
+# relayed message can never smuggle a second `from` or other members past the node.
+OPTIONAL_FIELDS = {"send": {"channel": str}}
+ANY_MESSAGE_OPTIONAL = ("type", "req")  # `req`: a request id, echoed in the reply
+
 # The order rules, all in one place: what a client may send in each phase.
 PHASES = {
     "connected": {"hello", "ping"},
@@ -67,12 +72,20 @@ def check_fields(message: dict, schemas: dict) -> dict:
 
 
 def check_client_message(message: dict, phase: str) -> dict:
-    """Validate a client's message for the session phase; raises ProtocolError."""
+    """Validate a client's message for the session phase; raises ProtocolError.
+    The checks, in order: type known, required fields typed, allowed in this phase,
+    no unknown members, msg_id length, then a send's bounty and channel."""
     check_fields(message, CLIENT_MESSAGES)
-    if message["type"] not in PHASES[phase]:
-        raise ProtocolError("out_of_order", f"{message['type']!r} is not allowed now"
+    kind = message["type"]
+    if kind not in PHASES[phase]:
+        raise ProtocolError("out_of_order", f"{kind!r} is not allowed now"
                             + (": authenticate first" if phase != "ready" else ""))
-    if "msg_id" in CLIENT_MESSAGES[message["type"]] and not 0 < len(message["msg_id"]) <= MAX_MSG_ID:
+    unknown = [m for m in message if m not in CLIENT_MESSAGES[kind] and m not in ANY_MESSAGE_OPTIONAL
+               and m not in OPTIONAL_FIELDS.get(kind, ())]
+    if unknown:
+        raise ProtocolError("bad_field", f"{kind} has unknown member(s): {', '.join(sorted(unknown))[:80]}",
+                            ref=_ref(message))
+    if "msg_id" in CLIENT_MESSAGES[kind] and not 0 < len(message["msg_id"]) <= MAX_MSG_ID:
         raise ProtocolError("bad_field", f"msg_id must be 1-{MAX_MSG_ID} characters")
     if message["type"] == "send":
         check_bounty(message["bounty"], ref=message["msg_id"])
@@ -99,11 +112,12 @@ def request_id(message: dict) -> int | None:
 
 
 def check_bounty(bounty: dict, ref: str | None = None) -> dict:
-    if isinstance(bounty.get("code_hash"), str) and is_hex32(bounty["code_hash"]):
+    """Exactly {code_hash} or {book, index}: nothing else rides along to the recipient."""
+    if len(bounty) == 1 and isinstance(bounty.get("code_hash"), str) and is_hex32(bounty["code_hash"]):
         return bounty
     index = bounty.get("index")
-    if (isinstance(bounty.get("book"), str) and is_hex32(bounty["book"]) and isinstance(index, int)
-            and not isinstance(index, bool) and 0 <= index < 2**32):
+    if (len(bounty) == 2 and isinstance(bounty.get("book"), str) and is_hex32(bounty["book"])
+            and isinstance(index, int) and not isinstance(index, bool) and 0 <= index < 2**32):
         return bounty
     raise ProtocolError("bad_field", "bounty must be {code_hash} or {book, index}", ref=ref)
 
@@ -113,6 +127,14 @@ _CHANNEL = re.compile(r"#[A-Za-z0-9_.-]{1,31}")
 
 def is_channel(name) -> bool:
     return isinstance(name, str) and _CHANNEL.fullmatch(name) is not None
+
+
+def bounty_key(bounty: dict) -> tuple:
+    """What a checked bounty pays with, as the node keys it: ("single", code hash) or
+    ("book", root, leaf index), hex in lower case without 0x."""
+    if "code_hash" in bounty:
+        return ("single", bounty["code_hash"].removeprefix("0x").lower())
+    return ("book", bounty["book"].removeprefix("0x").lower(), bounty["index"])
 
 
 def is_hex32(text: str) -> bool:

@@ -1,0 +1,78 @@
+"""The delivery ledger: which bounties carried a message, and which deliveries wait for their code.
+
+A delivery is a plain tuple, `Delivery = (msg_id, sender, recipient, paid_by, delivered_at)`,
+with paid_by from dm.wire.bounty_key. Plain tuples on purpose: millions can be pending, and
+CPython's collector stops tracking tuples of plain values but rescans every class instance on
+each full collection, which doubled the relay's cost per message.
+"""
+from __future__ import annotations
+
+import collections
+
+from dm.wire import ProtocolError
+
+Delivery = tuple
+SETTLED = ("settled",)  # in `used`: the bounty carried a message that is no longer pending
+
+
+class DeliveryLedger:
+    """Reservations (bounty -> delivery, msg_id -> delivery), claims and expiry.
+
+    Thread-safety: connection threads reserve, release and claim without a lock. Every insert
+    is a dict.setdefault and every removal checks that the entry is still the one it means,
+    each atomic under the GIL, so two threads racing for one bounty or one msg_id see exactly
+    one winner. `expiring` is appended by connection threads (deque.append is atomic) and
+    consumed only by forget_settled(), which only the watchdog thread calls.
+    """
+
+    def __init__(self, claim_timeout: float):
+        self.claim_timeout = claim_timeout
+        self.pending: dict[str, Delivery] = {}  # msg_id -> delivery awaiting its code
+        self.used: dict[tuple, Delivery] = {}  # bounty -> the delivery it paid for (or SETTLED)
+        self.expiring: collections.deque[Delivery] = collections.deque()  # deliveries, oldest first
+
+    def reserve(self, delivery: Delivery) -> None:
+        """Take the delivery's bounty and msg_id, or refuse if either is taken."""
+        msg_id, paid_by = delivery[0], delivery[3]
+        if self.used.setdefault(paid_by, delivery) is not delivery:
+            raise ProtocolError("unpaid", "that bounty already paid for another message", ref=msg_id)
+        if self.pending.setdefault(msg_id, delivery) is not delivery:
+            self.used.pop(paid_by, None)
+            raise ProtocolError("bad_field", "msg_id is already in use", ref=msg_id)
+
+    def release(self, delivery: Delivery) -> None:
+        """Undo a reservation whose message was not delivered after all."""
+        msg_id, paid_by = delivery[0], delivery[3]
+        if self.used.get(paid_by) is delivery:
+            self.used.pop(paid_by, None)
+        if self.pending.get(msg_id) is delivery:
+            self.pending.pop(msg_id, None)
+
+    def delivered(self, delivery: Delivery) -> None:
+        self.expiring.append(delivery)
+
+    def awaiting(self, msg_id: str, recipient: str) -> Delivery | None:
+        """The delivery to `recipient` that waits for this code, if any."""
+        delivery = self.pending.get(msg_id)
+        return delivery if delivery is not None and delivery[2] == recipient else None
+
+    def settle(self, delivery: Delivery) -> bool:
+        """Its code came back: True for the one caller that settles it."""
+        if self.pending.get(delivery[0]) is not delivery:
+            return False
+        return self.pending.pop(delivery[0], None) is delivery
+
+    def forget_settled(self, now: float) -> None:
+        """Drop deliveries whose code came back, and those that waited longer than the claim
+        timeout (their bounty stays used). Oldest first, so the queue stays short while
+        recipients answer. The watchdog thread only."""
+        expiring, pending, used = self.expiring, self.pending, self.used
+        while expiring:
+            msg_id, _, _, paid_by, delivered_at = delivery = expiring[0]
+            if pending.get(msg_id) is delivery:
+                if now - delivered_at <= self.claim_timeout:
+                    break
+                pending.pop(msg_id, None)
+            if used.get(paid_by) is delivery:
+                used[paid_by] = SETTLED  # keep the bounty used, free the rest of the entry
+            expiring.popleft()

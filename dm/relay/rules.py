@@ -1,0 +1,49 @@
+"""The one rule set for a `send`, whichever reader (dm.wire.send) read it.
+
+The checks, in this order (docs/PROTOCOL.md lists the same order):
+  1. the recipient is a known (pinned) user                 -> unknown_peer
+  2. for a channel message, sender and recipient are members -> not_a_member
+  3. the bounty is open, bound to this node, not about to
+     expire, and (a book) announced with the leaf in range   -> unpaid
+  4. the `deliver` fits in one frame                         -> frame_too_large
+  5. the recipient is online                                 -> receipt "offline" (not an error)
+The reservation of the bounty and the msg_id (dm.relay.ledger) comes after these.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from dm.chain import ethereum
+from dm.wire import MAX_FRAME, ProtocolError
+from dm.wire.send import SendHeader
+
+
+def make_send_rule(pinned, channels, index, online: dict) -> Callable:
+    """rule_on_send bound to the node's parts: `pinned` (names with a pin, a live view),
+    `channels` (a ChannelRegistry), `index` (a BountyIndex), `online` (name -> session)."""
+    is_payable, members_of, online_get = index.is_payable, channels.members.get, online.get
+
+    def rule_on_send(header: SendHeader, sender: str, deliver_size: int, chain_now: float):
+        """The recipient's session when the message may go, None when the recipient is offline;
+        raises ProtocolError (with the msg_id as ref) when it may not."""
+        to, msg_id, paid_by, channel = header
+        if to not in pinned:
+            raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
+        if channel is not None:
+            members = members_of(channel)
+            if members is None or sender not in members or to not in members:
+                raise ProtocolError("not_a_member", f"both sender and recipient must be in {channel}", ref=msg_id)
+        try:
+            payable = is_payable(paid_by, chain_now)
+        except (ethereum.ChainError, OSError) as exc:
+            raise ProtocolError("unpaid", f"could not check the bounty: {exc}", ref=msg_id) from None
+        if not payable:
+            raise ProtocolError("unpaid", "no open bounty bound to this node backs this message "
+                                "(unknown, spent, expired, or for another node)", ref=msg_id)
+        if deliver_size > MAX_FRAME:
+            raise ProtocolError("frame_too_large", f"the relayed message would be {deliver_size} bytes; "
+                                f"frames are limited to {MAX_FRAME}", ref=msg_id)
+        recipient = online_get(to)
+        return None if recipient is None or recipient.transport.closed else recipient
+
+    return rule_on_send

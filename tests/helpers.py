@@ -1,0 +1,51 @@
+"""The one node factory and the one raw wire login the tests share (conftest's fixtures and
+the child-process node in test_abuse both build nodes here)."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from dm import crypto, datadir
+from dm.chain import ethereum
+from dm.chain.faucet import Faucet, fund_user
+from dm.relay.bounties import BountyIndex
+from dm.relay.node import Node
+from dm.wire.handshake import ClientHandshake, HandshakeRefused
+
+
+def start_node(token: ethereum.BountyToken, data_dir: Path, *, faucet: ethereum.Signer | None = None,
+               **options) -> Node:
+    """A started node on `token`'s chain with a fresh account, its files under data_dir/node,
+    redeeming quickly. `faucet` funds the node's gas and new users (one Signer per key: one
+    nonce sequence, so share it between nodes)."""
+    signer = ethereum.Signer(token.w3, ethereum.new_account()[1])
+    if faucet is not None:
+        fund_user(token, faucet, signer.address, btk=0)
+    index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books")
+    options = {"host": "127.0.0.1", "port": 0, "handshake_timeout": 3, "frame_timeout": 3,
+               "redeemer_options": {"batch_size": 20, "batch_wait": 0.2}, **options}
+    node = Node(token=token, signer=signer, data_dir=data_dir, index=index,
+                faucet=Faucet(token, faucet) if faucet is not None else None, **options)
+    node.start()
+    return node
+
+
+def user_keys(data_dir: Path, name: str):
+    rsa_key = crypto.load_private_key(datadir.private_key_path(data_dir, name))
+    eth = ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    return rsa_key, crypto.public_key_pem(rsa_key), eth
+
+
+def login(sock: socket.socket, data_dir: Path, name: str, *, signing_key=None, timeout: float = 10) -> dict:
+    """The client's handshake (dm.wire.handshake) on a raw socket. Returns the node's answer to
+    `auth`: the welcome, or the error frame it refused with."""
+    rsa_key, pem, eth = user_keys(data_dir, name)
+    handshake = ClientHandshake(name, pem, eth, lambda data: crypto.sign(signing_key or rsa_key, data))
+    sock.settimeout(timeout)
+    sock.sendall(handshake.hello())
+    try:
+        while not handshake.done:
+            sock.sendall(handshake.receive(sock.recv(65536)))
+    except HandshakeRefused as refused:
+        return {"type": "error", "code": refused.code, "message": refused.message}
+    return handshake.welcome
