@@ -1,0 +1,304 @@
+"""One rule set for every `send`, whichever reader read it.
+
+The fast reader (dm.wire.send.read_send) and the general parser must agree: on the header,
+on the relayed bytes, and on every outcome. These tests generate frames a client or an
+attacker could write and feed them to a real session twice, once as the node runs and once
+with the fast reader switched off, and compare everything that comes out.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import secrets
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dm import crypto, wire
+from dm.chain import ethereum
+from dm.chain.books import BookSecrets
+from dm.chain.faucet import faucet_signer, fund_user
+from dm.relay import session as session_module
+from dm.relay.ledger import DeliveryLedger
+from dm.relay.node import Node
+from dm.relay.bounties import BountyIndex
+from dm.relay.session import Session
+from dm.wire.send import encode_deliver, read_send, send_header, splice_deliver, deliver_prefix
+from conftest import make_users
+from helpers import user_keys
+from test_abuse import connect, raw_login, read_frame
+from test_relay_burst import open_announced_book
+
+BOOK_SIZE = 4
+
+
+def b64(size: int) -> str:
+    return base64.b64encode(secrets.token_bytes(size)).decode()
+
+
+def canonical_envelope(proof: bool) -> dict:
+    envelope = {"from": "alice", "to": "bob", "msg_id": "m1", "ts": 1_700_000_000, "wrapped_key": b64(48),
+                "nonce": b64(12), "ciphertext": b64(40), "signature": b64(48)}
+    if proof:
+        envelope["proof"] = [b64(32), b64(32)]
+        envelope["leaf"] = 1
+    return envelope
+
+
+# --- generated frames -------------------------------------------------------------------
+
+def _frames(root_hex: str):
+    roots = st.sampled_from([root_hex, root_hex.upper(), "0x" + root_hex, "0x" + root_hex.upper(), "ab" * 32])
+    indices = st.sampled_from([0, 1, BOOK_SIZE - 1, BOOK_SIZE, 999_999_999, 2**32, -1, True, "0"])
+    book = st.builds(lambda r, i: {"book": r, "index": i}, roots, indices)
+    single = st.builds(lambda h: {"code_hash": h}, st.sampled_from(["cd" * 32, "0x" + "EF" * 32, "12"]))
+    extra = st.builds(lambda r: {"book": r, "index": 0, "pad": 1}, roots)
+    bounties = st.one_of(book, book, single, extra)
+    envelopes = st.one_of(st.builds(canonical_envelope, st.booleans()),
+                          st.sampled_from([{"from": "alice"}, "text", [1, 2], 7, None, {}]))
+    return st.fixed_dictionaries({
+        "to": st.sampled_from(["bob", "bob", "carol", "nobody", "b\u00f6b", ""]),
+        "msg_id": st.one_of(st.sampled_from(["m1", "m1", "a b", 'q"uote', "\\", "x" * 64, "x" * 65]),
+                            st.text(min_size=1, max_size=8)),
+        "bounty": bounties,
+        "channel": st.sampled_from([None, None, "#c", "#other", "c"]),
+        "envelope": envelopes,
+        "layout": st.sampled_from(["compact", "compact", "spaced", "ascii", "shuffled", "envelope-shuffled"]),
+        "tamper": st.sampled_from([None, None, None, "append-from", "append-pad", "duplicate-to",
+                                   "envelope-not-json", "envelope-duplicate", "escape-to", "byte"]),
+        "byte_at": st.integers(min_value=0, max_value=10_000),
+        "byte": st.integers(min_value=0, max_value=255),
+        "shuffle_seed": st.integers(min_value=0, max_value=2**16),
+    })
+
+
+def render(spec: dict) -> bytes:
+    """One frame payload from a generated spec: a send, then laid out and tampered with."""
+    import random
+
+    rng = random.Random(spec["shuffle_seed"])
+    message = {"type": "send", "to": spec["to"], "msg_id": spec["msg_id"], "bounty": spec["bounty"]}
+    if spec["channel"] is not None:
+        message["channel"] = spec["channel"]
+    envelope = spec["envelope"]
+    if spec["layout"] == "envelope-shuffled" and isinstance(envelope, dict):
+        items = list(envelope.items())
+        rng.shuffle(items)
+        envelope = dict(items)
+    message["envelope"] = envelope
+    if spec["layout"] == "shuffled":
+        items = list(message.items())
+        rng.shuffle(items)
+        message = dict(items)
+    separators = (", ", ": ") if spec["layout"] == "spaced" else (",", ":")
+    text = json.dumps(message, separators=separators, ensure_ascii=spec["layout"] == "ascii")
+    payload = text.encode("utf-8", "surrogatepass")
+    tamper = spec["tamper"]
+    if tamper == "append-from" and payload.endswith(b"}"):
+        payload = payload[:-1] + b',"from":"mallory","pad":{}}'
+    elif tamper == "append-pad" and payload.endswith(b"}"):
+        payload = payload[:-1] + b',"pad":{}}'
+    elif tamper == "duplicate-to":
+        payload = payload.replace(b'"to":', b'"to":"carol","to":', 1)
+    elif tamper == "envelope-not-json":
+        at = payload.find(b'"envelope":')
+        if at >= 0:
+            payload = payload[:at] + b'"envelope":{not json}}'
+    elif tamper == "envelope-duplicate":
+        payload = payload.replace(b'"nonce":', b'"nonce":"QUJD","nonce":', 1)
+    elif tamper == "escape-to":
+        payload = payload.replace(b'"to":"bob"', b'"to":"b\\u006fb"', 1)
+    elif tamper == "byte" and payload:
+        at = spec["byte_at"] % len(payload)
+        payload = payload[:at] + bytes([spec["byte"]]) + payload[at + 1:]
+    return payload
+
+
+# --- the readers alone ---------------------------------------------------------------
+
+@settings(max_examples=600, deadline=None, database=None)
+@given(_frames("ab" * 32))
+def test_the_fast_reader_accepts_only_what_the_general_parser_reads_the_same(spec):
+    payload = render(spec)
+    header = read_send(payload)
+    if header is None:
+        return  # the general parser takes it; the session test below compares outcomes
+    message = wire.check_client_message(wire.parse(payload), "ready")  # must not raise
+    assert send_header(message) == header
+    prefix = deliver_prefix("alice")
+    assert splice_deliver(prefix, payload) == encode_deliver("alice", message)
+    relayed = wire.parse(splice_deliver(prefix, payload))
+    assert relayed["from"] == "alice" and list(relayed).count("from") == 1
+
+
+def test_the_fast_reader_takes_what_clients_write():
+    """Canonical frames from the real sealer take the fast path (or the hot path is dead)."""
+    alice, bob = crypto.generate_private_key(), crypto.generate_private_key()
+    envelopes = crypto.seal_many([({"text": "hi", "code": "00" * 32}, "bob", bob.public_key())] * 3,
+                                 sender="alice", sender_key=alice)
+    single = crypto.seal({"text": "hi"}, sender="alice", recipient="bob", sender_key=alice,
+                         recipient_public_key=bob.public_key())
+    for envelope in [*envelopes, single]:
+        payload = wire.encode({"type": "send", "to": "bob", "msg_id": envelope["msg_id"],
+                               "bounty": {"book": "ab" * 32, "index": 3}, "envelope": envelope})[4:]
+        assert read_send(payload) == ("bob", envelope["msg_id"], ("book", "ab" * 32, 3), None)
+
+
+# --- both paths through a real session, without sockets ----------------------------------
+
+class Transport:
+    """A session's writer that keeps what was written (frames, in order)."""
+
+    def __init__(self, name: str):
+        self.address = ("test", name)
+        self.label = name
+        self.closed = False
+        self.written = bytearray()
+
+    def send_bytes(self, data: bytes) -> bool:
+        if not self.closed:
+            self.written += data
+        return not self.closed
+
+    def send(self, message: dict) -> bool:
+        return self.send_bytes(wire.encode(message))
+
+    def queue(self, frames: list[bytes], outbox) -> bool:
+        return self.send_bytes(b"".join(frames))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def hub(tester_chain, data_dir):
+    """A node's shared parts on eth-tester (no sockets served), alice and bob pinned and
+    online, #c holding both, and a book of alice's announced."""
+    w3, token = tester_chain
+    make_users(data_dir, "alice", "bob", "carol")
+    signer = ethereum.Signer(w3, ethereum.new_account()[1])
+    node = Node(token=token, signer=signer, data_dir=data_dir, host="127.0.0.1", port=0,
+                index=BountyIndex(token, signer.address))
+    for name in ("alice", "bob", "carol"):
+        _, pem, eth = user_keys(data_dir, name)
+        node.pins.pin(name, pem, eth)
+    node.channels.join("#c", "alice")
+    node.channels.join("#c", "bob")
+    alice_signer = ethereum.Signer(w3, (data_dir / "keys" / "alice_ETH.key").read_text().strip())
+    fund_user(token, faucet_signer(w3, data_dir), alice_signer.address)
+    book = BookSecrets.generate(BOOK_SIZE)
+    now = w3.eth.get_block("latest")["timestamp"]
+    token.open_book(alice_signer, book.root, BOOK_SIZE, signer.address, now + 86_400)
+    node.index.sync()
+    assert node.index.announce_book(book.root, book.leaf_hashes) is not None
+    yield node, book
+    node.server.listener.close()
+    node.stop()
+
+
+def run_session(node: Node, payload: bytes, fast: bool, monkeypatch) -> tuple[bytes, bytes, list]:
+    """alice sends `payload` to a fresh ledger; returns (what alice got, what bob got, pending ids)."""
+    node.ledger = DeliveryLedger(claim_timeout=3600)
+    sessions = {}
+    for name in ("alice", "bob"):
+        session = Session(node, Transport(name), now=0.0)
+        session.name, session.phase = name, "ready"
+        session._deliver_prefix = deliver_prefix(name)
+        node.online[name] = sessions[name] = session
+    with monkeypatch.context() as patch:
+        if not fast:
+            patch.setattr(session_module, "read_send", lambda payload: None)
+        sessions["alice"].receive(wire.HEADER.pack(len(payload)) + payload, now=1.0)
+    return bytes(sessions["alice"].transport.written), bytes(sessions["bob"].transport.written), \
+        sorted(node.ledger.pending)
+
+
+@settings(max_examples=250, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=st.data())
+def test_both_readers_give_identical_outcomes(hub, monkeypatch, spec):
+    node, book = hub
+    payload = render(spec.draw(_frames(book.root.hex())))
+    fast = run_session(node, payload, True, monkeypatch)
+    general = run_session(node, payload, False, monkeypatch)
+    assert fast == general
+    to_alice, to_bob, _ = fast
+    for message in wire.MessageDecoder().feed_messages(to_bob):  # whatever reached bob is one clean deliver
+        assert message["type"] == "deliver" and message["from"] == "alice"
+
+
+def test_a_canonical_send_really_takes_the_fast_reader(hub, monkeypatch):
+    node, book = hub
+    envelope = canonical_envelope(proof=False)
+    payload = wire.encode({"type": "send", "to": "bob", "msg_id": "m1",
+                           "bounty": {"book": book.root.hex(), "index": 0}, "envelope": envelope})[4:]
+    calls = []
+    monkeypatch.setattr(session_module, "send_header", lambda message: calls.append(message))
+    to_alice, to_bob, pending = run_session(node, payload, True, monkeypatch)
+    assert calls == []  # the general reader never ran
+    assert wire.MessageDecoder().feed_messages(to_alice) == [{"type": "receipt", "msg_id": "m1",
+                                                               "status": "delivered"}]
+    assert pending == ["m1"]
+
+
+# --- the two quoted attacks, over real sockets -----------------------------------------
+
+@pytest.fixture
+def pair(tester_node):
+    make_users(tester_node.data_dir, "alice", "bob", "mallory")
+    with contextlib.ExitStack() as stack:
+        socks = {}
+        for name in ("alice", "bob", "mallory"):
+            socks[name] = connect(tester_node.port, stack, timeout=10)
+            assert raw_login(socks[name], tester_node.data_dir, name)["type"] == "welcome"
+        yield tester_node, socks
+
+
+def test_members_appended_after_the_envelope_are_refused_and_nothing_is_relayed(pair):
+    """`…"envelope":{…},"from":"alice","pad":{}}` once rode the hot path, and bob's client read
+    from == "alice" on a message mallory sent."""
+    node, socks = pair
+    book = open_announced_book(node.node, node.data_dir, socks["mallory"], "mallory", 4)
+    payload = wire.encode({"type": "send", "to": "bob", "msg_id": "forged", "bounty": {"book": book.root.hex(),
+                           "index": 0}, "envelope": canonical_envelope(proof=False)})[4:]
+    forged = payload[:-1] + b',"from":"alice","pad":{}}'
+    socks["mallory"].sendall(wire.HEADER.pack(len(forged)) + forged)
+    answer = read_frame(socks["mallory"])
+    assert answer["type"] == "error" and answer["code"] in ("bad_field", "bad_frame") and answer["ref"] == "forged"
+    with pytest.raises(TimeoutError):
+        read_frame(socks["bob"], timeout=0.5)
+    # The leaf was not spent by the refusal: the honest frame goes through on it.
+    socks["mallory"].sendall(wire.HEADER.pack(len(payload)) + payload)
+    assert read_frame(socks["mallory"]) == {"type": "receipt", "msg_id": "forged", "status": "delivered"}
+    deliver = read_frame(socks["bob"])
+    assert deliver["from"] == "mallory" and deliver["msg_id"] == "forged"
+
+
+def test_an_envelope_that_is_not_json_is_refused_without_a_receipt(pair):
+    node, socks = pair
+    book = open_announced_book(node.node, node.data_dir, socks["mallory"], "mallory", 4)
+    head = wire.encode({"type": "send", "to": "bob", "msg_id": "junk",
+                        "bounty": {"book": book.root.hex(), "index": 1}, "envelope": {}})[4:]
+    junk = head[:head.index(b'"envelope":')] + b'"envelope":{not json}}'
+    socks["mallory"].sendall(wire.HEADER.pack(len(junk)) + junk)
+    answer = read_frame(socks["mallory"])
+    assert answer["type"] == "error" and answer["code"] == "bad_frame", answer
+    with pytest.raises(TimeoutError):
+        read_frame(socks["bob"], timeout=0.5)
+    assert "junk" not in node.node.ledger.pending
+
+
+def test_a_request_id_comes_back_with_the_reply_and_with_a_refusal(pair):
+    node, socks = pair
+    sock = socks["alice"]
+    sock.sendall(wire.encode({"type": "ping", "req": 7}))
+    assert read_frame(sock) == {"type": "pong", "req": 7}
+    sock.sendall(wire.encode({"type": "lookup", "name": "nobody", "req": 8}))
+    refusal = read_frame(sock)
+    assert refusal["code"] == "unknown_peer" and refusal["req"] == 8
+    sock.sendall(wire.encode({"type": "ping", "req": "x"}))
+    assert read_frame(sock)["code"] == "bad_field"
