@@ -1,4 +1,8 @@
-"""Helpers the benchmarks share: ports, file limits, CPU time, the machine, results."""
+"""Helpers the benchmarks share: the project on sys.path, file limits, CPU time, the machine, results.
+
+Importing this module puts the project root on sys.path, so `dm` imports work in every
+bench script and in the worker processes they spawn (spawn passes sys.path on).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,10 +11,15 @@ import math
 import os
 import platform
 import resource
-import socket
+import signal
+import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+RESULTS_DIR = ROOT / "bench" / "results"
 HOST = "127.0.0.1"
 
 
@@ -22,23 +31,56 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+def interrupt_on_sigterm() -> None:
+    """A SIGTERM ends the run like Ctrl-C does: through every `finally` that stops our processes."""
+    def interrupt(*_):
+        raise KeyboardInterrupt("SIGTERM")
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+# --- one process, from /proc ---------------------------------------------------------------
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process."""
+    return sum(cpu_split(pid))
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches over every thread of a process."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/status") as handle:
+            for line in handle:
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[-1])
+    return total
+
+
+def proc_status(pid: int) -> dict:
+    """Threads and VmRSS of a process."""
+    out = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("Threads", "VmRSS"):
+                out[key] = value.strip()
+    return out
 
 
 def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
+
+# --- the machine ---------------------------------------------------------------------------
 
 def machine_busy() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine, from /proc/stat."""
@@ -58,15 +100,25 @@ def background_load(seconds: float = 1.0) -> float:
 
 
 def environment() -> dict:
+    """The machine, measured now, and printed with a warning when something else keeps it busy."""
     model = ""
     with contextlib.suppress(OSError):
         model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                       if line.startswith("model name")), "")
-    return {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "cpu_model": model,
-            "python": platform.python_version(), "implementation": platform.python_implementation(),
-            "platform": platform.platform(), "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-            "loadavg_at_start": os.getloadavg()[0], "background_cpu_busy_at_start": background_load()}
+    env = {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "cpu_model": model,
+           "python": platform.python_version(), "implementation": platform.python_implementation(),
+           "platform": platform.platform(), "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+           "loadavg_at_start": os.getloadavg()[0], "background_cpu_busy_at_start": background_load()}
+    print(f"environment: {env['cpu_count']} CPUs ({env['cpus_usable']} usable) {env['cpu_model']}; "
+          f"Python {env['python']} ({env['implementation']}); RLIMIT_NOFILE {env['nofile_limit']}; "
+          f"load average {env['loadavg_at_start']:.2f}, machine {env['background_cpu_busy_at_start']:.0%} busy "
+          "before we start", flush=True)
+    if env["background_cpu_busy_at_start"] > 0.1:
+        print("WARNING: something else is using the CPU; every number below is skewed by it", flush=True)
+    return env
 
+
+# --- figures and results -------------------------------------------------------------------
 
 def pct(values: list[float], p: float) -> float:
     """The p-th percentile, interpolated (nan for no values)."""
@@ -82,8 +134,7 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
 
-def finish(out: dict, started: float, failed: BaseException | None, results: Path, root: Path,
-           report: str) -> int:
+def finish(out: dict, started: float, failed: BaseException | None, results: Path, report: str) -> int:
     """Record the run's time and end load, write the results file, print the report."""
     out["run_seconds"] = round(time.perf_counter() - started, 1)
     out["environment"]["loadavg_at_end"] = os.getloadavg()[0]
@@ -94,5 +145,5 @@ def finish(out: dict, started: float, failed: BaseException | None, results: Pat
     print()
     print(report)
     print()
-    print(f"run time {out['run_seconds']} s; raw numbers in {results.relative_to(root)}")
+    print(f"run time {out['run_seconds']} s; raw numbers in {results.relative_to(ROOT)}")
     return 1 if failed is not None else 0

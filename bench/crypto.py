@@ -13,9 +13,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dm import crypto as ku  # noqa: E402
+import benchlib  # noqa: F401  (puts the project on sys.path)
+from dm import crypto as ku
 
 PAYLOAD = {"text": "hello, this is a fairly ordinary chat message", "code": "ab" * 32}
 

@@ -29,18 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import solcx
+from web3 import Web3
 
-import solcx  # noqa: E402
-from web3 import Web3  # noqa: E402
-
-from dm.chain import books as bounty_book  # noqa: E402
-from dm.chain import build as contract_build  # noqa: E402
-from dm.chain import devchain  # noqa: E402
-from dm.chain import ethereum as wu  # noqa: E402
-from benchlib import free_port  # noqa: E402
+from benchlib import ROOT
+from dm.chain import books as bounty_book
+from dm.chain import build as contract_build
+from dm.chain import devchain
+from dm.chain import ethereum as wu
+from harness.chain import DevChain
 
 BENCH = Path(__file__).resolve().parent
 ORIGINAL_SOURCE = BENCH / "original" / "BountyToken.sol"
@@ -91,7 +88,7 @@ def compile_original() -> dict:
 def original_artifact(rebuild: bool) -> dict:
     """The committed artifact, recompiled when asked or when source or settings changed."""
     if not rebuild and ORIGINAL_ARTIFACT.exists():
-        artifact = json.loads(ORIGINAL_ARTIFACT.read_text())
+        artifact = wu.load_artifact(ORIGINAL_ARTIFACT)
         if (artifact.get("sourceHash") == contract_build.source_hash(original_sources())
                 and artifact.get("compiler", {}).get("settings") == ORIGINAL_SETTINGS):
             return artifact
@@ -340,26 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: artifacts/BountyToken.json is {ours_status} relative to contract.sol; "
               f"run `python3 contract_build.py` for current numbers", file=sys.stderr)
 
-    anvil = None
-    with tempfile.TemporaryDirectory(prefix="dm-gas-bench-") as tmp:
-        data_dir = Path(tmp)
-        url = f"http://127.0.0.1:{free_port()}"
-        try:
-            w3, anvil = devchain.ensure_chain(url, data_dir)
-            if anvil is None:
-                raise wu.ChainError(f"something else answers at {url}; not benchmarking a foreign chain")
-            info = rpc(w3, "anvil_nodeInfo", [])
-            # ensure_deployment signs with its own faucet Signer: take ours after it (nonces).
-            ours_token, _ = devchain.ensure_deployment(w3, url, data_dir)
-            faucet = devchain.faucet_signer(w3, data_dir)
-            log = Log(w3)
-            orig_token, _ = wu.BountyToken.deploy(faucet, 1_000_000_000, original)  # the original scales by 1e18
+    with tempfile.TemporaryDirectory(prefix="dm-gas-bench-") as tmp, DevChain(Path(tmp)) as chain:
+        w3, faucet = chain.w3, chain.faucet
+        info = rpc(w3, "anvil_nodeInfo", [])
+        log = Log(w3)
+        orig_token, _ = wu.BountyToken.deploy(faucet, 1_000_000_000, original)  # the original scales by 1e18
 
-            orig = bench_original(orig_token, faucet, log)
-            ours = bench_ours(ours_token, faucet, log)
-            anvil_version = w3.client_version.removeprefix("anvil/")
-        finally:
-            devchain.stop_on_exit(anvil)
+        orig = bench_original(orig_token, faucet, log)
+        ours = bench_ours(chain.token, faucet, log)
+        anvil_version = w3.client_version.removeprefix("anvil/")
 
     floor_bound = sorted({t["label"] for t in log.txs if t["gasUsed"] == t["calldataFloor"]})
     meta = {"anvil": anvil_version, "hardfork": str(info.get("hardFork", "?")),

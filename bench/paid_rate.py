@@ -23,32 +23,37 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchlib import free_port  # noqa: E402
+from benchlib import HOST, RESULTS_DIR, ROOT, interrupt_on_sigterm
+from dm.chain import ethereum
+from dm.cli import accounts
+from harness.chain import DevChain
+from harness.node import NodeProcess
 
-from dm.chain import devchain  # noqa: E402
-from dm.cli import accounts as main_cli  # noqa: E402
-from dm.chain import ethereum as wu  # noqa: E402
+RESULTS = RESULTS_DIR / "paid_rate.json"
 
 
-def run_case(env: dict, port: int, data: Path, token, pay: str, count: int) -> dict:
-    py = sys.executable
+def start_client(procs: list, env: dict, port: int, me: str, peer: str, *extra: str, stdout=subprocess.PIPE):
+    """client.py in a subprocess (kept in `procs`, so it is stopped whatever happens), once connected."""
+    proc = subprocess.Popen([sys.executable, "client.py", HOST, str(port), me, peer, *extra], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    procs.append(proc)
+    if not proc.stderr.readline().startswith("connected"):
+        raise RuntimeError(f"client.py {me} did not connect")
+    return proc
+
+
+def run_case(procs: list, env: dict, node: NodeProcess, chain: DevChain, pay: str, count: int) -> dict:
     sender, receiver = f"s_{pay}", f"r_{pay}"
-    main_cli.create_users(data, [sender, receiver])
+    accounts.create_users(chain.data, [sender, receiver])
     stamps: list[float] = []
-    recv = subprocess.Popen([py, "client.py", "127.0.0.1", str(port), receiver, sender], cwd=ROOT, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert recv.stderr.readline().startswith("connected"), "receiver did not connect"
+    recv = start_client(procs, env, node.port, receiver, sender)
     threading.Thread(target=lambda: [stamps.append(time.perf_counter()) for _ in recv.stdout], daemon=True).start()
     extra = ["--pay", "single"] if pay == "single" else ["--book-size", str(count)]
-    node_address = wu.address_of((data / "node" / "node_ETH.key").read_text())
-    earned_before = token.balance_of(node_address)
+    node_address = node.eth_address
+    earned_before = chain.token.balance_of(node_address)
     lines = "".join(f"message {i:06d} {'x' * 40}\n" for i in range(count))
     started = time.perf_counter()
-    send = subprocess.Popen([py, "client.py", "127.0.0.1", str(port), sender, receiver, *extra], cwd=ROOT, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert send.stderr.readline().startswith("connected"), "sender did not connect"
+    send = start_client(procs, env, node.port, sender, receiver, *extra, stdout=subprocess.DEVNULL)
     connected = time.perf_counter()  # start-up (imports, handshake) ends here
     send.stdin.write(lines)
     send.stdin.close()
@@ -56,7 +61,7 @@ def run_case(env: dict, port: int, data: Path, token, pay: str, count: int) -> d
     deadline = time.monotonic() + 120
     while len(stamps) < count and time.monotonic() < deadline:
         time.sleep(0.01)
-    while token.balance_of(node_address) - earned_before < count * wu.TOKEN and time.monotonic() < deadline:
+    while chain.token.balance_of(node_address) - earned_before < count * ethereum.TOKEN and time.monotonic() < deadline:
         time.sleep(0.05)
     all_paid = time.perf_counter()
     recv.stdin.close()
@@ -68,7 +73,7 @@ def run_case(env: dict, port: int, data: Path, token, pay: str, count: int) -> d
             "connected_to_last_received_s": round(span, 3),
             "sender_startup_s": round(connected - started, 3),
             "connected_to_all_redeemed_s": round(all_paid - connected, 3),
-            "redeemed": int((token.balance_of(node_address) - earned_before) // wu.TOKEN)}
+            "redeemed": int((chain.token.balance_of(node_address) - earned_before) // ethereum.TOKEN)}
 
 
 def main() -> int:
@@ -76,25 +81,29 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--single-messages", type=int, default=300)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp)
-        url = f"http://127.0.0.1:{free_port()}"
-        w3, anvil = devchain.ensure_chain(url, data)
-        node = None
+    interrupt_on_sigterm()
+    with tempfile.TemporaryDirectory(prefix="paid-rate-bench-") as tmp:
+        chain = DevChain(Path(tmp) / "data")
+        node, procs = None, []
         try:
-            token, _ = devchain.ensure_deployment(w3, url, data)
-            env = {**os.environ, "DM_DATA_DIR": str(data), "DM_RPC_URL": url, "PYTHONUNBUFFERED": "1"}
-            port = free_port()
-            node = subprocess.Popen([sys.executable, "node.py", "--host", "127.0.0.1", "--port", str(port),
-                                     "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-            assert node.stdout.readline().startswith("node ready")
-            results = [run_case(env, port, data, token, "book", args.messages),
-                       run_case(env, port, data, token, "single", args.single_messages)]
-        finally:
+            chain.start()
+            env = {**os.environ, "DM_DATA_DIR": str(chain.data), "DM_RPC_URL": chain.rpc_url,
+                   "PYTHONUNBUFFERED": "1"}
+            node = NodeProcess(chain.data, chain.rpc_url).wait_ready()
+            results = [run_case(procs, env, node, chain, "book", args.messages),
+                       run_case(procs, env, node, chain, "single", args.single_messages)]
+        except BaseException:
             if node is not None:
-                node.terminate()
-                node.wait(30)
-            anvil.stop()
+                node.print_tail()
+            raise
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            if node is not None:
+                node.stop()
+            chain.stop()
     print(f"\nOne sender, paid and encrypted, through node.py on anvil ({os.cpu_count()} CPUs)\n")
     print("| payment | messages | received | messages/s | until all redeemed |")
     print("|---|---:|---:|---:|---:|")
@@ -104,8 +113,7 @@ def main() -> int:
     print("\nmessages/s: from the sender being connected (after its start-up) to the receiver printing the\n"
           "last message; it includes paying (opening books or registering bounties), sealing, relaying,\n"
           "opening and returning codes.")
-    out = ROOT / "bench" / "results" / "paid_rate.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     target = results[0]["rate_msg_s"] >= 1000
     print(f"\ntarget >= 1,000 paid messages/s with books: {'MET' if target else 'NOT MET'}")
     return 0
