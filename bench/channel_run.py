@@ -12,6 +12,7 @@ from benchlib import HOST, context_switches, cpu_seconds, cpu_split, machine_bus
 from channel_members import member_worker
 from dm import crypto, datadir
 from dm.chain import devchain, ethereum
+from dm.chain import faucet as dev_faucet
 from dm.client.core import ChatClient, Events
 from harness.chain import DevChain
 from harness.node import NodeProcess
@@ -91,10 +92,10 @@ class ChannelBench:
             addresses.append(address)
         last = None
         for address in addresses:
-            w3.provider.make_request("anvil_setBalance", [address, hex(devchain.USER_GRANT_ETH)])
-            last = token.transfer(self.funder, address, devchain.USER_GRANT_BTK, gas=100_000, wait=False)
+            w3.provider.make_request("anvil_setBalance", [address, hex(dev_faucet.USER_GRANT_ETH)])
+            last = token.transfer(self.funder, address, dev_faucet.USER_GRANT_BTK, gas=100_000, wait=False)
         receipt = ethereum.wait_for(w3, last)
-        if receipt["status"] != 1 or token.balance_of(addresses[0]) < devchain.USER_GRANT_BTK:
+        if receipt["status"] != 1 or token.balance_of(addresses[0]) < dev_faucet.USER_GRANT_BTK:
             raise RuntimeError("pre-funding the bench accounts failed")
 
     def wait_results(self, kind: str, count: int, timeout: float) -> dict[int, dict]:

@@ -36,6 +36,7 @@ from benchlib import ROOT
 from dm.chain import books as bounty_book
 from dm.chain import build as contract_build
 from dm.chain import devchain
+from dm.chain import faucet as dev_faucet
 from dm.chain import ethereum as wu
 from harness.chain import DevChain
 
@@ -124,7 +125,7 @@ def now(w3: Web3) -> int:
 
 def new_signer(w3: Web3) -> wu.Signer:
     signer = wu.Signer(w3, wu.new_account()[1])
-    devchain.give_eth(w3, signer.address, 1_000 * 10**18)
+    dev_faucet.give_eth(w3, signer.address, 1_000 * 10**18)
     return signer
 
 
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_status = ours_artifact_status()
     if ours_status != "up to date":
         print(f"warning: artifacts/BountyToken.json is {ours_status} relative to contract.sol; "
-              f"run `python3 contract_build.py` for current numbers", file=sys.stderr)
+              f"run `python3 -m dm.chain.build` for current numbers", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="dm-gas-bench-") as tmp, DevChain(Path(tmp)) as chain:
         w3, faucet = chain.w3, chain.faucet

@@ -51,6 +51,7 @@ def e2e_receiver_main(cfg: dict, results, stop) -> None:
 
 def run_e2e(bench: RelayBench, node: NodeProcess, throughput: float | None) -> dict:
     from dm.chain import devchain, ethereum
+    from dm.chain import faucet as dev_faucet
     from dm.cli import accounts
 
     chain, workers, data = bench.chain, bench.workers, bench.chain.data
@@ -59,7 +60,7 @@ def run_e2e(bench: RelayBench, node: NodeProcess, throughput: float | None) -> d
         accounts.create_users(data, ["e2e-alice", "e2e-bob", "e2e-carol"])
     for name in ("e2e-alice", "e2e-bob", "e2e-carol"):
         address = ethereum.address_of((data / "keys" / f"{name}_ETH.key").read_text().strip())
-        devchain.fund_user(chain.token, chain.faucet, address)
+        dev_faucet.fund_user(chain.token, chain.faucet, address)
     results, stop = workers.ctx.Queue(), workers.ctx.Event()
     receiver = workers.spawn(e2e_receiver_main, "e2e receiver", {
         "port": node.port, "name": "e2e-bob", "data_dir": str(data), "rpc_url": chain.rpc_url,

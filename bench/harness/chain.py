@@ -9,6 +9,7 @@ from pathlib import Path
 
 from benchlib import HOST
 from dm.chain import devchain
+from dm.chain import faucet as dev_faucet
 from dm.chain import ethereum
 from dm.net import free_port
 
@@ -28,7 +29,7 @@ class DevChain:
             raise RuntimeError(f"something already answers on {self.rpc_url}; not benchmarking a foreign chain")
         # ensure_deployment signs with a faucet Signer of its own: ours comes after it (nonces).
         self.token, self.deployment = devchain.ensure_deployment(self.w3, self.rpc_url, self.data)
-        self.faucet = devchain.faucet_signer(self.w3, self.data)
+        self.faucet = dev_faucet.faucet_signer(self.w3, self.data)
         return self
 
     @property
@@ -38,14 +39,14 @@ class DevChain:
     def account(self, btk: int = 10_000, eth: int = 100) -> tuple[str, str]:
         """A fresh Ethereum account holding `btk` BTK and `eth` ETH; returns (address, key)."""
         address, key = ethereum.new_account()
-        devchain.fund_user(self.token, self.faucet, address, btk=btk * ethereum.TOKEN, eth=eth * 10**18)
+        dev_faucet.fund_user(self.token, self.faucet, address, btk=btk * ethereum.TOKEN, eth=eth * 10**18)
         return address, key
 
     def funder(self, btk: int = 100_000_000, eth: int = 1_000_000) -> ethereum.Signer:
         """An account of our own that can fund many others. Not the faucet: a node on this data
         directory signs with the faucet too, and two signers of one account race for nonces."""
         address, key = ethereum.new_account()
-        devchain.give_eth(self.w3, address, eth * 10**18)
+        dev_faucet.give_eth(self.w3, address, eth * 10**18)
         self.token.transfer(self.faucet, address, btk * ethereum.TOKEN)
         return ethereum.Signer(self.w3, key)
 
