@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from dm.chain import devchain
-from dm.chain.faucet import faucet_signer
-from dm.net import free_port  # noqa: F401  (re-exported to the test modules)
+from dm.chain import devchain, ethereum
+from dm.chain.books import BookSecrets
+from dm.chain.faucet import faucet_signer, fund_user
 from dm.cli import accounts
-from dm.chain import ethereum
 from dm.client.core import ChatClient, Events
+from dm.net import free_port  # noqa: F401  (re-exported to the test modules)
+from dm.relay.bounties import BountyIndex
 from dm.relay.node import Node
-from helpers import start_node
+from helpers import start_node, user_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -91,6 +92,35 @@ def extra_nodes(tester_chain, data_dir, tmp_path):
     yield build
     for node in started:
         node.stop()
+
+
+RELAY_HUB_BOOK_SIZE = 4
+
+
+@pytest.fixture
+def relay_hub(tester_chain, data_dir):
+    """A node's shared parts on eth-tester (no sockets served), alice and bob pinned and
+    online, #c holding both, and a book of alice's announced."""
+    w3, token = tester_chain
+    make_users(data_dir, "alice", "bob", "carol")
+    signer = ethereum.Signer(w3, ethereum.new_account()[1])
+    node = Node(token=token, signer=signer, data_dir=data_dir, host="127.0.0.1", port=0,
+                index=BountyIndex(token, signer.address))
+    for name in ("alice", "bob", "carol"):
+        _, pem, eth = user_keys(data_dir, name)
+        node.pins.pin(name, pem, eth)
+    node.channels.join("#c", "alice")
+    node.channels.join("#c", "bob")
+    alice_signer = ethereum.Signer(w3, (data_dir / "keys" / "alice_ETH.key").read_text().strip())
+    fund_user(token, faucet_signer(w3, data_dir), alice_signer.address)
+    book = BookSecrets.generate(RELAY_HUB_BOOK_SIZE)
+    now = w3.eth.get_block("latest")["timestamp"]
+    token.open_book(alice_signer, book.root, RELAY_HUB_BOOK_SIZE, signer.address, now + 86_400)
+    node.index.sync()
+    assert node.index.announce_book(book.root, book.leaf_hashes) is not None
+    yield node, book
+    node.server.listener.close()
+    node.stop()
 
 
 def collecting_events():

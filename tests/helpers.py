@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from dm import crypto, datadir
+from dm import crypto, datadir, wire
 from dm.chain import ethereum
 from dm.chain.faucet import Faucet, fund_user
 from dm.relay.bounties import BountyIndex
@@ -49,3 +49,35 @@ def login(sock: socket.socket, data_dir: Path, name: str, *, signing_key=None, t
     except HandshakeRefused as refused:
         return {"type": "error", "code": refused.code, "message": refused.message}
     return handshake.welcome
+
+
+class Transport:
+    """A session's writer that keeps what was written (frames, in order)."""
+
+    def __init__(self, name: str):
+        self.address = ("test", name)
+        self.label = name
+        self.closed = False
+        self.written = bytearray()
+
+    def send_bytes(self, data: bytes) -> bool:
+        if not self.closed:
+            self.written += data
+        return not self.closed
+
+    def send(self, message: dict) -> bool:
+        return self.send_bytes(wire.encode(message))
+
+    def queue(self, frames: list[bytes], outbox) -> bool:
+        return self.send_bytes(b"".join(frames))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        """What was written since the last take()."""
+        written, self.written = bytes(self.written), bytearray()
+        return written

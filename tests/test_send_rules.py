@@ -27,11 +27,11 @@ from dm.relay.bounties import BountyIndex
 from dm.relay.session import Session
 from dm.wire.send import encode_deliver, read_send, send_header, splice_deliver, deliver_prefix
 from conftest import make_users
-from helpers import user_keys
+from helpers import Transport, user_keys
 from test_abuse import connect, raw_login, read_frame
 from test_relay_burst import open_announced_book
 
-BOOK_SIZE = 4
+from conftest import RELAY_HUB_BOOK_SIZE as BOOK_SIZE  # noqa: E402
 
 
 def b64(size: int) -> str:
@@ -148,59 +148,6 @@ def test_the_fast_reader_takes_what_clients_write():
 
 # --- both paths through a real session, without sockets ----------------------------------
 
-class Transport:
-    """A session's writer that keeps what was written (frames, in order)."""
-
-    def __init__(self, name: str):
-        self.address = ("test", name)
-        self.label = name
-        self.closed = False
-        self.written = bytearray()
-
-    def send_bytes(self, data: bytes) -> bool:
-        if not self.closed:
-            self.written += data
-        return not self.closed
-
-    def send(self, message: dict) -> bool:
-        return self.send_bytes(wire.encode(message))
-
-    def queue(self, frames: list[bytes], outbox) -> bool:
-        return self.send_bytes(b"".join(frames))
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@pytest.fixture
-def hub(tester_chain, data_dir):
-    """A node's shared parts on eth-tester (no sockets served), alice and bob pinned and
-    online, #c holding both, and a book of alice's announced."""
-    w3, token = tester_chain
-    make_users(data_dir, "alice", "bob", "carol")
-    signer = ethereum.Signer(w3, ethereum.new_account()[1])
-    node = Node(token=token, signer=signer, data_dir=data_dir, host="127.0.0.1", port=0,
-                index=BountyIndex(token, signer.address))
-    for name in ("alice", "bob", "carol"):
-        _, pem, eth = user_keys(data_dir, name)
-        node.pins.pin(name, pem, eth)
-    node.channels.join("#c", "alice")
-    node.channels.join("#c", "bob")
-    alice_signer = ethereum.Signer(w3, (data_dir / "keys" / "alice_ETH.key").read_text().strip())
-    fund_user(token, faucet_signer(w3, data_dir), alice_signer.address)
-    book = BookSecrets.generate(BOOK_SIZE)
-    now = w3.eth.get_block("latest")["timestamp"]
-    token.open_book(alice_signer, book.root, BOOK_SIZE, signer.address, now + 86_400)
-    node.index.sync()
-    assert node.index.announce_book(book.root, book.leaf_hashes) is not None
-    yield node, book
-    node.server.listener.close()
-    node.stop()
-
-
 def run_session(node: Node, payload: bytes, fast: bool, monkeypatch) -> tuple[bytes, bytes, list]:
     """alice sends `payload` to a fresh ledger; returns (what alice got, what bob got, pending ids)."""
     node.ledger = DeliveryLedger(claim_timeout=3600)
@@ -220,8 +167,8 @@ def run_session(node: Node, payload: bytes, fast: bool, monkeypatch) -> tuple[by
 
 @settings(max_examples=250, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=st.data())
-def test_both_readers_give_identical_outcomes(hub, monkeypatch, spec):
-    node, book = hub
+def test_both_readers_give_identical_outcomes(relay_hub, monkeypatch, spec):
+    node, book = relay_hub
     payload = render(spec.draw(_frames(book.root.hex())))
     fast = run_session(node, payload, True, monkeypatch)
     general = run_session(node, payload, False, monkeypatch)
@@ -231,8 +178,8 @@ def test_both_readers_give_identical_outcomes(hub, monkeypatch, spec):
         assert message["type"] == "deliver" and message["from"] == "alice"
 
 
-def test_a_canonical_send_really_takes_the_fast_reader(hub, monkeypatch):
-    node, book = hub
+def test_a_canonical_send_really_takes_the_fast_reader(relay_hub, monkeypatch):
+    node, book = relay_hub
     envelope = canonical_envelope(proof=False)
     payload = wire.encode({"type": "send", "to": "bob", "msg_id": "m1",
                            "bounty": {"book": book.root.hex(), "index": 0}, "envelope": envelope})[4:]
