@@ -6,7 +6,6 @@ import contextlib
 import io
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time

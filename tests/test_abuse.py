@@ -7,7 +7,6 @@ lone surrogates, deep nesting).
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import itertools
 import json
@@ -25,13 +24,10 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from dm import datadir
-from dm import crypto
-from dm import wire
-from dm.chain import ethereum
+from conftest import ROOT, RunningNode, collecting_events, make_users, wait_until
+from dm import crypto, datadir, wire
 from dm.client.core import Events, Outstanding
 from helpers import login, user_keys
-from conftest import ROOT, RunningNode, collecting_events, make_users, wait_until
 
 LOCAL = "127.0.0.1"
 ETH_ADDRESS = Web3.to_checksum_address("0x" + "5a" * 20)  # hello wants a checksummed address

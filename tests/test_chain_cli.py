@@ -6,11 +6,10 @@ import shutil
 import stat
 import subprocess
 
-from dm.chain import build as contract_build
-from dm.chain import devchain
-from dm.chain.faucet import USER_GRANT_BTK, faucet_signer, fund_user, give_eth
-from dm.chain import ethereum
 from conftest import PYTHON, ROOT, cli_env, free_port
+from dm.chain import build as contract_build
+from dm.chain import devchain, ethereum
+from dm.chain.faucet import USER_GRANT_BTK, faucet_signer, fund_user
 
 
 def run_cli(*args, env) -> subprocess.CompletedProcess:

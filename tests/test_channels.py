@@ -7,10 +7,9 @@ import queue
 
 import pytest
 
-from dm import datadir
-from dm import crypto
-from dm.chain import ethereum
 from conftest import cli_env, collecting_events, free_port, make_users, wait_until
+from dm import crypto, datadir
+from dm.chain import ethereum
 
 
 def test_a_channel_message_reaches_every_online_member_each_paid_separately(tester_node):

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from dm.chain import ethereum
 from conftest import cli_env, free_port, make_users, wait_until
+from dm.chain import ethereum
 
 pytestmark = pytest.mark.e2e
 

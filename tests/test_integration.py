@@ -5,11 +5,10 @@ import queue
 
 import pytest
 
+from conftest import collecting_events, make_users, wait_until
 from dm import wire
-
 from dm.chain import ethereum
 from dm.client.core import ClientError, Incoming
-from conftest import collecting_events, make_users, wait_until
 
 
 @pytest.mark.parametrize("pay", ["single", "book"])

@@ -17,8 +17,13 @@ from hypothesis import strategies as st
 
 import key_utils as ku
 from dm.crypto import (
-    BadSignature, DecryptionFailed, EnvelopeError, KeyFileError, MalformedEnvelope,
-    ReplayedMessage, ReplayGuard,
+    BadSignature,
+    DecryptionFailed,
+    EnvelopeError,
+    KeyFileError,
+    MalformedEnvelope,
+    ReplayedMessage,
+    ReplayGuard,
 )
 
 NOW = 1_700_000_000

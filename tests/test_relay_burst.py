@@ -16,13 +16,11 @@ import threading
 
 import pytest
 
-from dm import datadir
-from dm.chain import devchain
-from dm.chain.faucet import USER_GRANT_BTK, faucet_signer, fund_user, give_eth
-from dm import wire
+from conftest import make_users, wait_until
+from dm import datadir, wire
 from dm.chain import ethereum
 from dm.chain.books import BookSecrets
-from conftest import make_users, wait_until
+from dm.chain.faucet import faucet_signer, fund_user
 from dm.relay import server as relay_server
 from test_abuse import connect, raw_login, read_frame
 

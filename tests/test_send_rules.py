@@ -16,22 +16,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import RELAY_HUB_BOOK_SIZE as BOOK_SIZE  # noqa: E402
+from conftest import make_users
 from dm import crypto, wire
-from dm.chain import ethereum
-from dm.chain.books import BookSecrets
-from dm.chain.faucet import faucet_signer, fund_user
 from dm.relay import session as session_module
 from dm.relay.ledger import DeliveryLedger
 from dm.relay.node import Node
-from dm.relay.bounties import BountyIndex
 from dm.relay.session import Session
-from dm.wire.send import encode_deliver, read_send, send_header, splice_deliver, deliver_prefix
-from conftest import make_users
-from helpers import Transport, user_keys
+from dm.wire.send import deliver_prefix, encode_deliver, read_send, send_header, splice_deliver
+from helpers import Transport
 from test_abuse import connect, raw_login, read_frame
 from test_relay_burst import open_announced_book
-
-from conftest import RELAY_HUB_BOOK_SIZE as BOOK_SIZE  # noqa: E402
 
 
 def b64(size: int) -> str:

@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 
 import solcx
+
 from dm import PROJECT_ROOT
-from dm.chain.ethereum import ARTIFACT_PATH as ARTIFACT, ChainError, load_artifact
+from dm.chain.ethereum import ARTIFACT_PATH as ARTIFACT
+from dm.chain.ethereum import ChainError, load_artifact
 
 ROOT = PROJECT_ROOT
 SOURCE = ROOT / "contract.sol"

@@ -21,9 +21,8 @@ from urllib.parse import urlparse
 
 from web3 import Web3
 
-from dm import datadir
+from dm import PROJECT_ROOT, datadir
 from dm.chain import ethereum, faucet
-from dm import PROJECT_ROOT
 
 ROOT = PROJECT_ROOT
 ANVIL_BINARIES = (

@@ -10,11 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from dm import datadir
-from dm.chain import devchain
+from dm import PROJECT_ROOT, datadir
+from dm.chain import devchain, ethereum
 from dm.cli.accounts import create_users, unspent_in_books
-from dm.chain import ethereum
-from dm import PROJECT_ROOT
 from dm.net import free_port
 
 ROOT = PROJECT_ROOT

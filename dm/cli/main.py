@@ -15,11 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
-from dm import datadir
+from dm import crypto, datadir
+from dm.chain import devchain, ethereum
 from dm.cli.accounts import create_users, unspent_in_books
-from dm.chain import devchain
-from dm import crypto
-from dm.chain import ethereum
 
 
 def gather_info(data_dir: Path, rpc_url: str) -> dict:

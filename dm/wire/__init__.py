@@ -6,6 +6,15 @@ from .errors import ERRORS, ProtocolError, error  # noqa: F401
 from .frames import HEADER, FrameDecoder, MessageDecoder, encode, frame, parse  # noqa: F401
 from .limits import MAX_CONTAINERS, MAX_FRAME, MAX_MSG_ID  # noqa: F401
 from .messages import (  # noqa: F401
-    CLIENT_MESSAGES, NODE_MESSAGES, PHASES, auth_payload, bounty_key, check_bounty, check_client_message, check_fields,
-    is_channel, is_hex32, request_id,
+    CLIENT_MESSAGES,
+    NODE_MESSAGES,
+    PHASES,
+    auth_payload,
+    bounty_key,
+    check_bounty,
+    check_client_message,
+    check_fields,
+    is_channel,
+    is_hex32,
+    request_id,
 )
