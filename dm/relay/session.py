@@ -19,7 +19,7 @@ from dm import crypto, datadir, wire
 from dm.relay.connection import burst
 from dm.relay.redeemer import Claim
 from dm.wire import ProtocolError
-from dm.wire.send import SendHeader, deliver_prefix, encode_deliver, read_send, send_header, splice_deliver
+from dm.wire.send import SEND_PREFIX, SendHeader, deliver_prefix, encode_deliver, read_send, send_header
 
 log = logging.getLogger("node")
 
@@ -27,7 +27,7 @@ _FRAME_LENGTH = wire.HEADER.pack
 _RECEIPT_HEAD = b'{"type":"receipt","msg_id":"'
 _RECEIPT_DELIVERED = b'","status":"delivered"}'
 _RECEIPT_FIXED = len(_RECEIPT_HEAD) + len(_RECEIPT_DELIVERED)
-_SEND_PREFIX_LENGTH = len(b'{"type":"send",')
+_SEND_PREFIX_LENGTH = len(SEND_PREFIX)
 
 
 def receipt(msg_id: str, status: str) -> bytes:
@@ -110,8 +110,9 @@ class Session:
                     break
                 try:
                     header = read_send(payload) if self.phase == "ready" else None
-                    if header is not None:
-                        self._relay(header, splice_deliver(self._deliver_prefix, payload), now, chain_now, True)
+                    if header is not None:  # splice_deliver, inline: this is the per-message loop
+                        self._relay(header, self._deliver_prefix + payload[_SEND_PREFIX_LENGTH:], now, chain_now,
+                                    True)
                     else:
                         self._handle(payload, now, chain_now)
                     self.errors = 0

@@ -5,10 +5,10 @@ rules on it, whichever read it:
 
 - `read_send` is the fast reader. It takes the raw payload and accepts only the canonical
   form that clients write: compact JSON, keys in order (type, to, msg_id, bounty, channel,
-  envelope), the envelope's keys in the order dm.crypto.seal writes them, and no escapes.
-  One regex match covers the whole frame, so a frame it accepts is exactly one JSON object
-  with no member twice and nothing after the envelope. Anything else returns None, and the
-  general reader takes the frame.
+  envelope), the envelope's keys in the order dm.crypto.seal writes them, ASCII only and no
+  backslash (so no escapes). One regex match covers the whole frame, so a frame it accepts is
+  exactly one JSON object with no member twice and nothing after the envelope. Anything else
+  returns None, and the general reader takes the frame.
 - `send_header` takes a message that dm.wire.parse and check_client_message accepted.
 
 For a frame both accept, `splice_deliver` (fast) and `encode_deliver` (general) give the same
@@ -25,19 +25,19 @@ from .messages import bounty_key
 _NAME = rb"[A-Za-z0-9_.-]{1,32}+"
 _MSG_ID = rb"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}+"  # printable ASCII without '"' and '\'
 _INT = rb"(?:0|[1-9][0-9]{0,18}+)"
-_ROOT = rb"(?:0x)?[0-9a-fA-F]{64}"
-# Everything up to the envelope's first long string. Possessive quantifiers: no backtracking.
-_CANONICAL_HEAD = re.compile(
+_STRING = rb'"[^"]*+"'  # with no backslash in the frame (checked apart: memchr), a whole JSON string
+# The canonical send, whole. Possessive quantifiers: no backtracking. Roots in lower case without
+# 0x (as clients write them), so the header needs no normalising; other spellings go the general way.
+_CANONICAL_SEND = re.compile(
     rb'\{"type":"send","to":"(' + _NAME + rb')","msg_id":"(' + _MSG_ID + rb')",'
-    rb'"bounty":\{(?:"book":"(' + _ROOT + rb')","index":(0|[1-9][0-9]{0,8}+)|"code_hash":"(' + _ROOT + rb')")\}'
+    rb'"bounty":\{(?:"book":"([0-9a-f]{64})","index":(0|[1-9][0-9]{0,8}+)|"code_hash":"([0-9a-f]{64})")\}'
     rb'(?:,"channel":"(#[A-Za-z0-9_.-]{1,31}+)")?'
     rb',"envelope":\{"from":"' + _NAME + rb'","to":"' + _NAME + rb'","msg_id":"' + _MSG_ID + rb'","ts":' + _INT
-    + rb',"wrapped_key":"')
-# The envelope's long strings end at the next quote (the frame has no backslash, so no escapes):
-# memchr finds it, which is many times faster than a regex walking the base64.
-_LONG_STRINGS = (b'","nonce":"', b'","ciphertext":"', b'","signature":"')
-_CANONICAL_TAIL = re.compile(rb'"(?:,"proof":\[(?:"[^"]*+"(?:,"[^"]*+")*+)?\],"leaf":' + _INT + rb')?\}\}')
+    + rb',"wrapped_key":' + _STRING + rb',"nonce":' + _STRING + rb',"ciphertext":' + _STRING
+    + rb',"signature":' + _STRING + rb'(?:,"proof":\[(?:' + _STRING + rb'(?:,' + _STRING + rb')*+)?\],"leaf":' + _INT
+    + rb')?\}\}')
 SEND_PREFIX = b'{"type":"send",'
+_BACKSLASH = 92
 
 
 class SendHeader(NamedTuple):
@@ -48,25 +48,15 @@ class SendHeader(NamedTuple):
     channel: str | None
 
 
-def read_send(payload: bytes, _head=_CANONICAL_HEAD.match, _tail=_CANONICAL_TAIL.fullmatch) -> SendHeader | None:
+def read_send(payload: bytes, _match=_CANONICAL_SEND.fullmatch, _new=tuple.__new__) -> SendHeader | None:
     """The fast reader: a SendHeader for a canonical send, None for anything else."""
-    found = _head(payload)
-    if found is None or b"\\" in payload or not payload.isascii():
-        return None
-    find, startswith = payload.find, payload.startswith
-    at = find(b'"', found.end())
-    for literal in _LONG_STRINGS:
-        if at < 0 or not startswith(literal, at):
-            return None
-        at = find(b'"', at + len(literal))
-    if at < 0 or _tail(payload, at) is None:
+    found = _match(payload)
+    if found is None or _BACKSLASH in payload or not payload.isascii():
         return None
     to, msg_id, root, index, code_hash, channel = found.groups()
-    if root is not None:  # the index pattern stops below 10**9, inside check_bounty's 2**32
-        paid_by = ("book", root.decode().removeprefix("0x").lower(), int(index))
-    else:
-        paid_by = ("single", code_hash.decode().removeprefix("0x").lower())
-    return SendHeader(to.decode(), msg_id.decode(), paid_by, channel and channel.decode())
+    # The index pattern stops below 10**9, inside check_bounty's 2**32.
+    paid_by = ("book", root.decode(), int(index)) if root is not None else ("single", code_hash.decode())
+    return _new(SendHeader, (to.decode(), msg_id.decode(), paid_by, channel and channel.decode()))
 
 
 def send_header(message: dict) -> SendHeader:
