@@ -14,6 +14,12 @@ contract BountyToken is ERC20 {
     /// @notice Tokens escrowed per bounty and per book leaf (1 BTK).
     uint256 public constant BOUNTY_AMOUNT = 1e18;
 
+    /// @notice Where a single bounty stands (getBounty's `state`): None, never
+    /// registered; Open, escrowed and payable; Redeemed, paid to its relayer;
+    /// Refunded, returned to its sender.
+    /// @dev None is the zero value, so an unknown code hash reads as None.
+    /// registerBounty moves None to Open; redeemBounty, redeemBatch and refund
+    /// move Open to Redeemed or Refunded, and nothing leaves those two.
     enum State {
         None,
         Open,
@@ -80,6 +86,9 @@ contract BountyToken is ERC20 {
     /// @notice The bounty was already returned to its sender.
     /// @param codeHash the hash of the code submitted
     error AlreadyRefunded(bytes32 codeHash);
+    /// @notice The book's unspent tokens were already returned to its sender.
+    /// @param root the Merkle root
+    error BookAlreadyRefunded(bytes32 root);
     /// @notice The bounty's expiry has passed; it can only be refunded.
     /// @param codeHash the hash of the code submitted
     /// @param expiry the bounty's expiry (unix seconds)
@@ -141,10 +150,7 @@ contract BountyToken is ERC20 {
     function redeemBounty(bytes32 code) external {
         bytes32 codeHash = keccak256(abi.encodePacked(code));
         Bounty storage bounty = _bounties[codeHash];
-        State state = bounty.state;
-        if (state == State.None) revert UnknownBounty(codeHash);
-        if (state == State.Redeemed) revert AlreadyRedeemed(codeHash);
-        if (state == State.Refunded) revert AlreadyRefunded(codeHash);
+        _requireOpen(codeHash, bounty.state);
         if (block.timestamp > bounty.expiry) revert BountyExpired(codeHash, bounty.expiry);
 
         bounty.state = State.Redeemed;
@@ -159,8 +165,8 @@ contract BountyToken is ERC20 {
     /// @param codes the secrets to reveal
     /// @return paid how many codes paid out
     function redeemBatch(bytes32[] calldata codes) external returns (uint256 paid) {
-        address pendingRelayer;
-        uint256 pendingAmount;
+        address pendingRelayer = address(0);
+        uint256 pendingAmount = 0;
         for (uint256 i = 0; i < codes.length; ++i) {
             bytes32 codeHash = keccak256(abi.encodePacked(codes[i]));
             Bounty storage bounty = _bounties[codeHash];
@@ -197,16 +203,23 @@ contract BountyToken is ERC20 {
     /// @param codeHash the registered hash
     function refund(bytes32 codeHash) external {
         Bounty storage bounty = _bounties[codeHash];
-        State state = bounty.state;
-        if (state == State.None) revert UnknownBounty(codeHash);
-        if (state == State.Redeemed) revert AlreadyRedeemed(codeHash);
-        if (state == State.Refunded) revert AlreadyRefunded(codeHash);
+        _requireOpen(codeHash, bounty.state);
         if (block.timestamp <= bounty.expiry) revert NotExpired(codeHash, bounty.expiry);
 
         bounty.state = State.Refunded;
         address sender = bounty.sender;
         emit BountyRefunded(codeHash, sender, BOUNTY_AMOUNT);
         _transfer(address(this), sender, BOUNTY_AMOUNT);
+    }
+
+    /// @dev The state check redeemBounty and refund share: reverts, naming why,
+    /// unless the bounty is Open. Takes the state already read, so the caller
+    /// loads the bounty's first slot once for this and its expiry check.
+    function _requireOpen(bytes32 codeHash, State state) private pure {
+        if (state == State.Open) return;
+        if (state == State.None) revert UnknownBounty(codeHash);
+        if (state == State.Redeemed) revert AlreadyRedeemed(codeHash);
+        revert AlreadyRefunded(codeHash);
     }
 
     /// @notice Read a bounty.
@@ -240,7 +253,7 @@ contract BountyToken is ERC20 {
         if (relayer == address(0)) revert InvalidRelayer();
         if (expiry <= block.timestamp) revert InvalidExpiry(expiry);
         if (size == 0) revert EmptyBook();
-        if (_books[root].sender != address(0)) revert BookExists(root);
+        if (_bookExists(_books[root])) revert BookExists(root);
 
         _books[root] = Book({
             sender: msg.sender, expiry: expiry, relayer: relayer, size: size, spent: 0, refunded: false
@@ -267,18 +280,22 @@ contract BountyToken is ERC20 {
     ) external returns (uint256 paid) {
         if (indices.length != codes.length) revert LengthMismatch();
         Book storage book = _books[root];
+        uint64 expiry = book.expiry; // shares a slot with the sender _bookExists reads: one load
+        if (!_bookExists(book)) revert UnknownBook(root);
         address relayer = book.relayer;
-        if (relayer == address(0)) revert UnknownBook(root);
         bytes32[] memory leaves = _bookLeaves(root, book.size, indices, codes);
         if (!MerkleProof.multiProofVerifyCalldata(proof, proofFlags, root, leaves)) revert InvalidBookProof(root);
 
-        if (block.timestamp > book.expiry) {
+        if (block.timestamp > expiry) {
             emit BookRedeemed(root, relayer, 0, indices.length);
             return 0;
         }
         paid = _spendLeaves(_spentLeaves[root], indices);
-        // paid <= size < 2**32 and book.spent + paid <= size, by the bitmap.
-        book.spent += uint32(paid);
+        // Cannot overflow: _bookLeaves kept every index below size and the bitmap
+        // pays each index once, so book.spent + paid <= size < 2**32.
+        unchecked {
+            book.spent += uint32(paid);
+        }
         emit BookRedeemed(root, relayer, paid, indices.length - paid);
         if (paid != 0) _transfer(address(this), relayer, paid * BOUNTY_AMOUNT);
     }
@@ -298,7 +315,10 @@ contract BountyToken is ERC20 {
     }
 
     /// @dev Marks each unspent index spent and counts it; spent ones (and
-    /// repeats within this call) are left out of the count.
+    /// repeats within this call) are left out of the count. The same layout as
+    /// OpenZeppelin's BitMaps (256 leaves a word), kept by hand: BitMaps' get
+    /// then set loads each word twice, 139 gas more a leaf (bench/gas.py, book
+    /// of 100: 4,587 instead of 4,448 gas a message).
     function _spendLeaves(mapping(uint256 => uint256) storage spentBits, uint256[] calldata indices)
         private
         returns (uint256 fresh)
@@ -318,14 +338,20 @@ contract BountyToken is ERC20 {
     function refundBook(bytes32 root) external {
         Book storage book = _books[root];
         address sender = book.sender;
-        if (sender == address(0)) revert UnknownBook(root);
-        if (book.refunded) revert AlreadyRefunded(root);
+        if (!_bookExists(book)) revert UnknownBook(root);
+        if (book.refunded) revert BookAlreadyRefunded(root);
         if (block.timestamp <= book.expiry) revert NotExpired(root, book.expiry);
 
         book.refunded = true;
         uint256 amount = uint256(book.size - book.spent) * BOUNTY_AMOUNT;
         emit BookRefunded(root, sender, amount);
         if (amount != 0) _transfer(address(this), sender, amount);
+    }
+
+    /// @dev The one test that a book exists: openBook records msg.sender, never
+    /// zero, so only a root that was never opened has a zero sender.
+    function _bookExists(Book storage book) private view returns (bool) {
+        return book.sender != address(0);
     }
 
     /// @notice Read a book.

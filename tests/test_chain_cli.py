@@ -107,3 +107,20 @@ def test_solcjs_shim_speaks_like_solc():
     version = subprocess.run([str(contract_build.SOLC_JS_SHIM), "--version"], capture_output=True, text=True)
     assert "0.8." in version.stdout
     assert contract_build.find_compiler() == contract_build.SOLC_JS_SHIM
+
+
+def test_solcjs_shim_resolves_files_by_url_and_returns_output_past_64_kib():
+    """Slither (tools/slither.sh) hands the shim contract.sol by URL and asks
+    for ASTs: the shim must find the file and its OpenZeppelin imports, and
+    pass on all of solc-js's output, which node cuts at 64 KiB on a pipe."""
+    if not (contract_build.NODE_MODULES / "solc" / "solc.js").exists():
+        return  # no solc-js: contract_build uses a native solc
+    request = {"language": "Solidity", "sources": {"contract.sol": {"urls": ["contract.sol"]}},
+               "settings": {"outputSelection": {"*": {"": ["ast"]}}}}
+    result = subprocess.run([str(contract_build.SOLC_JS_SHIM), "--standard-json", "--allow-paths", str(ROOT)],
+                            input=json.dumps(request), capture_output=True, text=True, cwd="/", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) > 65_536
+    output = json.loads(result.stdout)
+    assert [e for e in output.get("errors", []) if e["severity"] == "error"] == []
+    assert set(output["sources"]) == set(contract_build.collect_sources())

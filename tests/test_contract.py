@@ -690,11 +690,36 @@ def test_refund_book_after_partial_redemption_returns_exactly_the_unspent(w3, to
     assert balances(token, sender.address, relayer.address, stranger.address, token.address) == [
         8 * TOKEN, 4 * TOKEN, 0, 0]
     assert token.book(book.root).refunded
-    with reverts("AlreadyRefunded", codeHash=book.root):
+    with reverts("BookAlreadyRefunded", root=book.root):
         token.refund_book(sender, book.root)
     late = redeem_leaves(token, relayer, book, [1, 2])  # refunded leaves can't be paid any more
     assert token.events(late, "BookRedeemed")[0]["paid"] == 0
     assert balances(token, sender.address, relayer.address) == [8 * TOKEN, 4 * TOKEN]
+
+
+def test_refund_book_twice_reverts_book_already_refunded(w3, token, new_account):
+    sender, relayer, stranger = new_account(btk=4), new_account(), new_account()
+    book, expiry, _ = open_book(token, w3, sender, relayer.address, 4, ttl=SHORT)
+    redeem_leaves(token, relayer, book, [1])
+    travel_to(w3, expiry + 1)
+    ok(token.refund_book(stranger, book.root))
+    assert balances(token, sender.address, token.address) == [3 * TOKEN, 0]
+
+    # Its own error naming the root, not the single-bounty AlreadyRefunded(codeHash).
+    for who in (sender, stranger):
+        with reverts("BookAlreadyRefunded", root=book.root):
+            token.refund_book(who, book.root)
+    # Forced past the gas estimate, the second refund is mined, fails, moves nothing,
+    # and the wrapper recovers the same error from the receipt.
+    receipt = mined_failure(token, stranger, "refundBook", book.root)
+    assert receipt["status"] == 0 and receipt["logs"] == []
+    err = token.explain_failure(token.contract.functions.refundBook(book.root), stranger.address, receipt)
+    assert isinstance(err, wu.ContractRevert), repr(err)
+    assert (err.name, err.args_by_name) == ("BookAlreadyRefunded", {"root": book.root})
+    assert str(err) == f"BookAlreadyRefunded(root=0x{book.root.hex()})"
+    assert balances(token, sender.address, relayer.address, stranger.address, token.address) == [
+        3 * TOKEN, TOKEN, 0, 0]
+    assert token.book(book.root).refunded and token.book(book.root).spent == 1
 
 
 def test_refund_book_fully_spent_returns_nothing(w3, token, new_account):
@@ -1012,7 +1037,7 @@ class BountyMachine(RuleBasedStateMachine):
         m = self.books[root]
         caller = self.pick_caller(data)
         if m.refunded:
-            with reverts("AlreadyRefunded", codeHash=root):
+            with reverts("BookAlreadyRefunded", root=root):
                 self.token.refund_book(caller, root)
         elif self.now() <= m.expiry:
             with reverts("NotExpired", key=root, expiry=m.expiry):
