@@ -27,7 +27,6 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any cwd
 
-from dm.chain import devchain  # noqa: E402
 from dm.chain.faucet import give_eth  # noqa: E402
 from dm.chain import ethereum  # noqa: E402
 from dm.chain.books import BookSecrets, MerkleTree, leaf_hash, redemption_args  # noqa: E402
@@ -714,7 +713,7 @@ def test_refund_book_twice_reverts_book_already_refunded(w3, token, new_account)
     receipt = mined_failure(token, stranger, "refundBook", book.root)
     assert receipt["status"] == 0 and receipt["logs"] == []
     err = token.explain_failure(token.contract.functions.refundBook(book.root), stranger.address, receipt)
-    assert isinstance(err, wu.ContractRevert), repr(err)
+    assert isinstance(err, ethereum.ContractRevert), repr(err)
     assert (err.name, err.args_by_name) == ("BookAlreadyRefunded", {"root": book.root})
     assert str(err) == f"BookAlreadyRefunded(root=0x{book.root.hex()})"
     assert balances(token, sender.address, relayer.address, stranger.address, token.address) == [

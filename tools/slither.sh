@@ -26,12 +26,12 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$ROOT"
 
-# A standard-JSON input naming contract.sol by URL, with contract_build.py's
+# A standard-JSON input naming contract.sol by URL, with dm/chain/build.py's
 # settings: the shim resolves the file and its OpenZeppelin imports from the
 # repository and node_modules, and Slither maps findings back to those files.
 "$VENV/bin/python" - "$work/input.json" <<'EOF'
 import ast, json, sys
-tree = ast.parse(open("contract_build.py").read())
+tree = ast.parse(open("dm/chain/build.py").read())
 settings = next(ast.literal_eval(node.value) for node in tree.body
                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SETTINGS")
 settings["outputSelection"] = {"*": {"*": ["abi", "evm.bytecode", "evm.deployedBytecode"], "": ["ast"]}}
