@@ -31,7 +31,13 @@ class OpenBook:
 
 
 class BountyIndex:
-    """Open bounties and books bound to `relayer`, kept from the contract's events."""
+    """Open bounties and books bound to `relayer`, kept from the contract's events.
+
+    Thread-safety: the follower thread (sync) and connection threads (a lookup on a miss)
+    write `_bounties` and `_books` under `_lock`; readers take single dict reads without it.
+    `books_by_hex` (announced books, for the hot path) is written by connection threads with
+    one dict assignment and read without a lock: a root always maps to the same OpenBook
+    object (book() hands out the one in `_books`), whose `tree` is set once."""
 
     def __init__(self, token: ethereum.BountyToken, relayer: str, books_dir: Path | None = None,
                  clock: Callable[[], float] = time.time, from_block: int = 0):

@@ -47,7 +47,11 @@ class Claim:
 
 class Journal:
     """Append-only, fsynced: a claim line when a code arrives, a done line once
-    its redemption is mined. Compacted to the pending claims at start."""
+    its redemption is mined. Compacted to the pending claims at start.
+
+    Thread-safety: every write and fsync is under `_lock`. Connection threads append claims
+    without syncing and sync once at the end of their burst, before they answer anyone; the
+    redeemer thread appends done lines."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -128,7 +132,10 @@ class _Queue:
 
 
 class Redeemer:
-    """Batches claims and redeems them; one thread, so one nonce sequence."""
+    """Batches claims and redeems them; one thread, so one nonce sequence.
+
+    Thread-safety: submit() (connection threads) and the redeemer thread share the queue
+    under `_cond`; only the redeemer thread talks to the chain and calls on_redeemed."""
 
     def __init__(self, token: ethereum.BountyToken, signer: ethereum.Signer, index: BountyIndex, journal: Journal,
                  batch_size: int = 50, batch_wait: float = 1.0,
