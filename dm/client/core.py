@@ -1,57 +1,28 @@
 """A chat client without a terminal: connect, authenticate, pay, encrypt,
 send; verify, decrypt, show, and return the code. client.py puts a terminal
 on it; the tests drive it directly.
+
+ChatClient composes one part per concern: the connection (socket, handshake,
+requests by id), the peers' pinned keys, payment, sending, and receiving.
 """
 from __future__ import annotations
 
-import base64
-import json
-import queue
-import socket
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dm import datadir
-from dm import crypto
-from dm import wire
-from dm.net import hang_up
+from dm import crypto, datadir, wire
 from dm.chain import ethereum
-from dm.client.payment import BookPayer, SinglePayer
+from dm.client.connection import CLOSED, Connection
+from dm.client.errors import ClientError
+from dm.client.payment import payer_for
+from dm.client.peers import PeerKeys
+from dm.client.receiving import Incoming, Receiver
+from dm.client.sending import MAX_TEXT_BYTES, Outstanding, Sender, Unanswered, check_length
+from dm.wire.handshake import ClientHandshake
 
-PING_EVERY = 60  # keeps the node's idle timer from closing a quiet session
-
-
-class ClientError(Exception):
-    """A failure the user should read (no traceback)."""
-
-
-# What fits in one frame once encrypted: base64 adds a third, plus the envelope's fields.
-MAX_TEXT_BYTES = (wire.MAX_FRAME - 16_384) * 3 // 4
-
-
-def check_length(text: str) -> None:
-    """Refuse a message too long for one frame before anything is paid for it."""
-    size = len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass"))
-    if size > MAX_TEXT_BYTES:
-        raise ClientError(f"that message is {size:,} bytes once encoded; the limit is {MAX_TEXT_BYTES:,} bytes "
-                          "(about 6 MB): send it in parts")
-
-
-@dataclass
-class Incoming:
-    sender: str
-    text: str
-    msg_id: str
-    genuine: bool
-    problem: str = ""  # why it is not genuine
-    channel: str | None = None
-
-    def line(self) -> str:
-        """How a message is shown: [sender] text, or [#channel sender] text."""
-        return f"[{self.channel} {self.sender}] {self.text}" if self.channel else f"[{self.sender}] {self.text}"
+__all__ = ["ChatClient", "ClientError", "Events", "Incoming", "MAX_TEXT_BYTES", "Outstanding", "check_length"]
 
 
 @dataclass
@@ -64,13 +35,17 @@ class Events:
     closed: Callable[[str], None] = lambda reason: None
 
 
-@dataclass
-class Outstanding:
-    to: str
-    sent_at: float = field(default_factory=time.monotonic)
-
-
 class ChatClient:
+    """One user's session with one node.
+
+    Thread-safety: any thread may call the public methods. Each part guards its own
+    state (see their docstrings): the Connection its writes and waiting requests,
+    PeerKeys the pins, Unanswered the sent messages, the payer its book. One worker
+    thread handles everything the node sends unasked, in order, and is the only
+    thread that runs the Events callbacks and the Receiver. connect() sets `welcome`,
+    `payer` and the sender once, before any other call needs them.
+    """
+
     def __init__(self, host: str, port: int, me: str, data_dir: Path, rpc_url: str = ethereum.DEFAULT_RPC_URL,
                  pay: str = "book", book_size: int = 100, expiry_seconds: int = 86_400, events: Events | None = None,
                  w3=None):
@@ -87,206 +62,70 @@ class ChatClient:
         self.eth_address = ethereum.address_of(self.eth_key)
         self.client_dir = data_dir / "clients" / me
         (self.client_dir / "books").mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.peer_pins_path = self.client_dir / "peers.json"
-        self.peer_pins: dict[str, str] = datadir.read_json(self.peer_pins_path, {})
-        self._peer_keys: dict = {}  # verified this session
-        self._pin_lock = threading.Lock()
-        self.replay_guard = crypto.ReplayGuard()
-        self.session_keys = crypto.SessionKeys()  # one RSA wrap per peer per 1,000 messages
-        self.unwrap_cache = crypto.UnwrapCache()  # and one RSA unwrap on our side
-        self.outstanding: dict[str, Outstanding] = {}
-        self.acked = threading.Condition()
-        self._send_lock = threading.Lock()
-        self._inbox: queue.Queue = queue.Queue()
-        self._replies: dict[tuple, queue.Queue] = {}
-        self._closed = threading.Event()
-        self._closing = False  # we hung up ourselves: no "connection lost" notice
-        self.sock: socket.socket | None = None
+        self._connection = Connection(host, port)
+        self._peer_keys = PeerKeys(data_dir, self.client_dir / "peers.json", self._lookup)
+        self._receiver = Receiver(self.me, self.rsa_key, self.peer_key)
+        self._unanswered = Unanswered()
+        self._sender: Sender | None = None  # once the node named whom to pay
+        self._closed = threading.Event()  # set by close(), or once the worker saw the connection end
         self.payer = None
+        self.token = None
         self.welcome: dict = {}
 
-    # --- connection ---------------------------------------------------------------
+    # --- connection -------------------------------------------------------------------
 
     def connect(self, timeout: float = 30) -> None:
-        try:
-            self.sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        except OSError as exc:
-            raise ClientError(f"cannot reach the node at {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        decoder = wire.MessageDecoder()
-        self._write({"type": "hello", "name": self.me, "public_key": self.public_pem,
-                     "eth_address": self.eth_address})
-        challenge = self._read_one(decoder, "challenge")
-        data = wire.auth_payload(challenge["nonce"], challenge["node_id"], self.me, self.public_pem,
-                                     self.eth_address)
-        self._write({"type": "auth", "signature": base64.b64encode(crypto.sign(self.rsa_key, data)).decode()})
-        self.welcome = self._read_one(decoder, "welcome")
-        self.sock.settimeout(None)
-        threading.Thread(target=self._reader, args=(decoder,), name="reader", daemon=True).start()
+        handshake = ClientHandshake(self.me, self.public_pem, self.eth_address,
+                                    lambda data: crypto.sign(self.rsa_key, data))
+        self.welcome = self._connection.open(handshake, timeout)
         threading.Thread(target=self._worker, name="worker", daemon=True).start()
-        threading.Thread(target=self._pinger, name="pinger", daemon=True).start()
-        self._setup_payment()
-
-    def _read_one(self, decoder: wire.MessageDecoder, expected: str) -> dict:
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError as exc:
-                raise ClientError(f"the node did not answer: {exc}") from None
-            if not data:
-                raise ClientError("the node closed the connection during the handshake")
-            messages = decoder.feed_messages(data)
-            if messages:
-                message = messages[0]
-                if message["type"] == "error":
-                    raise ClientError(f"the node refused us: {message.get('message')} ({message.get('code')})")
-                if message["type"] != expected:
-                    raise ClientError(f"unexpected {message['type']!r} from the node during the handshake")
-                return message
-
-    def _setup_payment(self) -> None:
-        """Pay only into the contract the node names, and only if it really is BountyToken."""
         w3 = self._w3 or ethereum.connect(self.rpc_url)
-        try:
-            chain_id = w3.eth.chain_id
-        except Exception as exc:
-            raise ClientError(f"cannot reach the chain at {self.rpc_url}: {exc}") from None
-        if chain_id != self.welcome["chain_id"]:
-            raise ClientError(f"the node is paid on chain {self.welcome['chain_id']} but {self.rpc_url} "
-                              f"is chain {chain_id}")
-        token = ethereum.BountyToken(w3, self.welcome["contract"])
-        if not token.is_genuine():
-            raise ClientError(f"the code at {token.address} is not BountyToken: refusing to pay into it")
-        self.token = token
-        signer = ethereum.Signer(w3, self.eth_key)
-        relayer = self.welcome["node_eth_address"]
-        if self.pay == "single":
-            self.payer = SinglePayer(token, signer, relayer, self.expiry_seconds)
-        else:
-            self.payer = BookPayer(token, signer, relayer, self.expiry_seconds, self.book_size,
-                                   self.client_dir / "books", self._announce_book)
+        self.token, self.payer = payer_for(self.welcome, w3, self.rpc_url, self.eth_key, self.pay,
+                                           self.expiry_seconds, self.book_size, self.client_dir / "books",
+                                           self._announce_book)
+        self._sender = Sender(self.me, self.rsa_key, self.payer, self._unanswered)
 
     def _announce_book(self, book) -> None:
-        self._write({"type": "book", "root": book.root.hex(), "leaves": [leaf.hex() for leaf in book.leaf_hashes]})
+        self._connection.post({"type": "book", "root": book.root.hex(),
+                               "leaves": [leaf.hex() for leaf in book.leaf_hashes]})
 
     def close(self) -> None:
-        self._closing = True
         self._closed.set()
-        if self.sock is not None:
-            hang_up(self.sock)
-            self.sock.close()
+        self._connection.close()
 
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.is_set()
+
+    # Writes go through these two, so that a test can forge or capture frames.
     def _write(self, message: dict) -> None:
         self._write_raw(wire.encode(message))
 
     def _write_raw(self, data: bytes) -> None:
-        with self._send_lock:
-            try:
-                self.sock.sendall(data)
-            except OSError as exc:
-                raise ClientError(f"lost the connection to the node: {exc}") from None
+        self._connection.write_raw(data)
 
-    def _reader(self, decoder: wire.MessageDecoder) -> None:
-        reason = "the node closed the connection"
-        try:
-            while True:
-                data = self.sock.recv(262144)
-                if not data:
-                    break
-                for payload in decoder.feed(data):
-                    try:
-                        message = wire.parse(payload)
-                    except wire.ProtocolError as exc:  # one bad frame (e.g. a garbled deliver) is skipped
-                        self._inbox.put({"type": "error", "code": exc.code, "message": f"skipped a frame: {exc}"})
-                        continue
-                    kind = message["type"]
-                    if kind == "error" and message.get("ref") is not None:
-                        waiting = [k for k in list(self._replies) if k[1] == message["ref"]]
-                        if waiting:
-                            self._replies.pop(waiting[0]).put(message)
-                            continue
-                    if kind in ("lookup", "peers", "book", "pong", "channels", "members"):
-                        key = (kind, message.get("name") or message.get("root") or message.get("channel"))
-                        waiter = self._replies.pop(key, None) or self._replies.pop((kind, None), None)
-                        if waiter is not None:
-                            waiter.put(message)
-                            continue
-                    self._inbox.put(message)
-        except (OSError, wire.ProtocolError) as exc:
-            if not self._closed.is_set():
-                reason = f"connection lost: {exc}"
-        finally:
-            self._inbox.put({"type": "_closed", "reason": reason})
+    @property
+    def sock(self):
+        return self._connection.sock
 
-    def _pinger(self) -> None:
-        while not self._closed.wait(PING_EVERY):
-            try:
-                self._write({"type": "ping"})
-            except ClientError:
-                return
+    @property
+    def _send_lock(self) -> threading.Lock:
+        return self._connection.write_lock
 
-    def _request(self, message: dict, reply_type: str, key=None, timeout: float = 10) -> dict:
-        waiter: queue.Queue = queue.Queue()
-        self._replies[(reply_type, key)] = waiter
-        self._write(message)
-        try:
-            reply = waiter.get(timeout=timeout)
-        except queue.Empty:
-            self._replies.pop((reply_type, key), None)
-            raise ClientError(f"the node did not answer our {message['type']!r}") from None
-        if reply["type"] == "error":
-            raise ClientError(f"{reply.get('message')} ({reply.get('code')})")
-        return reply
-
-    # --- peers' keys ---------------------------------------------------------------------
+    # --- peers and their keys ---------------------------------------------------------
 
     def peer_key(self, name: str):
         """The peer's public key: from the node's directory, pinned here at first use.
         A changed key raises ClientError; the pin is never silently replaced."""
-        return self.peer_keys([name])[name]
+        return self._peer_keys.get([name])[name]
 
     def peer_keys(self, names: list[str]) -> dict:
-        """peer_key for many names at once: every lookup goes out in one write and the
-        pins file is written once (a channel's first message may meet 1,000 new names)."""
-        with self._pin_lock:
-            missing = [n for n in dict.fromkeys(names) if n not in self._peer_keys]
-            if missing:
-                waiters = {}
-                for name in missing:
-                    waiters[name] = queue.Queue()
-                    self._replies[("lookup", name)] = waiters[name]
-                self._write_raw(b"".join(wire.encode({"type": "lookup", "name": n}) for n in missing))
-                served = {}
-                for name in missing:
-                    try:
-                        reply = waiters[name].get(timeout=10)
-                    except queue.Empty:
-                        self._replies.pop(("lookup", name), None)
-                        raise ClientError(f"the node did not answer our lookup of {name}") from None
-                    if reply["type"] == "error":
-                        raise ClientError(f"{reply.get('message')} ({reply.get('code')})")
-                    served[name] = reply["public_key"]
-                changed = False
-                for name, pem in served.items():
-                    self._check_pin(name, pem)
-                    if name not in self.peer_pins:
-                        self.peer_pins[name] = pem
-                        changed = True
-                    self._peer_keys[name] = crypto.public_key_from_pem(pem)
-                if changed:
-                    datadir.write_json(self.peer_pins_path, self.peer_pins)
-            return {n: self._peer_keys[n] for n in names}
+        """peer_key for many names at once: every lookup goes out in one write."""
+        return self._peer_keys.get(names)
 
-    def _check_pin(self, name: str, served: str) -> None:
-        pinned = self.peer_pins.get(name)
-        local = datadir.public_key_path(self.data_dir, name)
-        if pinned is None and local.exists():  # the original's shared key files
-            pinned = local.read_text()
-        if pinned is not None and pinned.strip() != served.strip():
-            raise ClientError(
-                f"WARNING: the key for {name} has CHANGED (pinned {crypto.fingerprint(pinned)}, node now serves "
-                f"{crypto.fingerprint(served)}). Someone may be impersonating {name}. Compare fingerprints "
-                f"out of band; if the change is genuine, remove {name} from {self.peer_pins_path}.")
+    def _lookup(self, names: list[str]) -> dict[str, str]:
+        replies = self._connection.request_all([{"type": "lookup", "name": name} for name in names])
+        return {name: reply["public_key"] for name, reply in zip(names, replies)}
 
     def fingerprint(self, name: str) -> str:
         if name == self.me:
@@ -294,102 +133,78 @@ class ChatClient:
         return crypto.fingerprint(self.peer_key(name))
 
     def peers(self) -> list[str]:
-        return self._request({"type": "peers"}, "peers")["names"]
+        return self._connection.request({"type": "peers"})["names"]
 
-    # --- sending --------------------------------------------------------------------------
+    # --- channels ---------------------------------------------------------------------
+
+    def join(self, channel: str) -> dict:
+        return self._connection.request({"type": "join", "channel": channel})
+
+    def leave(self, channel: str) -> dict:
+        return self._connection.request({"type": "leave", "channel": channel})
+
+    def channels(self) -> dict:
+        return self._connection.request({"type": "channels"})
+
+    # --- sending ----------------------------------------------------------------------
 
     def send_text(self, to: str, text: str) -> str:
         return self.send_many(to, [text])[0]
 
     def send_many(self, to: str, texts: list[str]) -> list[str]:
-        """Encrypt, pay and send each text to `to`, in order. One RSA signature covers
-        the whole batch (crypto.seal_many), so piped input is not bound by RSA."""
+        """Encrypt, pay and send each text to `to`, in order."""
         for text in texts:
             check_length(text)
-        recipient_key = self.peer_key(to)
-        try:
-            bounties = self.payer.next_bounties(len(texts))
-        except ethereum.ChainError as exc:
-            raise ClientError(f"paying the bounty failed: {exc}") from None
-        envelopes = crypto.seal_many(
-            [({"text": text, "code": bounty.code.hex()}, to, recipient_key) for text, bounty in zip(texts, bounties)],
-            sender=self.me, sender_key=self.rsa_key, session_keys=self.session_keys)
-        frames = []
-        with self.acked:
-            for bounty, envelope in zip(bounties, envelopes):
-                self.outstanding[envelope["msg_id"]] = Outstanding(to)
-                frames.append(wire.encode({"type": "send", "to": to, "msg_id": envelope["msg_id"],
-                                               "bounty": bounty.wire, "envelope": envelope}))
-        self.last_bounty = bounties[-1].wire
-        self._write_raw(b"".join(frames))
-        return [e["msg_id"] for e in envelopes]
-
-    # --- channels ---------------------------------------------------------------------
-
-    def join(self, channel: str) -> dict:
-        return self._request({"type": "join", "channel": channel}, "channels", channel)
-
-    def leave(self, channel: str) -> dict:
-        return self._request({"type": "leave", "channel": channel}, "channels", channel)
-
-    def channels(self) -> dict:
-        return self._request({"type": "channels"}, "channels")
+        key = self.peer_key(to)
+        return self._send([(to, key, text) for text in texts])
 
     def send_to_channel(self, channel: str, text: str) -> tuple[list[str], list[str]]:
         """One copy per online member, each encrypted to that member and carrying its own
         bounty, all paid from the book. Returns (msg_ids sent, members offline)."""
         check_length(text)
-        members = self._request({"type": "members", "channel": channel}, "members", channel)
+        members = self._connection.request({"type": "members", "channel": channel})
         recipients = [m for m in members["online"] if m != self.me]
         keys = self.peer_keys(recipients)
-        try:
-            bounties = self.payer.next_bounties(len(recipients)) if recipients else []
-        except ethereum.ChainError as exc:
-            raise ClientError(f"paying the bounties failed: {exc}") from None
-        envelopes = crypto.seal_many(
-            [({"text": text, "code": b.code.hex(), "channel": channel}, name, keys[name])
-             for name, b in zip(recipients, bounties)], sender=self.me, sender_key=self.rsa_key,
-            session_keys=self.session_keys) if recipients else []
-        frames = []
-        with self.acked:
-            for name, bounty, envelope in zip(recipients, bounties, envelopes):
-                self.outstanding[envelope["msg_id"]] = Outstanding(name)
-                # Canonical key order (type, to, msg_id, bounty, channel, envelope): the node's fast path.
-                frames.append(wire.encode({"type": "send", "to": name, "msg_id": envelope["msg_id"],
-                                               "bounty": bounty.wire, "channel": channel, "envelope": envelope}))
-        self._write_raw(b"".join(frames))
-        return [e["msg_id"] for e in envelopes], members["offline"]
+        return self._send([(name, keys[name], text) for name in recipients], channel), members["offline"]
+
+    def _send(self, copies: list[tuple[str, object, str]], channel: str | None = None) -> list[str]:
+        msg_ids, frames = self._sender.prepare(copies, channel)
+        if frames:
+            self._write_raw(frames)
+        return msg_ids
+
+    @property
+    def last_bounty(self) -> dict | None:
+        return self._sender.last_bounty if self._sender else None
+
+    @property
+    def outstanding(self) -> dict[str, Outstanding]:
+        """Sent messages without a receipt yet, by msg_id (guarded by `acked`)."""
+        return self._unanswered.by_msg_id
+
+    @property
+    def acked(self) -> threading.Condition:
+        return self._unanswered.changed
 
     def wait_acknowledged(self, timeout: float | None = None) -> bool:
         """Until every sent message got a receipt (or refusal)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.acked:
-            while self.outstanding and not self._closed.is_set():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self.acked.wait(remaining if remaining is not None else 1)
-            return not self.outstanding
+        return self._unanswered.wait_until_empty(timeout, self._closed)
 
     def _settle(self, msg_id: str, status: str, detail: str = "") -> None:
-        with self.acked:
-            if self.outstanding.pop(msg_id, None) is None:
-                return
-            self.acked.notify_all()
-        self.events.receipt(msg_id, status, detail)
+        if self._unanswered.settle(msg_id):
+            self.events.receipt(msg_id, status, detail)
 
-    # --- receiving -------------------------------------------------------------------------
+    # --- what the node sends unasked: the worker thread -------------------------------
 
     def _worker(self) -> None:
         while True:
-            message = self._inbox.get()
+            message = self._connection.inbox.get()
             kind = message["type"]
             try:
-                if kind == "_closed":
+                if kind == CLOSED:
                     self._closed.set()
-                    with self.acked:
-                        self.acked.notify_all()
-                    if not self._closing:
+                    self._unanswered.wake()
+                    if not self._connection.hung_up:
                         self.events.closed(message["reason"])
                     return
                 if kind == "deliver":
@@ -414,29 +229,7 @@ class ChatClient:
             self.events.notice(f"node: {text}")
 
     def _on_deliver(self, message: dict) -> None:
-        sender, envelope = message["from"], message["envelope"]
-        try:
-            sender_key = self.peer_key(sender)
-            if envelope.get("from") != sender:
-                raise crypto.MalformedEnvelope("the envelope's sender is not the one the node authenticated")
-            if envelope.get("msg_id") != message["msg_id"]:
-                raise crypto.MalformedEnvelope("the envelope's id differs from the one the node relayed")
-            payload = crypto.open_envelope(envelope, recipient=self.me, recipient_key=self.rsa_key,
-                                              sender_public_key=sender_key, replay_guard=self.replay_guard,
-                                              unwrap_cache=self.unwrap_cache)
-        except (crypto.EnvelopeError, ClientError) as exc:
-            reason = getattr(exc, "reason", None) or str(exc)
-            self.events.message(Incoming(sender, "", message["msg_id"], False, reason))
-            return
-        text, code = payload.get("text"), payload.get("code")
-        channel = message.get("channel")
-        if not isinstance(text, str) or not isinstance(code, str):
-            self.events.message(Incoming(sender, "", message["msg_id"], False, "the message has no text or code"))
-            return
-        if payload.get("channel") != channel:  # the label is signed inside; the node cannot move a message
-            self.events.message(Incoming(sender, "", message["msg_id"], False,
-                                         "the message was relabelled to another channel", channel))
-            return
-        self.events.message(Incoming(sender, text, message["msg_id"], True, channel=channel))
-        # Returning the code is what pays the node for this delivery.
-        self._write({"type": "claim", "msg_id": message["msg_id"], "code": code})
+        incoming, claim = self._receiver.deliver(message)
+        self.events.message(incoming)
+        if claim is not None:
+            self._write(claim)  # returning the code is what pays the node for this delivery

@@ -4,6 +4,7 @@ A `Payer` hands out one bounty per message: the dict the node sees (a code
 hash, or a book root and leaf index) and the secret code that travels inside
 the encrypted message. Book secrets are saved under the sender's data folder
 before the book is opened, so tokens are never escrowed behind codes we lost.
+`payer_for` checks the node's contract before any of that.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Callable
 from dm import datadir
 from dm.chain import ethereum
 from dm.chain.books import BookSecrets
+from dm.client.errors import ClientError
 
 CURSOR_STRIDE = 32  # book cursor is persisted this far ahead, so a crash never reuses a code
 
@@ -27,8 +29,31 @@ class Bounty:
     code: bytes  # the secret, for the recipient only
 
 
+def payer_for(welcome: dict, w3, rpc_url: str, eth_key: str, pay: str, expiry_seconds: int, book_size: int,
+              books_dir: Path, announce: Callable[[BookSecrets], None]):
+    """(token, payer) for the node that sent `welcome`. Pays only into the contract the node
+    names, and only if it really is BountyToken on the chain we reach."""
+    try:
+        chain_id = w3.eth.chain_id
+    except Exception as exc:
+        raise ClientError(f"cannot reach the chain at {rpc_url}: {exc}") from None
+    if chain_id != welcome["chain_id"]:
+        raise ClientError(f"the node is paid on chain {welcome['chain_id']} but {rpc_url} is chain {chain_id}")
+    token = ethereum.BountyToken(w3, welcome["contract"])
+    if not token.is_genuine():
+        raise ClientError(f"the code at {token.address} is not BountyToken: refusing to pay into it")
+    signer = ethereum.Signer(w3, eth_key)
+    relayer = welcome["node_eth_address"]
+    if pay == "single":
+        return token, SinglePayer(token, signer, relayer, expiry_seconds)
+    return token, BookPayer(token, signer, relayer, expiry_seconds, book_size, books_dir, announce)
+
+
 class SinglePayer:
-    """One registerBounty transaction per message (the original's scheme)."""
+    """One registerBounty transaction per message (the original's scheme).
+
+    Thread-safety: no state of its own; the Signer keeps its nonce under its own lock.
+    """
 
     def __init__(self, token: ethereum.BountyToken, signer: ethereum.Signer, relayer: str, expiry_seconds: int):
         self.token, self.signer, self.relayer, self.expiry_seconds = token, signer, relayer, expiry_seconds
@@ -45,7 +70,11 @@ class SinglePayer:
 
 
 class BookPayer:
-    """Spends one leaf of a prepaid book per message; opens a new book when one runs out."""
+    """Spends one leaf of a prepaid book per message; opens a new book when one runs out.
+
+    Thread-safety: any thread may ask for bounties; `_lock` guards the book, its cursor
+    and its file (a new book is opened, and announced, under it).
+    """
 
     def __init__(self, token: ethereum.BountyToken, signer: ethereum.Signer, relayer: str, expiry_seconds: int,
                  size: int, books_dir: Path, announce: Callable[[BookSecrets], None]):

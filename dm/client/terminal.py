@@ -31,7 +31,10 @@ HELP = """commands:
 
 
 class Screen:
-    """Prints above the input line on a terminal, so incoming text never lands in half-typed input."""
+    """Prints above the input line on a terminal, so incoming text never lands in half-typed input.
+
+    Thread-safety: the input thread and the client's worker both print; `_lock` keeps their lines whole.
+    """
 
     def __init__(self, interactive: bool):
         self.interactive = interactive
@@ -97,7 +100,7 @@ def run(args) -> int:
                     break
         else:
             for lines in read_line_batches(sys.stdin.fileno()):
-                if client._closed.is_set():
+                if client.is_closed:
                     raise ClientError("the node closed the connection")
                 if not handle_lines(client, screen, state, lines):
                     break
