@@ -10,13 +10,11 @@ messages are acknowledged, then exits.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
 
 from dm import datadir
-from dm.chain import ethereum
 from dm.client.core import ChatClient, ClientError, Events, Incoming
 
 HELP = """commands:
