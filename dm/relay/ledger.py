@@ -48,8 +48,9 @@ class DeliveryLedger:
         if self.pending.get(msg_id) is delivery:
             self.pending.pop(msg_id, None)
 
-    def delivered(self, delivery: Delivery) -> None:
-        self.expiring.append(delivery)
+    def delivered(self, deliveries: list[Delivery]) -> None:
+        """These reservations reached their recipients: their claim clock runs."""
+        self.expiring.extend(deliveries)
 
     def awaiting(self, msg_id: str, recipient: str) -> Delivery | None:
         """The delivery to `recipient` that waits for this code, if any."""

@@ -61,9 +61,9 @@ class Session:
         self.relayed = 0  # messages this session sent that reached their recipient
         self._deliver_prefix = b""
         # A burst's deliveries, held until the burst ends or something else must be written
-        # first: recipient session -> ([frame parts], [deliveries], [receipt parts]).
+        # first: recipient session -> [frame parts]; the deliveries and receipts in send order.
         self._held: dict = {}
-        self._held_deliveries: list[tuple] = []  # in send order
+        self._held_deliveries: list[tuple] = []
         self._held_receipts: list[bytes] = []
         self._req: int | None = None  # the request id of the message being handled
 
@@ -185,13 +185,11 @@ class Session:
             return
         delivery = (msg_id, self.name, header.to, header.paid_by, now)
         node.ledger.reserve(delivery)
-        held = self._held.get(recipient)
-        if held is None:
-            self._held[recipient] = held = ([], [])
-        frames = held[0]
+        frames = self._held.get(recipient)
+        if frames is None:
+            self._held[recipient] = frames = []
         frames.append(_FRAME_LENGTH(len(body)))
         frames.append(body)
-        held[1].append(delivery)
         self._held_deliveries.append(delivery)
         if plain_id:  # the fast reader's msg ids need no escaping: build the receipt from a template
             encoded = msg_id.encode()
@@ -206,26 +204,26 @@ class Session:
             return
         held, in_order, receipts = self._held, self._held_deliveries, self._held_receipts
         self._held, self._held_deliveries, self._held_receipts = {}, [], []
+        gone = {recipient.name for recipient, frames in held.items() if not recipient.transport.queue(frames, outbox)}
         ledger = self.node.ledger
-        lost = []
-        for recipient, (frames, deliveries) in held.items():
-            if recipient.transport.queue(frames, outbox):
-                self.relayed += len(deliveries)
-                for delivery in deliveries:
-                    ledger.delivered(delivery)
-            else:  # it hung up since we looked: nothing was delivered to it
-                for delivery in deliveries:
-                    ledger.release(delivery)
-                lost += (delivery[0] for delivery in deliveries)
-        if lost:  # rare: rebuild the receipts with the lost ones marked offline, in order
-            lost_ids = set(lost)
-            receipts = [receipt(d[0], "offline" if d[0] in lost_ids else "delivered") for d in in_order]
-        self.transport.queue(receipts, outbox)
+        if not gone:
+            ledger.delivered(in_order)
+            self.relayed += len(in_order)
+            self.transport.queue(receipts, outbox)
+            return
+        # Rare: a recipient hung up since we looked. Nothing was delivered to it: release those
+        # reservations and rebuild the receipts, in order, with those marked offline.
+        for delivery in in_order:
+            if delivery[2] in gone:
+                ledger.release(delivery)
+        delivered = [d for d in in_order if d[2] not in gone]
+        ledger.delivered(delivered)
+        self.relayed += len(delivered)
+        self.transport.queue([receipt(d[0], "offline" if d[2] in gone else "delivered") for d in in_order], outbox)
 
     def _release_held(self) -> None:
-        for _, deliveries in self._held.values():
-            for delivery in deliveries:
-                self.node.ledger.release(delivery)
+        for delivery in self._held_deliveries:
+            self.node.ledger.release(delivery)
         self._held, self._held_deliveries, self._held_receipts = {}, [], []
 
     # --- the handshake -----------------------------------------------------------------
