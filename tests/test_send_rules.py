@@ -154,7 +154,7 @@ def run_session(node: Node, payload: bytes, fast: bool, monkeypatch) -> tuple[by
         node.online[name] = sessions[name] = session
     with monkeypatch.context() as patch:
         if not fast:
-            patch.setattr(session_module, "read_send", lambda payload: None)
+            patch.setattr(session_module, "read_send", lambda payload, plain=False: None)
         sessions["alice"].receive(wire.HEADER.pack(len(payload)) + payload, now=1.0)
     return bytes(sessions["alice"].transport.written), bytes(sessions["bob"].transport.written), \
         sorted(node.ledger.pending)

@@ -119,21 +119,17 @@ class BountyIndex:
                     pass
         return book
 
-    def is_payable(self, paid_by: tuple, now: float | None = None) -> bool:
-        """Whether a message may be paid with this bounty: open, bound to this node, at least
-        EXPIRY_MARGIN seconds from expiry at `now` (chain time; read here when None), and for a
-        book, announced and the leaf in range. paid_by comes from dm.wire.bounty_key."""
-        if now is None:
-            now = self.clock()
-        if paid_by[0] == "single":
-            return self.single_is_payable(bytes.fromhex(paid_by[1]), now)
-        book = self.books_by_hex.get(paid_by[1])  # the hot path: one dict lookup
+    def announced_book(self, root_hex: str) -> OpenBook | None:
+        """The open book bound to this node with that root (lower-case hex) whose leaves its
+        sender has announced; None otherwise. A hit is one dict read (dm.relay.rules reads
+        books_by_hex itself first); a miss may ask the chain."""
+        book = self.books_by_hex.get(root_hex)
         if book is None:
-            book = self.book(bytes.fromhex(paid_by[1]))
+            book = self.book(bytes.fromhex(root_hex))
             if book is None or book.tree is None:
-                return False
-            self.books_by_hex[paid_by[1]] = book
-        return paid_by[2] < book.size and book.expiry > now + EXPIRY_MARGIN
+                return None
+            self.books_by_hex[root_hex] = book
+        return book
 
     def announce_book(self, root: bytes, leaves: list[bytes]) -> OpenBook | None:
         """A sender tells us the leaf hashes of its book, so we can check codes

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 from dm.chain import ethereum
+from dm.relay.bounties import EXPIRY_MARGIN
 from dm.wire import MAX_FRAME, ProtocolError
 from dm.wire.send import SendHeader
 
@@ -21,7 +22,8 @@ from dm.wire.send import SendHeader
 def make_send_rule(pinned, channels, index, online: dict) -> Callable:
     """rule_on_send bound to the node's parts: `pinned` (names with a pin, a live view),
     `channels` (a ChannelRegistry), `index` (a BountyIndex), `online` (name -> session)."""
-    is_payable, members_of, online_get = index.is_payable, channels.members.get, online.get
+    members_of, online_get = channels.members.get, online.get
+    books_get, announced_book, single_is_payable = index.books_by_hex.get, index.announced_book, index.single_is_payable
 
     def rule_on_send(header: SendHeader, sender: str, deliver_size: int, chain_now: float):
         """The recipient's session when the message may go, None when the recipient is offline;
@@ -34,7 +36,11 @@ def make_send_rule(pinned, channels, index, online: dict) -> Callable:
             if members is None or sender not in members or to not in members:
                 raise ProtocolError("not_a_member", f"both sender and recipient must be in {channel}", ref=msg_id)
         try:
-            payable = is_payable(paid_by, chain_now)
+            if paid_by[0] == "book":  # announced, the leaf in range, not about to expire
+                book = books_get(paid_by[1]) or announced_book(paid_by[1])
+                payable = book is not None and paid_by[2] < book.size and book.expiry > chain_now + EXPIRY_MARGIN
+            else:
+                payable = single_is_payable(bytes.fromhex(paid_by[1]), chain_now)
         except (ethereum.ChainError, OSError) as exc:
             raise ProtocolError("unpaid", f"could not check the bounty: {exc}", ref=msg_id) from None
         if not payable:

@@ -19,7 +19,7 @@ from dm import crypto, datadir, wire
 from dm.relay.connection import burst
 from dm.relay.redeemer import Claim
 from dm.wire import ProtocolError
-from dm.wire.send import SEND_PREFIX, SendHeader, deliver_prefix, encode_deliver, read_send, send_header
+from dm.wire.send import SEND_PREFIX, deliver_prefix, encode_deliver, read_send, send_header
 
 log = logging.getLogger("node")
 
@@ -28,6 +28,7 @@ _RECEIPT_HEAD = b'{"type":"receipt","msg_id":"'
 _RECEIPT_DELIVERED = b'","status":"delivered"}'
 _RECEIPT_FIXED = len(_RECEIPT_HEAD) + len(_RECEIPT_DELIVERED)
 _SEND_PREFIX_LENGTH = len(SEND_PREFIX)
+_BACKSLASH = 92
 
 
 def receipt(msg_id: str, status: str) -> bytes:
@@ -66,6 +67,7 @@ class Session:
         self._held_deliveries: list[tuple] = []
         self._held_receipts: list[bytes] = []
         self._req: int | None = None  # the request id of the message being handled
+        self._plain_buffer = True  # the decoder holds no byte that is non-ASCII or a backslash
 
     @property
     def label(self) -> str:
@@ -75,12 +77,16 @@ class Session:
 
     def receive(self, data: bytes, now: float) -> None:
         """Bytes from the client; everything they cause is written once per destination."""
+        # One check per read instead of one per frame: frames made only of plain bytes (ASCII,
+        # no backslash) spare the fast reader its own check.
+        plain = self._plain_buffer and _BACKSLASH not in data and data.isascii()
         try:
             payloads = self.decoder.feed(data)
         except ProtocolError as exc:
             self.transport.send(exc.to_message())
             self.transport.close()
             return
+        self._plain_buffer = plain or not self.decoder.mid_frame
         if payloads:
             self.last_frame_at = now
         if not self.decoder.mid_frame:
@@ -88,7 +94,7 @@ class Session:
         elif payloads or self.frame_started_at is None:  # a new frame started in this read
             self.frame_started_at = now
         if payloads:
-            self._handle_burst(payloads, now)
+            self._handle_burst(payloads, now, plain)
 
     def timeout_reason(self, now: float, handshake_timeout: float, frame_timeout: float,
                        idle_timeout: float) -> str | None:
@@ -100,21 +106,47 @@ class Session:
             return f"idle for {idle_timeout:g}s"
         return None
 
-    def _handle_burst(self, payloads: list[bytes], now: float) -> None:
+    def _handle_burst(self, payloads: list[bytes], now: float, plain: bool) -> None:
         burst.outbox = outbox = set()
         node, transport = self.node, self.transport
         chain_now = node.index.clock()  # one clock read per burst for bounty expiry
+        rule, reserve = node.send_rule, node.ledger.reserve
+        held, in_order, receipts = self._held, self._held_deliveries, self._held_receipts
         try:
             for payload in payloads:
                 if transport.closed:
                     break
                 try:
-                    header = read_send(payload) if self.phase == "ready" else None
+                    header = read_send(payload, plain) if self.phase == "ready" else None
                     if header is not None:  # splice_deliver, inline: this is the per-message loop
-                        self._relay(header, self._deliver_prefix + payload[_SEND_PREFIX_LENGTH:], now, chain_now,
-                                    True)
+                        body, plain_id = self._deliver_prefix + payload[_SEND_PREFIX_LENGTH:], True
                     else:
-                        self._handle(payload, now, chain_now)
+                        send = self._handle(payload)
+                        if send is None:
+                            self.errors = 0
+                            continue
+                        (header, body), plain_id = send, False
+                    # One relay step for a send, whichever reader read it: the rule set, the
+                    # ledger's reservation, then the deliver and receipt held until the burst ends.
+                    recipient = rule(header, self.name, len(body), chain_now)
+                    msg_id = header[1]
+                    if recipient is None:
+                        self._write_held(outbox)
+                        transport.send_bytes(receipt(msg_id, "offline"))
+                    else:
+                        delivery = (msg_id, self.name, header[0], header[2], now)
+                        reserve(delivery)
+                        frames = held.get(recipient)
+                        if frames is None:
+                            held[recipient] = frames = []
+                        frames += (_FRAME_LENGTH(len(body)), body)
+                        in_order.append(delivery)
+                        if plain_id:  # the fast reader's msg ids need no escaping: a receipt from a template
+                            encoded = msg_id.encode()
+                            receipts += (_FRAME_LENGTH(_RECEIPT_FIXED + len(encoded)), _RECEIPT_HEAD, encoded,
+                                         _RECEIPT_DELIVERED)
+                        else:
+                            receipts.append(receipt(msg_id, "delivered"))
                     self.errors = 0
                 except ProtocolError as exc:
                     self._refuse(exc)
@@ -145,7 +177,9 @@ class Session:
 
     # --- the general path: parse, check, dispatch ------------------------------------
 
-    def _handle(self, payload: bytes, now: float, chain_now: float) -> None:
+    def _handle(self, payload: bytes) -> tuple | None:
+        """A frame the fast reader did not take. Returns (header, deliver body) for a send,
+        for the burst loop to relay; answers anything else itself."""
         message = wire.parse(payload)
         self._req = req = wire.request_id(message)
         try:
@@ -154,11 +188,9 @@ class Session:
             if kind == "send":
                 header = send_header(message)
                 try:
-                    body = encode_deliver(self.name, message)
+                    return header, encode_deliver(self.name, message)
                 except ValueError:  # text that cannot be UTF-8 (a lone surrogate)
                     raise ProtocolError("bad_frame", "the message is not valid text", ref=header.msg_id) from None
-                self._relay(header, body, now, chain_now, False)
-                return
             self._write_held(burst.outbox)  # whatever this answers goes after the burst so far
             reply = getattr(self, "on_" + kind)(message)
         except ProtocolError as exc:
@@ -166,6 +198,7 @@ class Session:
             raise
         if reply is not None:
             self._reply(reply)
+        return None
 
     def _reply(self, reply: dict) -> None:
         """Answer the request being handled, echoing its `req` id."""
@@ -173,46 +206,31 @@ class Session:
             reply["req"] = self._req
         self.transport.send(reply)
 
-    # --- send: one rule set, then the ledger ------------------------------------------
-
-    def _relay(self, header: SendHeader, body: bytes, now: float, chain_now: float, plain_id: bool) -> None:
-        node = self.node
-        recipient = node.send_rule(header, self.name, len(body), chain_now)
-        msg_id = header.msg_id
-        if recipient is None:
-            self._write_held(burst.outbox)
-            self.transport.send_bytes(receipt(msg_id, "offline"))
-            return
-        delivery = (msg_id, self.name, header.to, header.paid_by, now)
-        node.ledger.reserve(delivery)
-        frames = self._held.get(recipient)
-        if frames is None:
-            self._held[recipient] = frames = []
-        frames.append(_FRAME_LENGTH(len(body)))
-        frames.append(body)
-        self._held_deliveries.append(delivery)
-        if plain_id:  # the fast reader's msg ids need no escaping: build the receipt from a template
-            encoded = msg_id.encode()
-            self._held_receipts += (_FRAME_LENGTH(_RECEIPT_FIXED + len(encoded)), _RECEIPT_HEAD, encoded,
-                                    _RECEIPT_DELIVERED)
-        else:
-            self._held_receipts.append(receipt(msg_id, "delivered"))
+    # --- what a burst holds back ------------------------------------------------------
 
     def _write_held(self, outbox: set | None) -> None:
         """Hand the held deliveries to their recipients and the receipts to the sender."""
         if not self._held:
             return
         held, in_order, receipts = self._held, self._held_deliveries, self._held_receipts
-        self._held, self._held_deliveries, self._held_receipts = {}, [], []
         gone = {recipient.name for recipient, frames in held.items() if not recipient.transport.queue(frames, outbox)}
         ledger = self.node.ledger
-        if not gone:
-            ledger.delivered(in_order)
-            self.relayed += len(in_order)
-            self.transport.queue(receipts, outbox)
-            return
-        # Rare: a recipient hung up since we looked. Nothing was delivered to it: release those
-        # reservations and rebuild the receipts, in order, with those marked offline.
+        try:
+            if not gone:
+                ledger.delivered(in_order)
+                self.relayed += len(in_order)
+                self.transport.queue(receipts, outbox)
+            else:
+                self._write_lost(gone, outbox)
+        finally:  # cleared in place: the burst loop holds these lists
+            held.clear()
+            in_order.clear()
+            receipts.clear()
+
+    def _write_lost(self, gone: set, outbox: set | None) -> None:
+        """Rare: a recipient hung up since we looked. Nothing was delivered to it: release those
+        reservations and rebuild the receipts, in order, with those marked offline."""
+        ledger, in_order = self.node.ledger, self._held_deliveries
         for delivery in in_order:
             if delivery[2] in gone:
                 ledger.release(delivery)
@@ -224,7 +242,9 @@ class Session:
     def _release_held(self) -> None:
         for delivery in self._held_deliveries:
             self.node.ledger.release(delivery)
-        self._held, self._held_deliveries, self._held_receipts = {}, [], []
+        self._held.clear()
+        self._held_deliveries.clear()
+        self._held_receipts.clear()
 
     # --- the handshake -----------------------------------------------------------------
 
