@@ -1,9 +1,10 @@
 """One client's session, sans-IO: bytes in, frames out through a transport; time passed in.
 
-Every client message goes through `_handle`, the one place that enforces message order
-(dm.wire.check_client_message and its PHASES table); every refusal leaves through
-ProtocolError -> an `error` frame. A `send` is read by the fast reader when it is canonical
-and by the general parser otherwise, and both go to the one rule set (dm.relay.rules).
+Once a session is ready, a canonical `send` is read by the fast reader (dm.wire.send);
+every other frame goes through `_handle`, the one place that enforces message order
+(dm.wire.check_client_message and its PHASES table). Either way a send then takes the one
+relay step in `_handle_burst`: the rule set (dm.relay.rules), the ledger's reservation, the
+deliver. Every refusal leaves through ProtocolError -> an `error` frame.
 The node never decrypts: it routes on `to` and passes the envelope on untouched.
 """
 from __future__ import annotations
