@@ -150,6 +150,7 @@ def run_session(node: Node, payload: bytes, fast: bool, monkeypatch) -> tuple[by
     for name in ("alice", "bob"):
         session = Session(node, Transport(name), now=0.0)
         session.name, session.phase = name, "ready"
+        session.eth_address = node.pins.get(name)["eth_address"]
         session._deliver_prefix = deliver_prefix(name)
         node.online[name] = sessions[name] = session
     with monkeypatch.context() as patch:

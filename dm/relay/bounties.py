@@ -45,7 +45,7 @@ class BountyIndex:
         self.books_dir = books_dir  # announced leaves, kept so a restarted node can still redeem
         self.relayer = relayer
         self.clock = clock
-        self._bounties: dict[bytes, int] = {}  # code hash -> expiry
+        self._bounties: dict[bytes, tuple[int, str]] = {}  # code hash -> (expiry, sender)
         self._books: dict[bytes, OpenBook] = {}
         self._lock = threading.Lock()
         self._next_block = from_block  # the contract's deploy block: no events before it
@@ -65,7 +65,7 @@ class BountyIndex:
             argument_filters=topics, from_block=self._next_block, to_block=latest)
         with self._lock:
             for event in registered:
-                self._bounties[bytes(event["args"]["codeHash"])] = event["args"]["expiry"]
+                self._bounties[bytes(event["args"]["codeHash"])] = (event["args"]["expiry"], event["args"]["sender"])
             for event in opened:
                 args = event["args"]
                 root = bytes(args["root"])
@@ -86,19 +86,21 @@ class BountyIndex:
         thread.start()
         return thread
 
-    def single_is_payable(self, code_hash: bytes, now: float | None = None) -> bool:
-        """Open, bound to this node, and not about to expire."""
+    def single_payer(self, code_hash: bytes, now: float | None = None) -> str | None:
+        """The sender of the single bounty behind `code_hash` when it is open, bound to this node
+        and not about to expire at `now` (chain time); None otherwise."""
         now = self.clock() if now is None else now
-        expiry = self._bounties.get(code_hash)
-        if expiry is None:
+        known = self._bounties.get(code_hash)
+        if known is None:
             self.lookups += 1
             info = self.token.bounty(code_hash)
             if info.state != "open" or info.relayer != self.relayer:
-                return False
-            expiry = info.expiry
+                return None
+            known = (info.expiry, info.sender)
             with self._lock:
-                self._bounties[code_hash] = expiry
-        return expiry > now + EXPIRY_MARGIN
+                self._bounties[code_hash] = known
+        expiry, sender = known
+        return sender if expiry > now + EXPIRY_MARGIN else None
 
     def book(self, root: bytes) -> OpenBook | None:
         book = self._books.get(root)

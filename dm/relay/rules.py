@@ -4,7 +4,8 @@ The checks, in this order (docs/PROTOCOL.md lists the same order):
   1. the recipient is a known (pinned) user                 -> unknown_peer
   2. for a channel message, sender and recipient are members -> not_a_member
   3. the bounty is open, bound to this node, not about to
-     expire, and (a book) announced with the leaf in range   -> unpaid
+     expire, and (a book) announced with the leaf in range;
+     and it was paid for by the sender's own account         -> unpaid
   4. the `deliver` fits in one frame                         -> frame_too_large
   5. the recipient is online                                 -> receipt "offline" (not an error)
 The reservation of the bounty and the msg_id (dm.relay.ledger) comes after these.
@@ -23,11 +24,12 @@ def make_send_rule(pinned, channels, index, online: dict) -> Callable:
     """rule_on_send bound to the node's parts: `pinned` (names with a pin, a live view),
     `channels` (a ChannelRegistry), `index` (a BountyIndex), `online` (name -> session)."""
     members_of, online_get = channels.members.get, online.get
-    books_get, announced_book, single_is_payable = index.books_by_hex.get, index.announced_book, index.single_is_payable
+    books_get, announced_book, single_payer = index.books_by_hex.get, index.announced_book, index.single_payer
 
-    def rule_on_send(header: SendHeader, sender: str, deliver_size: int, chain_now: float):
+    def rule_on_send(header: SendHeader, sender: str, sender_address: str, deliver_size: int, chain_now: float):
         """The recipient's session when the message may go, None when the recipient is offline;
-        raises ProtocolError (with the msg_id as ref) when it may not."""
+        raises ProtocolError (with the msg_id as ref) when it may not. `sender_address` is the
+        Ethereum account the sender's name is pinned with."""
         to, msg_id, paid_by, channel = header
         if to not in pinned:
             raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
@@ -39,13 +41,17 @@ def make_send_rule(pinned, channels, index, online: dict) -> Callable:
             if paid_by[0] == "book":  # announced, the leaf in range, not about to expire
                 book = books_get(paid_by[1]) or announced_book(paid_by[1])
                 payable = book is not None and paid_by[2] < book.size and book.expiry > chain_now + EXPIRY_MARGIN
+                payer = book.sender if payable else None
             else:
-                payable = single_is_payable(bytes.fromhex(paid_by[1]), chain_now)
+                payer = single_payer(bytes.fromhex(paid_by[1]), chain_now)
         except (ethereum.ChainError, OSError) as exc:
             raise ProtocolError("unpaid", f"could not check the bounty: {exc}", ref=msg_id) from None
-        if not payable:
+        if payer is None:
             raise ProtocolError("unpaid", "no open bounty bound to this node backs this message "
                                 "(unknown, spent, expired, or for another node)", ref=msg_id)
+        if payer != sender_address:  # a bounty pays only for its own sender's messages
+            raise ProtocolError("unpaid", f"that bounty was paid for by {payer}, not by {sender}'s account "
+                                f"{sender_address}: pay with your own book", ref=msg_id)
         if deliver_size > MAX_FRAME:
             raise ProtocolError("frame_too_large", f"the relayed message would be {deliver_size} bytes; "
                                 f"frames are limited to {MAX_FRAME}", ref=msg_id)

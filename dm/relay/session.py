@@ -54,6 +54,7 @@ class Session:
         self.decoder = wire.FrameDecoder()
         self.phase = "connected"
         self.name: str | None = None
+        self.eth_address = ""  # the account the name is pinned with, once proved
         self.hello: dict | None = None
         self.nonce = ""
         self.proved = False
@@ -129,7 +130,7 @@ class Session:
                         (header, body), plain_id = send, False
                     # One relay step for a send, whichever reader read it: the rule set, the
                     # ledger's reservation, then the deliver and receipt held until the burst ends.
-                    recipient = rule(header, self.name, len(body), chain_now)
+                    recipient = rule(header, self.name, self.eth_address, len(body), chain_now)
                     msg_id = header[1]
                     if recipient is None:
                         self._write_held(outbox)
@@ -298,7 +299,7 @@ class Session:
                 node.faucet.top_up_later(name, hello["eth_address"])
             else:  # a new account must be able to pay right after welcome
                 node.faucet.fund_now(name, hello["eth_address"])
-        self.name = name
+        self.name, self.eth_address = name, hello["eth_address"]
         self._deliver_prefix = deliver_prefix(name)
         self.phase = "ready"
         # The welcome goes out before any deliver can reach this session.
