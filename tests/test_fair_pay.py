@@ -7,10 +7,13 @@ else's next leaves: the node relayed it, and the owner's own messages were then 
 from __future__ import annotations
 
 import contextlib
+import secrets
+import time
 
 import pytest
 
 from dm import wire
+from dm.relay.bounties import MISS_SYNC_SECONDS
 from conftest import make_users
 from test_abuse import connect, raw_login, read_frame
 from test_relay_burst import open_announced_book, send_frame
@@ -53,3 +56,78 @@ def test_a_recipient_cannot_spend_the_senders_book_and_the_sender_is_unaffected(
     socks["alice"].sendall(send_frame("bob", "a1", root, 1))
     assert read_frame(socks["alice"]) == {"type": "receipt", "msg_id": "a1", "status": "delivered"}
     assert read_frame(socks["bob"])["msg_id"] == "a1"
+
+
+def count_chain_calls(monkeypatch, w3) -> list:
+    """Every JSON-RPC call the node makes from now on (the real provider still answers)."""
+    calls: list = []
+    provider, real = w3.provider, w3.provider.make_request
+
+    def counted(method, params):
+        calls.append(method)
+        return real(method, params)
+
+    monkeypatch.setattr(provider, "make_request", counted)
+    monkeypatch.setattr(provider, "_request_func_cache", (None, None))  # rebuilt around `counted`
+    return calls
+
+
+def test_a_flood_of_unknown_single_bounties_costs_no_chain_call_per_frame(extra_nodes, data_dir, monkeypatch):
+    """Each send naming a made-up code hash used to cost the node one RPC round trip
+    (88 a second saturated a core). Now a miss catches up with the chain's events at most
+    once per MISS_SYNC_SECONDS, whatever the number of frames. (max_errors is raised so
+    that one connection can carry the whole flood.)"""
+    node = extra_nodes("flood", max_errors=10_000)
+    make_users(data_dir, "bob", "carol")
+    with contextlib.ExitStack() as stack:
+        socks = {}
+        for name in ("bob", "carol"):
+            socks[name] = connect(node.port, stack, timeout=10)
+            assert raw_login(socks[name], data_dir, name)["type"] == "welcome"
+        calls = count_chain_calls(monkeypatch, node.token.w3)
+        node.token.w3.eth.block_number  # the counter sees the node's provider
+        assert calls
+        calls.clear()
+        flood_the(socks["bob"], calls)
+
+
+def flood_the(sock, calls: list) -> None:
+    flood = 300
+    started = time.monotonic()
+    sock.sendall(b"".join(wire.encode({"type": "send", "to": "carol", "msg_id": f"u{i}",
+                                       "bounty": {"code_hash": secrets.token_hex(32)}, "envelope": {"x": 1}})
+                          for i in range(flood)))
+    answers = [read_frame(sock, timeout=20) for _ in range(flood)]
+    elapsed = time.monotonic() - started
+    assert {(a["type"], a["code"]) for a in answers} == {("error", "unpaid")}
+    # A few calls per catch-up (block number, two event queries) and per follower tick.
+    budget = 3 * (elapsed / MISS_SYNC_SECONDS + 2) + 3 * (elapsed + 1)
+    assert len(calls) <= budget < flood / 2, (len(calls), elapsed)
+
+
+def test_a_connection_whose_frames_are_all_answered_is_not_cut_by_the_frame_timeout(trio, monkeypatch):
+    """While the node takes its time over pipelined frames (here: a chain that answers in 0.3 s,
+    and a send naming an unknown bounty after each catch-up), the half frame the client sent
+    behind them must not count as a slow client: its clock starts once the node has answered."""
+    node, socks = trio
+    provider = node.node.token.w3.provider
+    real = provider.make_request
+
+    def slow_chain(method, params):
+        time.sleep(0.3)
+        return real(method, params)
+
+    monkeypatch.setattr(provider, "make_request", slow_chain)
+    monkeypatch.setattr(provider, "_request_func_cache", (None, None))  # rebuilt around slow_chain
+    count = node.node.max_errors - 1  # refusals in a row, short of the limit
+    sends = b"".join(wire.encode({"type": "send", "to": "carol", "msg_id": f"s{i}",
+                                  "bounty": {"code_hash": secrets.token_hex(32)}, "envelope": {"x": 1}})
+                     for i in range(count))
+    ping = wire.encode({"type": "ping"})
+    started = time.monotonic()
+    socks["bob"].sendall(sends + ping[:5])  # one read: the sends, then half a ping
+    answers = [read_frame(socks["bob"], timeout=60) for _ in range(count)]
+    assert time.monotonic() - started > node.node.server.frame_timeout, "too fast for this test to mean anything"
+    assert all(a is not None and a["code"] == "unpaid" for a in answers), answers[-1]
+    socks["bob"].sendall(ping[5:])
+    assert read_frame(socks["bob"], timeout=5) == {"type": "pong"}

@@ -20,6 +20,7 @@ from dm.chain.books import KnownBook
 
 log = logging.getLogger("node")
 EXPIRY_MARGIN = 30  # seconds a bounty must still have to run when a message is accepted
+MISS_SYNC_SECONDS = 0.25  # a bounty the index does not know catches it up with the chain at most this often
 
 
 @dataclass
@@ -33,8 +34,15 @@ class OpenBook:
 class BountyIndex:
     """Open bounties and books bound to `relayer`, kept from the contract's events.
 
-    Thread-safety: the follower thread (sync) and connection threads (a lookup on a miss)
-    write `_bounties` and `_books` under `_lock`; readers take single dict reads without it.
+    A bounty the index does not know is not looked up on its own: the index catches up with
+    the contract's events instead, at most once per MISS_SYNC_SECONDS however many unknown
+    bounties arrive, and what is still missing then is unknown. A flood of made-up bounties
+    costs the chain a few calls a second, not one per frame. (A bounty registered in that
+    window is seen at the next catch-up or follower tick, within a second.)
+
+    Thread-safety: sync() runs under `_sync_lock` (the follower thread, and connection threads
+    on a miss); it and forget() write `_bounties` and `_books` under `_lock`; readers take
+    single dict reads without it.
     `books_by_hex` (announced books, for the hot path) is written by connection threads with
     one dict assignment and read without a lock: a root always maps to the same OpenBook
     object (book() hands out the one in `_books`), whose `tree` is set once."""
@@ -48,12 +56,19 @@ class BountyIndex:
         self._bounties: dict[bytes, tuple[int, str]] = {}  # code hash -> (expiry, sender)
         self._books: dict[bytes, OpenBook] = {}
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._synced_at = float("-inf")  # time.monotonic() when the last sync started
         self._next_block = from_block  # the contract's deploy block: no events before it
-        self.lookups = 0  # direct chain lookups, i.e. index misses
+        self.miss_syncs = 0  # syncs that unknown bounties caused
         self.books_by_hex: dict[str, OpenBook] = {}  # announced books by root hex, for the hot path
 
     def sync(self) -> None:
         """Apply events from the blocks not seen yet."""
+        with self._sync_lock:
+            self._sync()
+
+    def _sync(self) -> None:  # with _sync_lock held
+        self._synced_at = time.monotonic()
         latest = self.token.w3.eth.block_number
         if latest < self._next_block:
             return
@@ -74,6 +89,16 @@ class BountyIndex:
                     self._books[root] = OpenBook(args["size"], args["expiry"], args["sender"])
         self._next_block = latest + 1
 
+    def catch_up(self) -> None:
+        """Something unknown arrived: sync with the chain's events unless a sync started less
+        than MISS_SYNC_SECONDS ago, in which case what is unknown stays unknown for now.
+        Concurrent misses share one sync."""
+        with self._sync_lock:
+            if time.monotonic() - self._synced_at < MISS_SYNC_SECONDS:
+                return
+            self.miss_syncs += 1
+            self._sync()
+
     def start_following(self, stop: threading.Event, interval: float = 1.0) -> threading.Thread:
         def follow():
             while not stop.wait(interval):
@@ -92,26 +117,22 @@ class BountyIndex:
         now = self.clock() if now is None else now
         known = self._bounties.get(code_hash)
         if known is None:
-            self.lookups += 1
-            info = self.token.bounty(code_hash)
-            if info.state != "open" or info.relayer != self.relayer:
+            self.catch_up()
+            known = self._bounties.get(code_hash)
+            if known is None:
                 return None
-            known = (info.expiry, info.sender)
-            with self._lock:
-                self._bounties[code_hash] = known
         expiry, sender = known
         return sender if expiry > now + EXPIRY_MARGIN else None
 
     def book(self, root: bytes) -> OpenBook | None:
+        """The book bound to this node with that root (from the contract's events), None if
+        there is none; with its leaves when its sender announced them (also before a restart)."""
         book = self._books.get(root)
         if book is None:
-            self.lookups += 1
-            info = self.token.book(root)
-            if info.relayer != self.relayer or info.refunded or info.size == 0:
+            self.catch_up()
+            book = self._books.get(root)
+            if book is None:
                 return None
-            book = OpenBook(info.size, info.expiry, info.sender)
-            with self._lock:
-                book = self._books.setdefault(root, book)
         if book.tree is None and self.books_dir is not None:
             saved = self.books_dir / f"{root.hex()}.json"
             if saved.exists():
@@ -124,7 +145,7 @@ class BountyIndex:
     def announced_book(self, root_hex: str) -> OpenBook | None:
         """The open book bound to this node with that root (lower-case hex) whose leaves its
         sender has announced; None otherwise. A hit is one dict read (dm.relay.rules reads
-        books_by_hex itself first); a miss may ask the chain."""
+        books_by_hex itself first); a miss catches up with the chain's events."""
         book = self.books_by_hex.get(root_hex)
         if book is None:
             book = self.book(bytes.fromhex(root_hex))

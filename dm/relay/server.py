@@ -108,6 +108,7 @@ class Server:
                 if not data:
                     break
                 session.receive(data, clock())
+                session.answered(clock())
         finally:
             transport.close()
             try:

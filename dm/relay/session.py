@@ -70,6 +70,7 @@ class Session:
         self._held_receipts: list[bytes] = []
         self._req: int | None = None  # the request id of the message being handled
         self._plain_buffer = True  # the decoder holds no byte that is non-ASCII or a backslash
+        self._frame_clock_waits = False  # an unfinished frame's clock restarts once the read is answered
 
     @property
     def label(self) -> str:
@@ -93,10 +94,20 @@ class Session:
             self.last_frame_at = now
         if not self.decoder.mid_frame:
             self.frame_started_at = None
-        elif payloads or self.frame_started_at is None:  # a new frame started in this read
+        elif payloads:  # a frame started behind complete ones: its clock starts once they are answered
+            self.frame_started_at, self._frame_clock_waits = None, True
+        elif self.frame_started_at is None:  # a frame started in this read
             self.frame_started_at = now
         if payloads:
             self._handle_burst(payloads, now, plain)
+
+    def answered(self, now: float) -> None:
+        """The node has answered every complete frame of the last read, at `now`. A frame left
+        unfinished behind them is the client's to finish from here: the time the node spends
+        answering never counts against the client's frame timeout."""
+        if self._frame_clock_waits and self.decoder.mid_frame:
+            self.frame_started_at = now
+        self._frame_clock_waits = False
 
     def timeout_reason(self, now: float, handshake_timeout: float, frame_timeout: float,
                        idle_timeout: float) -> str | None:
