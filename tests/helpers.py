@@ -14,14 +14,15 @@ from dm.wire.handshake import ClientHandshake, HandshakeRefused
 
 
 def start_node(token: ethereum.BountyToken, data_dir: Path, *, faucet: ethereum.Signer | None = None,
-               **options) -> Node:
+               lookups_per_second: float | None = None, **options) -> Node:
     """A started node on `token`'s chain with a fresh account, its files under data_dir/node,
     redeeming quickly. `faucet` funds the node's gas and new users (one Signer per key: one
     nonce sequence, so share it between nodes)."""
     signer = ethereum.Signer(token.w3, ethereum.new_account()[1])
     if faucet is not None:
         fund_user(token, faucet, signer.address, btk=0)
-    index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books")
+    index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books",
+                        **({} if lookups_per_second is None else {"lookups_per_second": lookups_per_second}))
     options = {"host": "127.0.0.1", "port": 0, "handshake_timeout": 3, "frame_timeout": 3,
                "redeemer_options": {"batch_size": 20, "batch_wait": 0.2}, **options}
     node = Node(token=token, signer=signer, data_dir=data_dir, index=index,

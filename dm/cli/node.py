@@ -14,7 +14,7 @@ import threading
 from dm import datadir
 from dm.chain import devchain, ethereum
 from dm.chain.faucet import Faucet, faucet_signer, fund_user
-from dm.relay.bounties import BountyIndex
+from dm.relay.bounties import LOOKUPS_PER_SECOND, BountyIndex
 from dm.relay.node import Node
 
 
@@ -30,7 +30,7 @@ def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
             dev_faucet = Faucet(token, faucet_signer(w3, data_dir))
             fund_user(token, dev_faucet.signer, signer.address, btk=0)
         index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books",
-                            from_block=deployment.deploy_block)
+                            from_block=deployment.deploy_block, lookups_per_second=args.lookups)
         node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=dev_faucet,
                     host=args.host, port=args.port, max_connections=args.max_connections,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait})
@@ -53,6 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-wait", type=float, default=1.0,
                         help="redeem queued codes at the latest this many seconds after the first arrived")
     parser.add_argument("--max-connections", type=int, default=10_000)
+    parser.add_argument("--lookups", type=float, default=LOOKUPS_PER_SECOND, metavar="N",
+                        help="direct chain lookups per second of bounties the node has not seen yet; past it, "
+                             "unknown bounties wait for the event index (default: %(default)g)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 

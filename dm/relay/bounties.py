@@ -20,7 +20,8 @@ from dm.chain.books import KnownBook
 
 log = logging.getLogger("node")
 EXPIRY_MARGIN = 30  # seconds a bounty must still have to run when a message is accepted
-MISS_SYNC_SECONDS = 0.25  # a bounty the index does not know catches it up with the chain at most this often
+MISS_SYNC_SECONDS = 0.25  # past the lookup budget, an unknown bounty catches the index up at most this often
+LOOKUPS_PER_SECOND = 20  # direct chain lookups of unknown bounties, for the whole node (node.py --lookups)
 
 
 @dataclass
@@ -34,21 +35,22 @@ class OpenBook:
 class BountyIndex:
     """Open bounties and books bound to `relayer`, kept from the contract's events.
 
-    A bounty the index does not know is not looked up on its own: the index catches up with
-    the contract's events instead, at most once per MISS_SYNC_SECONDS however many unknown
-    bounties arrive, and what is still missing then is unknown. A flood of made-up bounties
-    costs the chain a few calls a second, not one per frame. (A bounty registered in that
-    window is seen at the next catch-up or follower tick, within a second.)
+    A bounty the index does not know yet (a sender registers it, then sends at once) is looked
+    up on the chain directly, within a budget of `lookups_per_second` for the whole node. Past
+    the budget the index catches up with the contract's events instead, at most once per
+    MISS_SYNC_SECONDS, and what is still missing then is unknown. So a flood of made-up
+    bounties costs the chain a bounded number of calls a second, not one per frame.
 
     Thread-safety: sync() runs under `_sync_lock` (the follower thread, and connection threads
-    on a miss); it and forget() write `_bounties` and `_books` under `_lock`; readers take
-    single dict reads without it.
+    on a miss); it, lookups and forget() write `_bounties` and `_books` under `_lock`, which
+    also guards the lookup budget; readers take single dict reads without it.
     `books_by_hex` (announced books, for the hot path) is written by connection threads with
     one dict assignment and read without a lock: a root always maps to the same OpenBook
     object (book() hands out the one in `_books`), whose `tree` is set once."""
 
     def __init__(self, token: ethereum.BountyToken, relayer: str, books_dir: Path | None = None,
-                 clock: Callable[[], float] = time.time, from_block: int = 0):
+                 clock: Callable[[], float] = time.time, from_block: int = 0,
+                 lookups_per_second: float = LOOKUPS_PER_SECOND):
         self.token = token
         self.books_dir = books_dir  # announced leaves, kept so a restarted node can still redeem
         self.relayer = relayer
@@ -60,6 +62,9 @@ class BountyIndex:
         self._synced_at = float("-inf")  # time.monotonic() when the last sync started
         self._next_block = from_block  # the contract's deploy block: no events before it
         self.miss_syncs = 0  # syncs that unknown bounties caused
+        self.lookups = 0  # direct chain lookups of unknown bounties
+        self.lookups_per_second = lookups_per_second
+        self._budget, self._budget_at = lookups_per_second, time.monotonic()  # a token bucket, under _lock
         self.books_by_hex: dict[str, OpenBook] = {}  # announced books by root hex, for the hot path
 
     def sync(self) -> None:
@@ -89,6 +94,19 @@ class BountyIndex:
                     self._books[root] = OpenBook(args["size"], args["expiry"], args["sender"])
         self._next_block = latest + 1
 
+    def _may_look_up(self) -> bool:
+        """Take one direct lookup from the budget, if any is left."""
+        with self._lock:
+            now = time.monotonic()
+            self._budget = min(self.lookups_per_second,
+                               self._budget + (now - self._budget_at) * self.lookups_per_second)
+            self._budget_at = now
+            if self._budget < 1:
+                return False
+            self._budget -= 1
+            self.lookups += 1
+            return True
+
     def catch_up(self) -> None:
         """Something unknown arrived: sync with the chain's events unless a sync started less
         than MISS_SYNC_SECONDS ago, in which case what is unknown stays unknown for now.
@@ -117,22 +135,37 @@ class BountyIndex:
         now = self.clock() if now is None else now
         known = self._bounties.get(code_hash)
         if known is None:
-            self.catch_up()
-            known = self._bounties.get(code_hash)
-            if known is None:
-                return None
+            if self._may_look_up():
+                info = self.token.bounty(code_hash)
+                if info.state != "open" or info.relayer != self.relayer:
+                    return None
+                known = (info.expiry, info.sender)
+                with self._lock:
+                    self._bounties[code_hash] = known
+            else:
+                self.catch_up()
+                known = self._bounties.get(code_hash)
+                if known is None:
+                    return None
         expiry, sender = known
         return sender if expiry > now + EXPIRY_MARGIN else None
 
     def book(self, root: bytes) -> OpenBook | None:
-        """The book bound to this node with that root (from the contract's events), None if
-        there is none; with its leaves when its sender announced them (also before a restart)."""
+        """The book bound to this node with that root, None if there is none; with its leaves
+        when its sender announced them (also before a restart)."""
         book = self._books.get(root)
         if book is None:
-            self.catch_up()
-            book = self._books.get(root)
-            if book is None:
-                return None
+            if self._may_look_up():
+                info = self.token.book(root)
+                if info.relayer != self.relayer or info.refunded or info.size == 0:
+                    return None
+                with self._lock:
+                    book = self._books.setdefault(root, OpenBook(info.size, info.expiry, info.sender))
+            else:
+                self.catch_up()
+                book = self._books.get(root)
+                if book is None:
+                    return None
         if book.tree is None and self.books_dir is not None:
             saved = self.books_dir / f"{root.hex()}.json"
             if saved.exists():
