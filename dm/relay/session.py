@@ -271,7 +271,8 @@ class Session:
             crypto.check_key_strength(public_key)
         except crypto.WeakKeyError as exc:
             log.warning("! refused %s from %s: %s", name, self.label, exc)
-            raise ProtocolError("weak_key", f"{exc}: {wire.ERRORS['weak_key']}", fatal=True) from None
+            raise ProtocolError("weak_key", f"{exc}: make new keys with `python3 main.py Y NAME`",
+                                fatal=True) from None
         if not Web3.is_checksum_address(message["eth_address"]):
             raise ProtocolError("bad_field", "hello.eth_address must be a checksummed Ethereum address", fatal=True)
         pins = self.node.pins
