@@ -131,7 +131,7 @@ _SPARE = []
 
 def _spare_key():
     if not _SPARE:
-        _SPARE.append(crypto.generate_private_key())
+        _SPARE.append(crypto.generate_private_key(2048))
     return _SPARE[0]
 
 
@@ -593,7 +593,7 @@ def test_a_pinned_name_cannot_be_taken_with_another_key_or_a_wrong_signature(tes
     alice = tester_node.client("alice", alice_events)  # pins alice's key
     bob_inbox, _, _, bob_events = collecting_events()
     bob = tester_node.client("bob", bob_events, pay="single")
-    thief_key = crypto.generate_private_key()
+    thief_key = crypto.generate_private_key(2048)
     _, alice_pem, alice_eth = user_keys(data_dir, "alice")
 
     with contextlib.ExitStack() as stack:

@@ -75,7 +75,7 @@ def test_a_changed_key_for_a_known_peer_is_loudly_refused(tester_node):
     """bob pinned alice's key earlier; now someone holding another key is 'alice' on
     this node. Her message must not be shown as genuine, and bob is warned."""
     make_users(tester_node.data_dir, "alice", "bob")
-    old_alice = crypto.generate_private_key()
+    old_alice = crypto.generate_private_key(2048)
     pins = tester_node.data_dir / "clients" / "bob" / "peers.json"
     datadir.write_json(pins, {"alice": crypto.public_key_pem(old_alice)})
     bob_inbox, _, _, bob_events = collecting_events()

@@ -38,17 +38,17 @@ fuzz = settings(database=None, deadline=None)
 
 @pytest.fixture(scope="session")
 def alice():
-    return ku.generate_private_key()
+    return ku.generate_private_key(2048)
 
 
 @pytest.fixture(scope="session")
 def bob():
-    return ku.generate_private_key()
+    return ku.generate_private_key(2048)
 
 
 @pytest.fixture(scope="session")
 def carol():
-    return ku.generate_private_key()
+    return ku.generate_private_key(2048)
 
 
 @pytest.fixture(scope="session")

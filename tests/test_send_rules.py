@@ -130,7 +130,7 @@ def test_the_fast_reader_accepts_only_what_the_general_parser_reads_the_same(spe
 
 def test_the_fast_reader_takes_what_clients_write():
     """Canonical frames from the real sealer take the fast path (or the hot path is dead)."""
-    alice, bob = crypto.generate_private_key(), crypto.generate_private_key()
+    alice, bob = crypto.generate_private_key(2048), crypto.generate_private_key()
     envelopes = crypto.seal_many([({"text": "hi", "code": "00" * 32}, "bob", bob.public_key())] * 3,
                                  sender="alice", sender_key=alice)
     single = crypto.seal({"text": "hi"}, sender="alice", recipient="bob", sender_key=alice,

@@ -8,7 +8,8 @@ from dm import crypto, datadir
 from dm.chain import ethereum
 
 
-def create_users(data_dir: Path, names: list[str]) -> int:
+def create_users(data_dir: Path, names: list[str], bits: int = crypto.DEFAULT_KEY_BITS) -> int:
+    """Make RSA keys (`bits`, 3,072 by default) and an Ethereum account for each name."""
     for name in names:
         datadir.check_name(name)
     existing = [n for n in names if datadir.private_key_path(data_dir, n).exists()
@@ -18,7 +19,7 @@ def create_users(data_dir: Path, names: list[str]) -> int:
               "refusing to overwrite them", file=sys.stderr)
         return 1
     for name in names:
-        key = crypto.generate_private_key()
+        key = crypto.generate_private_key(bits)
         crypto.save_private_key(datadir.private_key_path(data_dir, name), key)
         crypto.save_public_key(datadir.public_key_path(data_dir, name), key.public_key())
         address, eth_key = ethereum.new_account()

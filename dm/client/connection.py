@@ -152,10 +152,12 @@ class Connection:
         """Sends one request and returns its reply; a refusal or silence raises ClientError."""
         return self.request_all([message], timeout)[0]
 
-    def request_all(self, messages: list[dict], timeout: float = REPLY_TIMEOUT) -> list[dict]:
+    def request_all(self, messages: list[dict], timeout: float = REPLY_TIMEOUT,
+                    refusals: bool = False) -> list[dict]:
         """Sends every request in one write, each under its own id, and returns their
-        replies in the same order. Raises ClientError for the first refused request, or
-        for the first one not answered within `timeout`."""
+        replies in the same order. Raises ClientError for the first refused request (unless
+        `refusals`: then an `error` reply is returned in its place), or for the first one
+        not answered within `timeout`."""
         opened = [self.pending.open() for _ in messages]
         try:
             self.write_raw(b"".join(wire.encode({**message, "req": req})
@@ -171,7 +173,7 @@ class Connection:
             for req, _ in opened:
                 self.pending.forget(req)
         for reply in replies:
-            if reply["type"] == "error":
+            if reply["type"] == "error" and not refusals:
                 raise ClientError(f"{reply.get('message')} ({reply.get('code')})")
             reply.pop("req", None)  # the id was ours to match by, not part of the answer
         return replies

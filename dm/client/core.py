@@ -17,10 +17,12 @@ from dm.chain import ethereum
 from dm.client.connection import CLOSED, Connection
 from dm.client.errors import ClientError
 from dm.client.payment import payer_for
-from dm.client.peers import PeerKeys
+from dm.client.peers import PeerKeys, UnusableKey
 from dm.client.receiving import Incoming, Receiver
 from dm.client.sending import MAX_TEXT_BYTES, Outstanding, Sender, Unanswered, check_length
 from dm.wire.handshake import ClientHandshake
+
+NOTICE = "_notice"  # put on the inbox by the client itself: {"type": NOTICE, "text": ...}
 
 __all__ = ["ChatClient", "ClientError", "Events", "Incoming", "MAX_TEXT_BYTES", "Outstanding", "check_length"]
 
@@ -123,9 +125,19 @@ class ChatClient:
         """peer_key for many names at once: every lookup goes out in one write."""
         return self._peer_keys.get(names)
 
-    def _lookup(self, names: list[str]) -> dict[str, str]:
-        replies = self._connection.request_all([{"type": "lookup", "name": name} for name in names])
-        return {name: reply["public_key"] for name, reply in zip(names, replies)}
+    def _lookup(self, names: list[str]) -> dict:
+        """name -> the PEM the node serves, or UnusableKey if it refused the key as weak."""
+        replies = self._connection.request_all([{"type": "lookup", "name": name} for name in names],
+                                               refusals=True)
+        served = {}
+        for name, reply in zip(names, replies):
+            if reply["type"] != "error":
+                served[name] = reply["public_key"]
+            elif reply.get("code") == "weak_key":
+                served[name] = UnusableKey(f"{reply.get('message')} (weak_key)")
+            else:
+                raise ClientError(f"{reply.get('message')} ({reply.get('code')})")
+        return served
 
     def fingerprint(self, name: str) -> str:
         if name == self.me:
@@ -160,12 +172,16 @@ class ChatClient:
 
     def send_to_channel(self, channel: str, text: str) -> tuple[list[str], list[str]]:
         """One copy per online member, each encrypted to that member and carrying its own
-        bounty, all paid from the book. Returns (msg_ids sent, members offline)."""
+        bounty, all paid from the book. Returns (msg_ids sent, members offline). A member
+        whose key is weak is skipped, and events.notice says so; the others still get theirs."""
         check_length(text)
         members = self._connection.request({"type": "members", "channel": channel})
         recipients = [m for m in members["online"] if m != self.me]
-        keys = self.peer_keys(recipients)
-        return self._send([(name, keys[name], text) for name in recipients], channel), members["offline"]
+        keys, unusable = self._peer_keys.usable(recipients)
+        for name, problem in unusable.items():  # told through the worker, like every notice
+            self._connection.inbox.put({"type": NOTICE, "text": f"(not sent to {name} in {channel}: {problem})"})
+        return self._send([(name, keys[name], text) for name in recipients if name in keys], channel), \
+            members["offline"]
 
     def _send(self, copies: list[tuple[str, object, str]], channel: str | None = None) -> list[str]:
         msg_ids, frames = self._sender.prepare(copies, channel)
@@ -207,7 +223,9 @@ class ChatClient:
                     if not self._connection.hung_up:
                         self.events.closed(message["reason"])
                     return
-                if kind == "deliver":
+                if kind == NOTICE:
+                    self.events.notice(message["text"])
+                elif kind == "deliver":
                     self._on_deliver(message)
                 elif kind == "receipt":
                     self._settle(message["msg_id"], message["status"])

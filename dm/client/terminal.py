@@ -60,8 +60,14 @@ def run(args) -> int:
     screen = Screen(interactive)
     state = {"peer": args.peer}
 
+    seen: set[str] = set()  # senders whose key prefix was shown this session (worker thread only)
+
     def on_message(message: Incoming) -> None:
         if message.genuine:
+            if message.sender not in seen:  # once per sender: the key behind the name, to compare
+                seen.add(message.sender)    # (a notice: piped stdout keeps exactly `[sender] text`)
+                screen.show(f"({message.sender} is key {key_prefix(client.fingerprint(message.sender))}; "
+                            f"/fingerprint {message.sender} shows all of it)", notice=True)
             screen.show(message.line())
         else:
             screen.show(f"!! a message claiming to be from {message.sender} FAILED verification and is not shown: "
@@ -109,6 +115,11 @@ def run(args) -> int:
             screen.show(f"({len(client.outstanding)} message(s) were never acknowledged by the node)", notice=True)
         client.close()
     return 0
+
+
+def key_prefix(fingerprint: str) -> str:
+    """`SHA256:` and the first four groups of a fingerprint: enough to tell look-alikes apart."""
+    return fingerprint[:26] + "…"
 
 
 def read_line_batches(fd: int, limit: int = 512):

@@ -14,10 +14,43 @@ class KeyFileError(Exception):
     """A key file (or PEM text) is missing, unreadable, not an RSA key, or already exists."""
 
 
+class WeakKeyError(ValueError):
+    """An RSA public key outside what the node and the client accept (check_key_strength)."""
+
+
+# The only keys the node and the client accept: RSA of MIN_KEY_BITS to MAX_KEY_BITS bits with
+# the public exponent PUBLIC_EXPONENT. Smaller moduli can be factored; larger ones or other
+# exponents only make each verification (and the node's work per hello) slower.
+MIN_KEY_BITS = 2048
+MAX_KEY_BITS = 4096
+PUBLIC_EXPONENT = 65537
+DEFAULT_KEY_BITS = 3072  # what `main.py Y NAME` makes
+
+
+def check_key_strength(public_key) -> RSAPublicKey:
+    """The RSA public key (a public or private key, or PEM text) if its modulus has
+    MIN_KEY_BITS..MAX_KEY_BITS bits and its exponent is PUBLIC_EXPONENT; WeakKeyError
+    (saying what is wrong) otherwise. KeyFileError if PEM text does not parse."""
+    if isinstance(public_key, (str, bytes)):
+        public_key = public_key_from_pem(public_key)
+    elif isinstance(public_key, RSAPrivateKey):
+        public_key = public_key.public_key()
+    if not isinstance(public_key, RSAPublicKey):
+        raise WeakKeyError(f"not an RSA public key: {type(public_key).__name__}")
+    bits, exponent = public_key.key_size, public_key.public_numbers().e
+    if not MIN_KEY_BITS <= bits <= MAX_KEY_BITS:
+        raise WeakKeyError(f"the RSA key has {bits:,} bits; only {MIN_KEY_BITS:,} to {MAX_KEY_BITS:,} "
+                           "bits are accepted")
+    if exponent != PUBLIC_EXPONENT:
+        shown = f"{exponent:,}" if exponent.bit_length() <= 64 else f"a {exponent.bit_length():,}-bit number"
+        raise WeakKeyError(f"the RSA key's public exponent is {shown}; only {PUBLIC_EXPONENT} is accepted")
+    return public_key
+
+
 # ---------------------------------------------------------------- keys and files
 
-def generate_private_key(bits: int = 2048) -> RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+def generate_private_key(bits: int = DEFAULT_KEY_BITS) -> RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=PUBLIC_EXPONENT, key_size=bits)
 
 
 def _write_new(path, data: bytes, mode: int, what: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from dm.relay.names import skeleton
 from dm.relay.snapshot_log import SnapshotLog
 
 
@@ -15,13 +16,22 @@ class PinStore:
     """name -> {public_key, eth_address}, pinned at the first successful proof, kept on disk
     (pins.json, and pins.jsonl for the pins added since the last start).
 
+    It also keeps a skeleton index (dm.relay.names.skeleton -> the first name pinned with
+    that skeleton), rebuilt at start from the pins, so that a NEW name that looks like a
+    pinned one (`aIice` once `alice` is pinned) is refused. Names pinned before the index
+    existed keep their pins even if two of them collide; the index names the older one.
+
     Thread-safety: pin() runs under the store's own lock, which nothing else takes, so its
-    fsync holds up no other thread. Readers (get, `names` on the hot path) take no lock: a
-    dict read sees a pin or not, and a pin is never replaced by another key."""
+    fsync holds up no other thread; it checks and updates the pins and the skeleton index
+    together. Readers (get, confusable_with, `names` on the hot path) take no lock: a dict
+    read sees a pin or an index entry or not, and neither is ever replaced or removed."""
 
     def __init__(self, path: Path):
         self._store = SnapshotLog(path, {}, _apply)
         self._pins: dict[str, dict] = self._store.state
+        self._skeletons: dict[str, str] = {}
+        for name in self._pins:
+            self._skeletons.setdefault(skeleton(name), name)
         self._lock = threading.Lock()
 
     def get(self, name: str) -> dict | None:
@@ -38,18 +48,28 @@ class PinStore:
         """A live view, for membership tests without a method call per message."""
         return self._pins.keys()
 
+    def confusable_with(self, name: str) -> str | None:
+        """The pinned name that `name` would be confused with, if `name` is not pinned itself."""
+        if name in self._pins:
+            return None
+        return self._skeletons.get(skeleton(name))
+
     def pin(self, name: str, public_key: str, eth_address: str) -> str:
-        """Pin at first use; returns "new", "same", "moved" (same key, new Ethereum address)
-        or "conflict" (another key holds the name)."""
+        """Pin at first use; returns "new", "same", "moved" (same key, new Ethereum address),
+        "conflict" (another key holds the name) or "confusable" (a new name that looks like a
+        pinned one; see confusable_with)."""
         with self._lock:
             pinned = self._pins.get(name)
             if pinned and pinned["public_key"].strip() != public_key.strip():
                 return "conflict"
+            if not pinned and self.confusable_with(name) is not None:
+                return "confusable"
             outcome = "new" if not pinned else "same" if pinned["eth_address"] == eth_address else "moved"
             if outcome != "same":
                 entry = {"name": name, "public_key": public_key, "eth_address": eth_address}
                 self._store.append(entry)
                 _apply(self._pins, entry)
+                self._skeletons.setdefault(skeleton(name), name)
             return outcome
 
     def close(self) -> None:

@@ -32,6 +32,11 @@ _SEND_PREFIX_LENGTH = len(SEND_PREFIX)
 _BACKSLASH = 92
 
 
+def _confusable(name: str, look_alike: str) -> ProtocolError:
+    return ProtocolError("name_confusable", f"the name {name!r} looks like {look_alike!r}, already pinned on this "
+                         "node: choose a clearly different name", fatal=True)
+
+
 def receipt(msg_id: str, status: str) -> bytes:
     return wire.encode({"type": "receipt", "msg_id": msg_id, "status": status})
 
@@ -271,17 +276,28 @@ class Session:
         except datadir.DataError:
             raise ProtocolError("invalid_name", fatal=True) from None
         try:
-            crypto.public_key_from_pem(message["public_key"])
+            public_key = crypto.public_key_from_pem(message["public_key"])
         except Exception:
             raise ProtocolError("bad_field", "hello.public_key is not an RSA public key in PEM form",
                                 fatal=True) from None
+        try:
+            crypto.check_key_strength(public_key)
+        except crypto.WeakKeyError as exc:
+            log.warning("! refused %s from %s: %s", name, self.label, exc)
+            raise ProtocolError("weak_key", f"{exc}: make new keys with `python3 main.py Y NAME`",
+                                fatal=True) from None
         if not Web3.is_checksum_address(message["eth_address"]):
             raise ProtocolError("bad_field", "hello.eth_address must be a checksummed Ethereum address", fatal=True)
-        pinned = self.node.pins.get(name)
+        pins = self.node.pins
+        pinned = pins.get(name)
         if pinned and pinned["public_key"].strip() != message["public_key"].strip():
             log.warning("! refused %s from %s: a different key than the pinned one", name, self.label)
             raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key on this node",
                                 fatal=True)
+        look_alike = pins.confusable_with(name)
+        if look_alike is not None:
+            log.warning("! refused %s from %s: it looks like the pinned name %s", name, self.label, look_alike)
+            raise _confusable(name, look_alike)
         self.hello = message
         self.nonce = base64.b64encode(secrets.token_bytes(32)).decode()
         self.phase = "challenged"
@@ -303,6 +319,8 @@ class Session:
         outcome = node.pins.pin(name, hello["public_key"], hello["eth_address"])
         if outcome == "conflict":  # another key won the name between our hello and auth
             raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key on this node", fatal=True)
+        if outcome == "confusable":  # a look-alike name was pinned between our hello and auth
+            raise _confusable(name, node.pins.confusable_with(name) or "?")
         if outcome == "new":
             log.info("pinned %s to key %s", name, crypto.fingerprint(public_key)[:27])
         if node.faucet is not None:
@@ -325,6 +343,12 @@ class Session:
         if not pinned:
             raise ProtocolError("unknown_peer", f"no user {message['name'][:40]!r} is known to this node",
                                 ref=message["name"][:64])
+        try:  # a pin made before keys were checked: never hand it out to be encrypted to
+            crypto.check_key_strength(pinned["public_key"])
+        except (crypto.WeakKeyError, crypto.KeyFileError) as exc:
+            raise ProtocolError("weak_key", f"{message['name']} has a key this node no longer accepts ({exc}); "
+                                "they must make new keys with `python3 main.py Y NAME`",
+                                ref=message["name"][:64]) from None
         return {"type": "lookup", "name": message["name"], **pinned}
 
     def on_peers(self, message: dict) -> dict:

@@ -19,6 +19,9 @@ ERRORS = {
     "name_taken": "that name is pinned to another key on this node",
     "name_in_use": "that name is already connected",
     "invalid_name": "names are 1-32 letters, digits, '_', '-' or '.'",
+    "name_confusable": "that name looks like a name already pinned on this node: choose a clearly different name",
+    "weak_key": ("this node accepts only RSA keys of 2048 to 4096 bits with public exponent 65537: "
+                 "make new keys with `python3 main.py Y NAME`"),
     "unknown_peer": "no such user is known to this node",
     "offline": "the recipient is not connected",
     "unpaid": "the message carries no open bounty bound to this node",
