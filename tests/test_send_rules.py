@@ -245,3 +245,8 @@ def test_a_request_id_comes_back_with_the_reply_and_with_a_refusal(pair):
     assert refusal["code"] == "unknown_peer" and refusal["req"] == 8
     sock.sendall(wire.encode({"type": "ping", "req": "x"}))
     assert read_frame(sock)["code"] == "bad_field"
+    sock.sendall(wire.encode({"type": "ping", "req": wire.MAX_REQUEST_ID}))
+    assert read_frame(sock) == {"type": "pong", "req": wire.MAX_REQUEST_ID}
+    for bad in (wire.MAX_REQUEST_ID + 1, -1, True):
+        sock.sendall(wire.encode({"type": "ping", "req": bad}))
+        assert read_frame(sock)["code"] == "bad_field", bad

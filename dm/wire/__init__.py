@@ -7,6 +7,7 @@ from .frames import HEADER, FrameDecoder, MessageDecoder, encode, frame, parse  
 from .limits import MAX_CONTAINERS, MAX_FRAME, MAX_MSG_ID  # noqa: F401
 from .messages import (  # noqa: F401
     CLIENT_MESSAGES,
+    MAX_REQUEST_ID,
     NODE_MESSAGES,
     PHASES,
     auth_payload,
