@@ -6,12 +6,15 @@ import contextlib
 import io
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from dm import datadir
 
 from dm.chain import devchain, ethereum
 from dm.chain.books import BookSecrets
@@ -21,7 +24,7 @@ from dm.client.core import ChatClient, Events
 from dm.net import free_port  # noqa: F401  (re-exported to the test modules)
 from dm.relay.bounties import BountyIndex
 from dm.relay.node import Node
-from helpers import start_node, user_keys
+from helpers import login, start_node, user_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -32,6 +35,22 @@ def make_users(data_dir: Path, *names: str) -> None:
     ones, but generating those is several times slower and the suite makes many users."""
     with contextlib.redirect_stdout(io.StringIO()):
         assert accounts.create_users(data_dir, list(names), bits=2048) == 0
+
+
+@contextlib.contextmanager
+def logged_in_sockets(port: int, data_dir: Path, *names: str):
+    """Raw sockets to the node on `port`, each logged in as one of `names` (users made here
+    when missing); closed on the way out."""
+    make_users(data_dir, *[n for n in names if not datadir.private_key_path(data_dir, n).exists()])
+    with contextlib.ExitStack() as stack:
+        socks = {}
+        for name in names:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            stack.callback(sock.close)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assert login(sock, data_dir, name)["type"] == "welcome"
+            socks[name] = sock
+        yield socks
 
 
 @pytest.fixture

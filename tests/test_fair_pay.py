@@ -6,26 +6,20 @@ else's next leaves: the node relayed it, and the owner's own messages were then 
 """
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
 
 import pytest
 
 from dm import wire
-from conftest import make_users
-from test_abuse import connect, raw_login, read_frame
+from conftest import logged_in_sockets
+from test_abuse import read_frame
 from test_relay_burst import open_announced_book, send_frame
 
 
 @pytest.fixture
 def trio(tester_node):
-    make_users(tester_node.data_dir, "alice", "bob", "carol")
-    with contextlib.ExitStack() as stack:
-        socks = {}
-        for name in ("alice", "bob", "carol"):
-            socks[name] = connect(tester_node.port, stack, timeout=10)
-            assert raw_login(socks[name], tester_node.data_dir, name)["type"] == "welcome"
+    with logged_in_sockets(tester_node.port, tester_node.data_dir, "alice", "bob", "carol") as socks:
         yield tester_node, socks
 
 
@@ -78,12 +72,7 @@ def test_a_flood_of_unknown_single_bounties_costs_no_chain_call_per_frame(extra_
     per MISS_SYNC_SECONDS, whatever the number of frames. (max_errors is raised so that one
     connection can carry the whole flood.)"""
     node = extra_nodes("flood", max_errors=10_000, lookups_per_second=5)
-    make_users(data_dir, "bob", "carol")
-    with contextlib.ExitStack() as stack:
-        socks = {}
-        for name in ("bob", "carol"):
-            socks[name] = connect(node.port, stack, timeout=10)
-            assert raw_login(socks[name], data_dir, name)["type"] == "welcome"
+    with logged_in_sockets(node.port, data_dir, "bob", "carol") as socks:
         calls = count_chain_calls(monkeypatch, node.token.w3)
         node.token.w3.eth.block_number  # the counter sees the node's provider
         assert calls

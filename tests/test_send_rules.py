@@ -8,7 +8,6 @@ with the fast reader switched off, and compare everything that comes out.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import secrets
 
@@ -17,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import RELAY_HUB_BOOK_SIZE as BOOK_SIZE  # noqa: E402
-from conftest import make_users
+from conftest import logged_in_sockets
 from dm import crypto, wire
 from dm.relay import session as session_module
 from dm.relay.ledger import DeliveryLedger
@@ -25,7 +24,7 @@ from dm.relay.node import Node
 from dm.relay.session import Session
 from dm.wire.send import deliver_prefix, encode_deliver, read_send, send_header, splice_deliver
 from helpers import Transport
-from test_abuse import connect, raw_login, read_frame
+from test_abuse import read_frame
 from test_relay_burst import open_announced_book
 
 
@@ -192,12 +191,7 @@ def test_a_canonical_send_really_takes_the_fast_reader(relay_hub, monkeypatch):
 
 @pytest.fixture
 def pair(tester_node):
-    make_users(tester_node.data_dir, "alice", "bob", "mallory")
-    with contextlib.ExitStack() as stack:
-        socks = {}
-        for name in ("alice", "bob", "mallory"):
-            socks[name] = connect(tester_node.port, stack, timeout=10)
-            assert raw_login(socks[name], tester_node.data_dir, name)["type"] == "welcome"
+    with logged_in_sockets(tester_node.port, tester_node.data_dir, "alice", "bob", "mallory") as socks:
         yield tester_node, socks
 
 
