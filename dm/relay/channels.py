@@ -57,10 +57,6 @@ class ChannelRegistry:
                 self.members[channel] = members - {name}
             return True
 
-    def admits(self, channel: str, sender: str, recipient: str) -> bool:
-        members = self.members.get(channel)
-        return members is not None and sender in members and recipient in members
-
     def joined_by(self, name: str) -> list[str]:
         return sorted(c for c, members in list(self.members.items()) if name in members)
 
