@@ -1,6 +1,6 @@
 # The two commands a newcomer runs:
 #   make demo   set everything up, then run the demo (local chain, node, two scripted clients)
-#   make test   set everything up, then run the whole test suite
+#   make test   set everything up, then run the whole test suite (two pytest-xdist workers)
 #   make bench  the benchmarks whose figures are in README.md (several minutes)
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +12,7 @@ demo: setup
 	$(PY) main.py demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 setup: $(VENV)/.installed node_modules/.installed
 
