@@ -17,11 +17,11 @@ from typing import Callable
 
 from dm.chain import ethereum
 from dm.chain.books import KnownBook
+from dm.relay import LOOKUPS_PER_SECOND
 
 log = logging.getLogger("node")
 EXPIRY_MARGIN = 30  # seconds a bounty must still have to run when a message is accepted
 MISS_SYNC_SECONDS = 0.25  # past the lookup budget, an unknown bounty catches the index up at most this often
-LOOKUPS_PER_SECOND = 20  # direct chain lookups of unknown bounties, for the whole node (node.py --lookups)
 
 
 @dataclass
