@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 
 from dm import datadir
@@ -49,6 +50,15 @@ def resolve_rpc_url(args) -> None:
             args.rpc_url, args.rpc_source = DEFAULT_RPC_URL, "the default (no --rpc-url, $DM_RPC_URL or deployment record)"
 
 
+def probe_node(host: str, port: int, timeout: float = 10) -> None:
+    """Fails fast, before the seconds of importing web3, when nothing listens at host:port."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ClientError(f"cannot reach the node at {host}:{port}: {exc.strerror or exc}: is node.py running there? "
+                          f"Start it first (`python3 node.py`), or check the host and port") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -62,6 +72,7 @@ def main(argv=None) -> int:
             raise ClientError(f"no keys for {args.me!r} in {datadir.resolve(args.data_dir)}: run "
                               f"`python3 main.py Y {args.me}` first")
         resolve_rpc_url(args)
+        probe_node(args.host, args.port)
         from dm.client.terminal import run
 
         return run(args)
