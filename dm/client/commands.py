@@ -296,8 +296,7 @@ class Chat:
             funds = self.wallet.refresh()
         except (ChainError, OSError) as exc:
             raise ClientError(f"could not read the chain: {short(exc)}; is it running (`python3 main.py chain`)?")
-        self.note(describe(funds) + (f"; the node was paid for {self.paid_messages} of your messages this session"
-                                     if self.paid_messages else ""))
+        self.note(describe(funds) + (f"; {self.paid_messages} paid this session" if self.paid_messages else ""))
 
     def _cmd_queue(self, rest: str) -> None:
         client = self.client
@@ -363,6 +362,7 @@ class Chat:
             return
         with self._lock:
             texts = [self._sent.pop(msg_id)[1] for msg_id in msg_ids if msg_id in self._sent]
+        texts = ["* " + t[len(ACTION_PREFIX):] if t.startswith(ACTION_PREFIX) else t for t in texts]
         quoted = ", ".join(f"“{t[:30]}{'…' if len(t) > 30 else ''}”" for t in texts[:3])
         more = f" and {len(texts) - 3} more" if len(texts) > 3 else ""
         self.note(f"{PAID_MARK} paid {btk(len(msg_ids))} for {quoted or 'your message'}{more}")
@@ -371,8 +371,7 @@ class Chat:
     def on_book_opened(self, size: int, expiry: int) -> None:
         today = time.localtime().tm_yday == time.localtime(expiry).tm_yday
         until = time.strftime("%H:%M" if today else "%H:%M on %d %b", time.localtime(expiry))
-        self.note(f"(opened a book of {size} codes: {btk(size)} escrowed until {until}; "
-                  f"each delivered message pays the node 1 BTK from it)")
+        self.note(f"(opened a book of {size} codes: {btk(size)} escrowed until {until}; 1 BTK per delivery)")
         self.refresh_funds_soon()
 
     def on_closed(self, reason: str) -> None:

@@ -68,6 +68,5 @@ def describe(funds: Funds) -> str:
     if funds.books:
         parts = [f"{unspent} until {time.strftime('%d %b %H:%M', time.localtime(expiry))}"
                  for _, unspent, expiry in funds.books]
-        text += f" in {len(funds.books)} open book(s) ({', '.join(parts)}); unspent codes come back with " \
-                "`python3 main.py refund NAME` after expiry"
+        text += f" in {len(funds.books)} open book(s): {', '.join(parts)} (then `main.py refund NAME`)"
     return text
