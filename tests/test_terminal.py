@@ -66,6 +66,14 @@ class Terminal:
                 break
         raise AssertionError(f"{text!r} never showed; the screen:\n" + "\n".join(self.lines))
 
+    def wait_until(self, predicate, what: str, timeout: float = 10) -> None:
+        """Until predicate(screen lines) holds: a redraw comes a moment after the line that caused it."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.lines):
+            if time.monotonic() > deadline or not self.child.isalive():
+                raise AssertionError(f"{what}; the screen:\n" + "\n".join(self.lines))
+            self.pump()
+
     def type(self, keys: str, settle: float = 0.2) -> None:
         self.child.send(keys)
         self.pump(settle)
@@ -140,17 +148,25 @@ def test_commands_leave_one_prompt_and_chat_conventions_hold(chat, started):
                                     ("/To user_2", "now talking to user_2", "user_1 -> user_2>")]:
         term.type(command + "\r")
         term.wait_for(answer)
-        term.pump(0.3)
+        term.wait_until(lambda lines: prompt in lines, f"no {prompt!r} after {command}")
+        term.pump(0.3)  # anything drawn late would show now
         assert prompts_on(term, "user_1") == [prompt], f"after {command}:\n" + "\n".join(term.lines)
 
     toolbar = term.lines[-1]
     assert "to user_2" in toolbar and "connected" in toolbar and "BTK" in toolbar and "unacknowledged" in toolbar
 
-    for line in ["", "   ", "quit", "/msg user_2 direct line", "/me waves", "//slash at the start"]:
+    term.type("/jo\t")  # Tab completes commands, then channels and names
+    term.wait_until(lambda lines: "user_1 -> user_2> /join" in lines, "Tab did not complete /jo")
+    term.type("\x15/msg us\t")  # (Ctrl-U clears the line first)
+    term.wait_until(lambda lines: "user_1 -> user_2> /msg user_2" in lines, "Tab did not complete us")
+    term.type("\x15")
+
+    for line in ["", "   ", "quit", "/msg user_2 direct line", "/me waves", "//slash at the start",
+                 "héllo, 日本 ✓"]:
         term.type(line + "\r")
-    peer.wait_for_line(lambda l: l == "[user_1] /slash at the start")
+    peer.wait_for_line(lambda l: l == "[user_1] héllo, 日本 ✓")
     assert received_since(peer, mark) == ["[user_1] quit", "[user_1] direct line", "[user_1] /me waves",
-                          "[user_1] /slash at the start"]  # blank lines were not sent
+                                          "[user_1] /slash at the start", "[user_1] héllo, 日本 ✓"]  # no blanks
     term.wait_for("* user_1 waves")
     term.wait_for("✓ paid")
     term.wait_for("opened a book of 100 codes: 100 BTK escrowed until")
@@ -163,6 +179,8 @@ def test_commands_leave_one_prompt_and_chat_conventions_hold(chat, started):
     assert term.wait_exit() == 0
     assert "Traceback" not in term.transcript
     assert term.transcript.rfind("\x1b[?25h") > term.transcript.rfind("\x1b[?25l")  # the cursor is shown again
+    history = chat["data"] / "clients" / "user_1" / "history"  # up/down history, kept per user
+    assert history.stat().st_mode & 0o777 == 0o600 and "/msg user_2 direct line" in history.read_text()
 
 
 def test_mid_line_edit_sends_what_the_screen_shows(chat, started):
@@ -172,7 +190,8 @@ def test_mid_line_edit_sends_what_the_screen_shows(chat, started):
     term.type("\x1b[D" * 3)  # ← three times: the cursor is after "abc"
     peer.write("a message while you type\n")
     term.wait_for("[user_2] a message while you type")
-    assert prompts_on(term, "user_1") == ["user_1 -> user_2> abcdef"]
+    term.wait_until(lambda lines: prompts_on(term, "user_1"), "the prompt was not redrawn")
+    assert prompts_on(term, "user_1") == ["user_1 -> user_2> abcdef"]  # the typed text, intact
     term.type("X\r")
     wait_until(lambda: received_since(peer, mark), message="user_2 to receive the edited line")
     assert received_since(peer, mark) == ["[user_1] abcXdef"]
@@ -272,6 +291,16 @@ def test_a_client_without_rpc_url_uses_the_chain_in_its_deployment_record(tmp_pa
     args.rpc_url = None
     resolve_rpc_url(args)
     assert args.rpc_url == "http://127.0.0.1:7777"
+
+
+def test_colour_per_sender_unless_no_color():
+    from dm.client.scroll import Painter, colour_wanted
+
+    assert colour_wanted({"TERM": "xterm"}) and not colour_wanted({"TERM": "xterm", "NO_COLOR": "1"})
+    coloured, plain = Painter("me", True, clock=lambda: 0), Painter("me", False, clock=lambda: 0)
+    assert "\x1b[" in coloured.message("alice", "hi") and "\x1b[" not in plain.message("alice", "hi")
+    assert coloured.sender("alice") == coloured.sender("alice") != coloured.sender("bob")
+    assert plain.message("alice", "/me waves", "#dev").endswith("* #dev alice waves")
 
 
 def test_a_chain_outage_is_logged_once_when_it_starts_and_once_when_it_ends(caplog):

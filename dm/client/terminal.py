@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 from dm import datadir
-from dm.client.commands import Chat, check_channel, key_prefix  # noqa: F401  (re-exported for callers)
+from dm.client.commands import Chat
 from dm.client.errors import ClientError
 
 QUIT_WAIT = 10  # seconds an interactive client waits at exit for its last messages' receipts
