@@ -61,9 +61,9 @@ def explain(problem: str, args) -> str:
         return (f"{problem}: the name {args.me} is pinned to another key on this node; use your original keys "
                 f"(the data directory they were made in, --data-dir) or another name")
     if problem.startswith("cannot reach the chain at"):
-        first_line = problem.splitlines()[0][:200]
-        return (f"{first_line}. The chain URL came from {getattr(args, 'rpc_source', 'the default')}; "
-                f"start the chain with `python3 main.py chain`, or pass --rpc-url (the node's own URL)")
+        where = problem.split(": ", 1)[0]  # urllib3's pool details say nothing more to a user
+        return (f"{where} (the URL came from {getattr(args, 'rpc_source', 'the default')}): start the chain "
+                f"with `python3 main.py chain`, or pass the node's chain with --rpc-url")
     return problem
 
 
