@@ -16,6 +16,7 @@ import pyte
 import pytest
 
 from conftest import PYTHON, ROOT, Process, cli_env, free_port, make_users, wait_until
+from dm.chain import devchain
 
 pytestmark = pytest.mark.e2e
 
@@ -97,17 +98,20 @@ def chat(tmp_path_factory):
     user_2 as a client.py on a pipe, talking to user_1 (its stdout is what user_2 received)."""
     data = tmp_path_factory.mktemp("terminal")
     make_users(data, "user_1", "user_2", "user_3")
-    env = {**cli_env(f"http://127.0.0.1:{free_port()}", data), "NO_COLOR": "1"}
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**cli_env(url, data), "NO_COLOR": "1"}
     port = free_port()
-    running: list[Process] = []
+    running: list = []
     try:
+        _, anvil = devchain.ensure_chain(url, data)  # ours, so that the last test can stop it
+        running.append(anvil)
         node = Process(["node.py", "--host", "127.0.0.1", "--port", str(port), "--batch-wait", "0.2"], env)
         running.append(node)
         node.wait_for_line(lambda l: l.startswith("node ready"), timeout=60)
         peer = Process(["client.py", "127.0.0.1", str(port), "user_2", "user_1"], env)
         running.append(peer)
         peer.wait_for_line(lambda l: l.startswith("connected to"), stream="errors")
-        yield {"env": env, "port": port, "data": data, "node": node, "peer": peer}
+        yield {"env": env, "port": port, "data": data, "node": node, "peer": peer, "anvil": anvil}
     finally:
         for process in reversed(running):
             process.stop()
@@ -328,3 +332,21 @@ def test_channel_names_are_case_insensitive_at_the_node(tester_node):
     bob.join("#dev")
     members = alice._connection.request({"type": "members", "channel": "#DEV"})
     assert members["channel"] == "#dev" and members["online"] == ["alice", "bob"]
+
+
+def test_the_chain_going_away_costs_an_error_line_not_the_client(chat, started):
+    """Last in this module: it stops the chain. A message that needs a new book says the chain
+    is down and what to run, the client lives on, and the node logs the outage once."""
+    term = terminal_client(chat, started, "user_3", "user_2", "--book-size", "1")  # a new book per message
+    term.type("paid from the first book\r")
+    term.wait_for("✓ paid")
+    chat["anvil"].stop()
+    term.type("needs a new book\r")
+    term.wait_for("error: could not pay for the message", timeout=60)
+    assert any("`python3 main.py chain`" in line for line in term.lines), term.lines
+    term.wait_until(lambda lines: "user_3 -> user_2>" in lines, "the client did not carry on")
+    time.sleep(2.5)  # the node retries every second meanwhile
+    outage = [l for l in chat["node"].lines + chat["node"].errors if "does not answer" in l]
+    assert len(outage) == 1 and "main.py chain" in outage[0], outage
+    term.type("exit\r")
+    assert term.wait_exit() == 0 and "Traceback" not in term.transcript
