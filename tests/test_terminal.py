@@ -15,8 +15,10 @@ import pexpect
 import pyte
 import pytest
 
-from conftest import PYTHON, ROOT, Process, cli_env, free_port, make_users, wait_until
+from conftest import PYTHON, ROOT, Process, cli_env, free_port, logged_in_sockets, make_users, wait_until
+from dm import wire
 from dm.chain import devchain
+from test_abuse import read_frame
 
 pytestmark = pytest.mark.e2e
 
@@ -325,13 +327,18 @@ def test_a_chain_outage_is_logged_once_when_it_starts_and_once_when_it_ends(capl
     assert "does not answer" in lines[0] and "main.py chain" in lines[0] and "answers again" in lines[1]
 
 
-def test_channel_names_are_case_insensitive_at_the_node(tester_node):
-    make_users(tester_node.data_dir, "alice", "bob")
-    alice, bob = tester_node.client("alice"), tester_node.client("bob")
-    alice.join("#Dev")
-    bob.join("#dev")
-    members = alice._connection.request({"type": "members", "channel": "#DEV"})
-    assert members["channel"] == "#dev" and members["online"] == ["alice", "bob"]
+def test_channel_names_are_case_insensitive_at_the_node(chat):
+    def ask(sock, message: dict) -> dict:
+        sock.sendall(wire.encode({**message, "req": 1}))
+        while (reply := read_frame(sock)).get("req") != 1:
+            pass
+        return reply
+
+    with logged_in_sockets(chat["port"], chat["data"], "alice", "bob") as socks:
+        assert ask(socks["alice"], {"type": "join", "channel": "#Dev"})["channel"] == "#dev"
+        ask(socks["bob"], {"type": "join", "channel": "#dEV"})
+        members = ask(socks["alice"], {"type": "members", "channel": "#DEV"})
+        assert members["channel"] == "#dev" and members["online"] == ["alice", "bob"]
 
 
 def test_the_chain_going_away_costs_an_error_line_not_the_client(chat, started):
