@@ -76,8 +76,14 @@ def print_info(info: dict) -> None:
 
 
 def run_chain(data_dir: Path, rpc_url: str) -> int:
+    import signal
+
     from dm.chain import devchain
 
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops anvil too, as Ctrl-C does (it runs in its own session)
     w3, anvil = devchain.ensure_chain(rpc_url, data_dir)
     try:
         token, record = devchain.ensure_deployment(w3, rpc_url, data_dir)
