@@ -4,9 +4,7 @@
 
 The code lives in dm/client (the client) and dm/cli/client.py (this command line).
 """
-import sys
-
-from dm.cli.client import main
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from dm.cli.bootstrap import run
+
+    run("dm.cli.client")

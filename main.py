@@ -8,9 +8,7 @@
 
 The code lives in dm/cli/main.py.
 """
-import sys
-
-from dm.cli.main import main
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from dm.cli.bootstrap import run
+
+    run("dm.cli.main")

@@ -4,9 +4,7 @@
 
 The code lives in dm/relay (the node) and dm/cli/node.py (this command line).
 """
-import sys
-
-from dm.cli.node import main
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from dm.cli.bootstrap import run
+
+    run("dm.cli.node")

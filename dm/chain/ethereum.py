@@ -21,13 +21,13 @@ from web3 import Web3
 from web3.exceptions import ContractCustomError, ContractLogicError, ContractPanicError, Web3Exception
 
 from dm import PROJECT_ROOT
+from dm.chain import DEFAULT_RPC_URL
 
 __all__ = ["ARTIFACT_PATH", "DEFAULT_RPC_URL", "TESTER_URL", "TOKEN", "BOUNTY_STATES", "ChainError", "ContractRevert",
            "connect", "is_connected", "load_artifact", "new_account", "address_of", "BountyInfo", "BookInfo", "Signer",
            "BountyToken", "wait_for", "code_hash", "DEV_CHAIN_IDS", "is_dev_chain"]
 
 ARTIFACT_PATH = PROJECT_ROOT / "artifacts" / "BountyToken.json"
-DEFAULT_RPC_URL = "http://127.0.0.1:8545"
 TESTER_URL = "tester://"  # an in-process eth-tester chain (py-evm)
 TOKEN = 10**18  # BTK has 18 decimals
 BOUNTY_STATES = ("none", "open", "redeemed", "refunded")

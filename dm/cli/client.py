@@ -1,17 +1,22 @@
 """The client's command line.
 
     python3 client.py HOST PORT ME PEER      e.g. python3 client.py localhost 12345 user_1 user_2
+
+Imports only the standard library and dm's light modules until the arguments are
+checked, so that --help and argument errors answer at once.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import sys
 
 from dm import datadir
-from dm.chain import ethereum
-from dm.client.core import ClientError
-from dm.client.terminal import check_channel, run
+from dm.chain import DEFAULT_RPC_URL
+from dm.client.commands import check_target
+from dm.client.errors import ClientError
 
 
 def parse_args(argv=None):
@@ -21,23 +26,57 @@ def parse_args(argv=None):
     parser.add_argument("me", help="your name (keys from `python3 main.py Y NAME`)")
     parser.add_argument("peer", help="who to talk to: a name, or a #channel")
     parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
-    parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", ethereum.DEFAULT_RPC_URL),
-                        help="your own connection to the chain (default: $DM_RPC_URL or %(default)s)")
+    parser.add_argument("--rpc-url", help="your own connection to the chain (default: $DM_RPC_URL, else the "
+                                          f"chain in the data directory's deployment.json, else {DEFAULT_RPC_URL})")
     parser.add_argument("--pay", choices=["book", "single"], default="book",
                         help="book: prepay codes in bulk (default); single: one registerBounty per message")
     parser.add_argument("--book-size", type=int, default=100, help="codes per prepaid book (default: 100)")
     return parser.parse_args(argv)
 
 
+def resolve_rpc_url(args) -> None:
+    """Sets args.rpc_url and args.rpc_source: the flag, $DM_RPC_URL, the chain this data directory's
+    deployment was recorded on (where the node that made it pays), or the default."""
+    if args.rpc_url:
+        args.rpc_source = "--rpc-url"
+    elif os.environ.get("DM_RPC_URL"):
+        args.rpc_url, args.rpc_source = os.environ["DM_RPC_URL"], "$DM_RPC_URL"
+    else:
+        record_path = datadir.resolve(args.data_dir) / "deployment.json"
+        try:
+            args.rpc_url = json.loads(record_path.read_text())["rpc_url"]
+            args.rpc_source = f"the deployment record {record_path}"
+        except (OSError, ValueError, KeyError, TypeError):
+            args.rpc_url, args.rpc_source = DEFAULT_RPC_URL, "the default (no --rpc-url, $DM_RPC_URL or deployment record)"
+
+
+def probe_node(host: str, port: int, timeout: float = 10) -> None:
+    """Fails fast, before the seconds of importing web3, when nothing listens at host:port."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ClientError(f"cannot reach the node at {host}:{port}: {exc.strerror or exc}: is node.py running there? "
+                          f"Start it first (`python3 node.py`), or check the host and port") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         datadir.check_name(args.me)
-        check_channel(args.peer) if args.peer.startswith("#") else datadir.check_name(args.peer)
+        args.peer = check_target(args.peer)
         if args.book_size < 1:
             raise ClientError("--book-size must be at least 1")
+        if not 0 < args.port < 65536:
+            raise ClientError(f"port {args.port} is not a TCP port: give the node's port (node.py's default is 12345)")
+        if not datadir.private_key_path(datadir.resolve(args.data_dir), args.me).exists():
+            raise ClientError(f"no keys for {args.me!r} in {datadir.resolve(args.data_dir)}: run "
+                              f"`python3 main.py Y {args.me}` first")
+        resolve_rpc_url(args)
+        probe_node(args.host, args.port)
+        from dm.client.terminal import run
+
         return run(args)
-    except (ClientError, datadir.DataError, ethereum.ChainError) as exc:
+    except (ClientError, datadir.DataError) as exc:
         print(f"client: {exc}", file=sys.stderr)
         return 1
 

@@ -45,7 +45,8 @@ class _Client:
             if line.startswith("connected to"):
                 self.connected.set()
             else:
-                print(f"   ({line.rstrip()})")
+                notice = line.rstrip()
+                print(f"   {notice}" if notice.startswith("(") else f"   ({notice})")
 
     def say(self, lines: list[str]) -> None:
         for line in lines:
@@ -96,6 +97,10 @@ def run(data_dir: Path, rpc_url: str, port: int = 0) -> int:
         alice = _Client(port, "alice", "bob", env)
         clients = [bob, alice]
         alice.connected.wait(60)
+        # The node funds new users on their first login, in the background: wait for it, or
+        # the funding would land between "before" and "after" and the table would not add up.
+        _wait(lambda: all(token.balance_of(accounts[name]) > 0 for name in ("alice", "bob")), 60,
+              "the node to fund alice and bob")
         before = _balances(token, accounts)
         escrow_before = {name: _escrow(token, data_dir, name) for name in accounts}
         print("\nconversation (alice and bob pay from prepaid books of 10 codes):")
@@ -111,16 +116,20 @@ def run(data_dir: Path, rpc_url: str, port: int = 0) -> int:
         _wait(lambda: token.balance_of(node_address) / ethereum.TOKEN - before["node"] >= delivered, 60,
               "the node to redeem the codes")
         after = _balances(token, accounts)
-        print(f"\nBTK balances ({delivered} messages delivered):")
+        print(f"\nBTK balances ({delivered} messages delivered); change + escrowed = net cost:")
         print(f"  {'':8} {'before':>10} {'after':>10} {'change':>8} {'escrowed':>9} {'net cost':>9}")
+        total = 0.0
         for name in accounts:
-            escrow = _escrow(token, data_dir, name)
+            escrowed = _escrow(token, data_dir, name) - escrow_before[name]  # put in open books during the run
             change = after[name] - before[name]
-            net = change + escrow - escrow_before[name]
-            print(f"  {name:8} {before[name]:10g} {after[name]:10g} {change:+8g} {escrow:9g} {net:+9g}")
-        print("  'escrowed' is what still sits in a sender's open book: unspent codes, returned after the\n"
-              "  book expires (`python3 main.py refund NAME`). Net, each delivered message cost its sender\n"
-              "  1 BTK and paid the node 1 BTK.")
+            net = change + escrowed
+            total += net
+            print(f"  {name:8} {before[name]:10g} {after[name]:10g} {change:+8g} {escrowed:+9g} {net:+9g}")
+        print(f"  {'total':8} {'':10} {'':10} {'':8} {'':9} {total:+9g}")
+        print("  'escrowed' is what this run put in a sender's open books and is still unspent: codes that\n"
+              "  come back after the book expires (`python3 main.py refund NAME`). Net, each delivered\n"
+              f"  message cost its sender 1 BTK and paid the node 1 BTK, so the net costs add up to "
+              f"{total:g}.")
         return 0
     finally:
         for client in clients:

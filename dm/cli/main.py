@@ -15,12 +15,17 @@ import sys
 import threading
 from pathlib import Path
 
-from dm import crypto, datadir
-from dm.chain import devchain, ethereum
-from dm.cli.accounts import create_users, unspent_in_books
+from dm import datadir
+from dm.chain import DEFAULT_RPC_URL
+
+# crypto, web3 and the chain are imported inside the functions, so that --help answers at once.
 
 
 def gather_info(data_dir: Path, rpc_url: str) -> dict:
+    from dm import crypto
+    from dm.chain import devchain, ethereum
+    from dm.cli.accounts import unspent_in_books
+
     record = devchain.load_deployment(data_dir)
     info: dict = {"data_dir": str(data_dir), "rpc_url": rpc_url,
                   "deployment": record.to_json() if record else None, "users": [], "node": None}
@@ -71,6 +76,14 @@ def print_info(info: dict) -> None:
 
 
 def run_chain(data_dir: Path, rpc_url: str) -> int:
+    import signal
+
+    from dm.chain import devchain
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops anvil too, as Ctrl-C does (it runs in its own session)
     w3, anvil = devchain.ensure_chain(rpc_url, data_dir)
     try:
         token, record = devchain.ensure_deployment(w3, rpc_url, data_dir)
@@ -88,25 +101,44 @@ def run_chain(data_dir: Path, rpc_url: str) -> int:
 
 
 def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
+    """Refunds NAME's expired books, and says what stays escrowed and until when."""
+    from dm.chain import devchain, ethereum
+
     w3 = ethereum.connect(rpc_url)
     record = devchain.load_deployment(data_dir)
     if record is None or not ethereum.is_connected(w3):
-        print(f"error: no chain with a BountyToken deployment at {rpc_url}", file=sys.stderr)
+        print(f"error: no chain with a BountyToken deployment at {rpc_url}: start it with `python3 main.py chain` "
+              f"(or give the right --rpc-url)", file=sys.stderr)
         return 1
     token = ethereum.BountyToken(w3, record.address)
     signer = ethereum.Signer(w3, datadir.read_secret(datadir.eth_key_path(data_dir, name)))
     now = w3.eth.get_block("latest")["timestamp"]
-    refunded = 0
+    refunded, escrowed, waiting = 0, 0, []
     for path in sorted((data_dir / "clients" / name / "books").glob("*.json")):
         root = bytes.fromhex(datadir.read_json(path, {})["root"].removeprefix("0x"))
         book = token.book(root)
-        if book.refunded or book.expiry >= now or book.size == book.spent:
+        unspent = book.size - book.spent
+        if book.refunded or unspent == 0:
+            continue
+        if book.expiry >= now:
+            escrowed += unspent
+            waiting.append(book.expiry)
+            print(f"book {root.hex()[:12]}: {unspent} of {book.size} BTK escrowed until {when(book.expiry)} "
+                  f"(refundable after that)")
             continue
         token.refund_book(signer, root)
-        refunded += book.size - book.spent
-        print(f"book {root.hex()[:12]}: {book.size - book.spent} BTK back")
-    print(f"refunded {refunded} BTK")
+        refunded += unspent
+        print(f"book {root.hex()[:12]}: {unspent} BTK back")
+    print(f"refunded {refunded} BTK" + (f"; {escrowed} BTK still escrowed in {len(waiting)} book(s), the first "
+                                        f"refundable after {when(min(waiting))}" if waiting else ""))
     return 0
+
+
+def when(timestamp: int) -> str:
+    """A chain timestamp as local date and time, as the user reads it."""
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             argv = [*argv[:at], "keys", *argv[at + 1:]]
     parser = argparse.ArgumentParser(description="DistributedMessaging: keys, accounts, chain and demo.")
     parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
-    parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", ethereum.DEFAULT_RPC_URL))
+    parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", DEFAULT_RPC_URL))
     commands = parser.add_subparsers(dest="command", required=True)
     keys = commands.add_parser("keys", help="create keys and accounts (also: main.py Y NAME...)")
     keys.add_argument("names", nargs="+")
@@ -129,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="a node and two scripted clients")
     demo.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
+    from dm import crypto
+    from dm.chain import ethereum
+
     try:
         data_dir = datadir.resolve(args.data_dir)
         if args.command == "keys":
+            from dm.cli.accounts import create_users
+
             return create_users(data_dir, args.names)
         if args.command == "info":
             result = gather_info(data_dir, args.rpc_url)

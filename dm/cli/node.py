@@ -5,20 +5,28 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 
 from dm import datadir
-from dm.chain import devchain, ethereum
-from dm.chain.faucet import Faucet, faucet_signer, fund_user
-from dm.relay.bounties import LOOKUPS_PER_SECOND, BountyIndex
-from dm.relay.node import Node
+from dm.chain import DEFAULT_RPC_URL
+from dm.relay import LOOKUPS_PER_SECOND
+
+# web3 and the node are imported inside the functions below, so that --help answers at once.
 
 
-def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
+def build_node(args):
+    """(Node, the Anvil we started or None)."""
+    from dm.chain import devchain, ethereum
+    from dm.chain.faucet import Faucet, faucet_signer, fund_user
+    from dm.relay.bounties import BountyIndex
+    from dm.relay.node import Node
+
     data_dir = datadir.resolve(args.data_dir)
     w3, anvil = devchain.ensure_chain(args.rpc_url, data_dir)
     try:
@@ -45,7 +53,7 @@ def parse_args(argv=None):
                                      "earns 1 BTK per delivered message.")
     parser.add_argument("--host", default="localhost", help="interface to listen on (default: localhost)")
     parser.add_argument("--port", type=int, default=12345, help="TCP port (default: 12345; 0 picks a free one)")
-    parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", ethereum.DEFAULT_RPC_URL),
+    parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", DEFAULT_RPC_URL),
                         help="Ethereum JSON-RPC URL; on loopback, anvil is started when nothing answers "
                              "(default: $DM_RPC_URL or %(default)s)")
     parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
@@ -64,8 +72,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
+        check_port_free(args.host, args.port)  # before the chain work, which takes seconds
+    except OSError as exc:
+        print(f"node: {explain_os_error(exc, args)}", file=sys.stderr)
+        return 1
+    from dm.chain import devchain, ethereum
+
+    try:
         node, anvil = build_node(args)
-    except (ethereum.ChainError, datadir.DataError, OSError) as exc:
+    except OSError as exc:
+        print(f"node: {explain_os_error(exc, args)}", file=sys.stderr)
+        return 1
+    except ethereum.ChainError as exc:
+        print(f"node: {exc}; start the chain with `python3 main.py chain`, or point --rpc-url at a running one",
+              file=sys.stderr)
+        return 1
+    except datadir.DataError as exc:
         print(f"node: {exc}", file=sys.stderr)
         return 1
     done = threading.Event()
@@ -77,6 +99,24 @@ def main(argv=None) -> int:
     node.stop()
     devchain.stop_on_exit(anvil)
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises the OSError that listening on host:port would raise (port 0 always works)."""
+    if port:
+        socket.create_server((host, port)).close()
+
+
+def explain_os_error(exc: OSError, args) -> str:
+    """An OSError from starting the node, with what to do about it."""
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {args.port} on {args.host} is already in use: another node (or program) is running on "
+                f"port {args.port}; stop it, or start this one with --port N (--port 0 picks a free port)")
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket.gaierror):
+        return f"cannot listen on {args.host}: {exc.strerror or exc}; check --host (e.g. localhost or 0.0.0.0)"
+    if exc.errno == errno.EACCES:
+        return f"not allowed to listen on port {args.port}: {exc.strerror}; use a port above 1023 with --port"
+    return str(exc)
 
 
 if __name__ == "__main__":

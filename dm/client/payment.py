@@ -86,6 +86,7 @@ class BookPayer:
         self._expiry = 0
         self._lock = threading.Lock()
         self.books_opened = 0
+        self.on_open: Callable[[int, int], None] = lambda size, expiry: None  # (codes, expiry): a user notice
         self._resume()
 
     def _path(self, root: bytes) -> Path:
@@ -125,6 +126,7 @@ class BookPayer:
         self.announce(book)
         self._book, self._cursor, self._saved_cursor, self._expiry = book, 0, 0, expiry
         self.books_opened += 1
+        self.on_open(book.size, expiry)
 
     def next_bounty(self) -> Bounty:
         return self.next_bounties(1)[0]

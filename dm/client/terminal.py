@@ -2,124 +2,91 @@
 
     python3 client.py HOST PORT ME PEER      e.g. python3 client.py localhost 12345 user_1 user_2
 
-Each line typed is encrypted for the current peer, paid for with a bounty
-bound to the node, and sent. Incoming messages print as `[sender] text`.
+On a terminal: prompt_toolkit, with incoming lines printed above the input
+(patch_stdout), a bottom toolbar, Tab completion and per-user history. The
+prompt appears at once; the client (web3 and all) starts behind it, and lines
+typed meanwhile wait for it.
+
 When stdin is not a terminal, lines are read and sent one by one, received
-messages go to stdout, and at end of input the client waits until its
-messages are acknowledged, then exits.
+messages go to stdout as `[sender] text`, notices to stderr, and at end of
+input the client waits until its messages are acknowledged, then exits.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
+from pathlib import Path
 
 from dm import datadir
-from dm.client.core import ChatClient, ClientError, Events, Incoming
+from dm.client.commands import Chat
+from dm.client.errors import ClientError
 
-HELP = """commands:
-  /to NAME            talk to NAME from now on (or /to #channel)
-  /peers              who is online
-  /join #name         join (or open) a channel; /to #name then talks to it
-  /leave #name        leave a channel: you receive nothing more from it
-  /channels           your channels, and every open channel with its member count
-  /fingerprint NAME   NAME's key fingerprint, to compare out of band (/fingerprint alone: yours)
-  /help               this list
-  exit                quit (also /quit or Ctrl-D)"""
-
-
-class Screen:
-    """Prints above the input line on a terminal, so incoming text never lands in half-typed input.
-
-    Thread-safety: the input thread and the client's worker both print; `_lock` keeps their lines whole.
-    """
-
-    def __init__(self, interactive: bool):
-        self.interactive = interactive
-        self.prompt = ""
-        self._lock = threading.Lock()
-        if interactive:
-            import readline  # noqa: F401  (line editing and history for input())
-
-    def show(self, line: str, notice: bool = False) -> None:
-        with self._lock:
-            if self.interactive:
-                import readline
-
-                typed = readline.get_line_buffer()
-                sys.stdout.write(f"\r\x1b[K{line}\n{self.prompt}{typed}")
-                sys.stdout.flush()
-            elif notice:
-                print(line, file=sys.stderr, flush=True)
-            else:
-                print(line, flush=True)
+QUIT_WAIT = 10  # seconds an interactive client waits at exit for its last messages' receipts
+HISTORY_FILE = "history"  # under clients/NAME/: the lines typed, for up/down (0600)
 
 
 def run(args) -> int:
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    screen = Screen(interactive)
-    state = {"peer": args.peer}
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return run_interactive(args)
+    return run_lines(args)
 
-    seen: set[str] = set()  # senders whose key prefix was shown this session (worker thread only)
 
-    def on_message(message: Incoming) -> None:
-        if message.genuine:
-            if message.sender not in seen:  # once per sender: the key behind the name, to compare
-                seen.add(message.sender)    # (a notice: piped stdout keeps exactly `[sender] text`)
-                screen.show(f"({message.sender} is key {key_prefix(client.fingerprint(message.sender))}; "
-                            f"/fingerprint {message.sender} shows all of it)", notice=True)
-            screen.show(message.line())
-        else:
-            screen.show(f"!! a message claiming to be from {message.sender} FAILED verification and is not shown: "
-                        f"{message.problem}", notice=True)
+def start_client(args, chat: Chat):
+    """A connected ChatClient with `chat` handling its events. Raises ClientError that says what to do."""
+    from dm.chain.ethereum import ChainError
+    from dm.client.core import ChatClient, Events
 
-    def on_receipt(msg_id: str, status: str, detail: str) -> None:
-        if status == "offline":
-            screen.show("(not delivered: the recipient is offline; your bounty stays unspent)", notice=True)
-        elif status == "refused":
-            screen.show(f"(not delivered: {detail})", notice=True)
-
-    def on_paid(msg_ids: list[str]) -> None:
-        if interactive:
-            screen.show(f"(node paid for {len(msg_ids)} delivered message(s))", notice=True)
-
-    events = Events(message=on_message, receipt=on_receipt, paid=on_paid,
-                    notice=lambda text: screen.show(text, notice=True),
-                    closed=lambda reason: screen.show(f"(disconnected: {reason})", notice=True))
+    handlers = {name: handler for name, handler in chat.handlers().items() if name in Events.__dataclass_fields__}
     data_dir = datadir.resolve(args.data_dir)
-    client = ChatClient(args.host, args.port, args.me, data_dir, rpc_url=args.rpc_url, pay=args.pay,
-                        book_size=args.book_size, events=events)
-    client.connect()
-    screen.show(f"connected to {args.host}:{args.port} as {args.me}; talking to {args.peer}."
-                + (" /help lists commands, exit quits." if interactive else ""), notice=True)
     try:
-        if interactive:
-            while True:
-                screen.prompt = f"{args.me} -> {state['peer']}> "
-                try:
-                    line = input(screen.prompt)
-                except EOFError:
-                    break
-                if not handle_lines(client, screen, state, [line]):
-                    break
-        else:
-            for lines in read_line_batches(sys.stdin.fileno()):
-                if client.is_closed:
-                    raise ClientError("the node closed the connection")
-                if not handle_lines(client, screen, state, lines):
-                    break
-    except KeyboardInterrupt:
-        pass
-    finally:
+        client = ChatClient(args.host, args.port, args.me, data_dir, rpc_url=args.rpc_url, pay=args.pay,
+                            book_size=args.book_size, events=Events(**handlers))
+        client.connect()
+    except ClientError as exc:
+        raise ClientError(explain(str(exc), args)) from None
+    except (ChainError, OSError) as exc:
+        raise ClientError(explain(f"cannot reach the chain at {args.rpc_url}: {exc}", args)) from None
+    chat.attach(client)
+    return client
+
+
+def explain(problem: str, args) -> str:
+    """A start-up failure, with the next step."""
+    if problem.startswith("cannot reach the node"):
+        return (f"{problem}: is node.py running there? Start it first (`python3 node.py`), "
+                f"or check the host and port ({args.host} {args.port})")
+    if "(name_taken)" in problem:
+        return (f"{problem}: the name {args.me} is pinned to another key on this node; use your original keys "
+                f"(the data directory they were made in, --data-dir) or another name")
+    if problem.startswith("cannot reach the chain at"):
+        where = problem.split(": ", 1)[0]  # urllib3's pool details say nothing more to a user
+        return (f"{where} (the URL came from {getattr(args, 'rpc_source', 'the default')}): start the chain "
+                f"with `python3 main.py chain`, or pass the node's chain with --rpc-url")
+    return problem
+
+
+# --- line mode: stdin is a pipe -------------------------------------------------------
+
+def run_lines(args) -> int:
+    def show(line: str, notice: bool) -> None:
+        print(line, file=sys.stderr if notice else sys.stdout, flush=True)
+
+    chat = Chat(args.me, args.peer, show)
+    client = start_client(args, chat)
+    chat.note(f"connected to {args.host}:{args.port} as {args.me}; talking to {args.peer}.")
+    try:
+        for lines in read_line_batches(sys.stdin.fileno()):
+            if client.is_closed:
+                raise ClientError("the node closed the connection")
+            if not chat.handle_lines(lines):
+                break
         if not client.wait_acknowledged(timeout=120):
-            screen.show(f"({len(client.outstanding)} message(s) were never acknowledged by the node)", notice=True)
+            chat.note(f"({len(client.outstanding)} message(s) were never acknowledged by the node)")
+    finally:
         client.close()
     return 0
-
-
-def key_prefix(fingerprint: str) -> str:
-    """`SHA256:` and the first four groups of a fingerprint: enough to tell look-alikes apart."""
-    return fingerprint[:26] + "…"
 
 
 def read_line_batches(fd: int, limit: int = 512):
@@ -138,81 +105,91 @@ def read_line_batches(fd: int, limit: int = 512):
             yield [line.decode("utf-8", "replace").rstrip("\r") for line in complete[start:start + limit]]
 
 
-def handle_lines(client: ChatClient, screen: Screen, state: dict, lines: list[str]) -> bool:
-    """Typed or piped lines, in order; consecutive plain lines to one peer go as a batch.
-    False means quit."""
-    texts: list[str] = []
+# --- interactive: prompt_toolkit ------------------------------------------------------
 
-    def flush() -> None:
-        if texts:
-            try:
-                send(client, screen, state["peer"], texts)
-            except ClientError as exc:
-                screen.show(f"error: {exc}", notice=True)
-            texts.clear()
-
-    for line in lines:
-        stripped = line.strip()
-        if stripped.startswith("/") or stripped in ("exit", "/exit", "/quit"):
-            flush()
-            if not handle_command(client, screen, state, stripped):
-                return False
-        elif line:
-            texts.append(line)
-    flush()
-    return True
+class StartFailed(Exception):
+    """Ends the prompt when the client could not start; Chat.start_error says why."""
 
 
-def send(client: ChatClient, screen: Screen, peer: str, texts: list[str]) -> None:
-    if peer.startswith("#"):
-        for text in texts:
-            _, offline = client.send_to_channel(peer, text)
-            if offline:
-                screen.show(f"(offline in {peer}, not sent and not paid: {', '.join(offline)})", notice=True)
-    else:
-        client.send_many(peer, texts)
+def history_path(data_dir: Path, me: str) -> Path:
+    folder = data_dir / "clients" / me
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / HISTORY_FILE
+    if not path.exists():
+        path.touch(mode=0o600)  # what was typed is as private as the messages
+    return path
 
 
-def handle_command(client: ChatClient, screen: Screen, state: dict, line: str) -> bool:
-    """One command line; False means quit."""
-    command, _, rest = line.partition(" ")
-    rest = rest.strip()
-    if line in ("exit", "/exit", "/quit"):
-        return False
+def run_interactive(args) -> int:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.formatted_text import HTML
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.patch_stdout import patch_stdout
+    from prompt_toolkit.styles import Style
+
+    from dm.client.scroll import Painter, colour_wanted
+    from dm.client.toolbar import ChatCompleter, toolbar_text
+
+    def show(line: str, notice: bool) -> None:
+        print(line, flush=True)  # through patch_stdout: above the prompt, which is redrawn intact
+
+    chat = Chat(args.me, args.peer, show, Painter(args.me, colour_wanted()))
+    data_dir = datadir.resolve(args.data_dir)
+    session = PromptSession(history=FileHistory(str(history_path(data_dir, args.me))),
+                            completer=ChatCompleter(chat.known), complete_while_typing=False,
+                            bottom_toolbar=lambda: HTML("<b>{}</b>").format(toolbar_text(chat.status())),
+                            style=Style.from_dict({"bottom-toolbar": "reverse"}),
+                            refresh_interval=0.5, erase_when_done=True)
+    client_box: list = []
+
+    def starter() -> None:
+        try:
+            client_box.append(start_client(args, chat))
+        except ClientError as exc:
+            chat.fail(str(exc))
+            return
+        except BaseException as exc:  # noqa: BLE001  any surprise is told, not a traceback
+            chat.fail(f"the client failed to start: {exc!r}")
+            return
+        chat.note(f"connected to {args.host}:{args.port} as {args.me}; talking to {chat.peer}. "
+                  "/help lists commands, Tab completes, exit quits.")
+        chat.refresh_funds_soon()
+
+    async def end_if_start_failed() -> None:
+        while not chat._ready.is_set():
+            await asyncio.sleep(0.05)
+        if chat.start_error is not None:
+            session.app.exit(exception=StartFailed())
+
+    def pre_run() -> None:
+        if not chat.started:
+            session.app.create_background_task(end_if_start_failed())
+
+    threading.Thread(target=starter, name="start", daemon=True).start()
     try:
-        if command == "/help":
-            screen.show(HELP, notice=True)
-        elif command == "/to":
-            if not rest:
-                screen.show("usage: /to NAME or /to #channel", notice=True)
-            else:
-                state["peer"] = check_channel(rest) if rest.startswith("#") else datadir.check_name(rest)
-                screen.show(f"(now talking to {rest})", notice=True)
-        elif command == "/peers":
-            screen.show("online: " + (", ".join(client.peers()) or "nobody"), notice=True)
-        elif command == "/fingerprint":
-            name = rest or client.me
-            screen.show(f"{name}: {client.fingerprint(name)}", notice=True)
-        elif command in ("/join", "/leave"):
-            channel = check_channel(rest)
-            reply = client.join(channel) if command == "/join" else client.leave(channel)
-            screen.show(f"({'joined' if command == '/join' else 'left'} {channel}; your channels: "
-                        f"{', '.join(reply['joined']) or 'none'})", notice=True)
-        elif command == "/channels":
-            reply = client.channels()
-            listing = ", ".join(f"{c} ({n})" for c, n in reply["all"].items()) or "none"
-            screen.show(f"your channels: {', '.join(reply['joined']) or 'none'}; open channels: {listing}",
-                        notice=True)
-        else:
-            screen.show(f"unknown command {command}; /help lists them", notice=True)
-    except (ClientError, datadir.DataError) as exc:
-        screen.show(f"error: {exc}", notice=True)
-    return True
+        with patch_stdout(raw=True):
+            while chat.start_error is None:
+                try:
+                    line = session.prompt(chat.prompt, pre_run=pre_run)
+                except (EOFError, StartFailed):
+                    break
+                if not chat.handle_lines([line]):
+                    break
+            if chat.start_error is None and client_box:
+                finish(chat, client_box[0])
+    except KeyboardInterrupt:  # at the prompt or while sending: leave now
+        if client_box:
+            client_box[0].close()
+    if chat.start_error is not None:
+        print(f"client: {chat.start_error}", file=sys.stderr)
+        return 1
+    return 0
 
 
-def check_channel(name: str) -> str:
-    from dm import wire
-
-    if not wire.is_channel(name):
-        raise ClientError(f"invalid channel {name!r}: use '#' and 1-31 letters, digits, '_', '-' or '.'")
-    return name
+def finish(chat: Chat, client) -> None:
+    """Waits a little for the last receipts, then hangs up."""
+    try:
+        if client.outstanding and not client.wait_acknowledged(timeout=QUIT_WAIT):
+            chat.note(f"({len(client.outstanding)} message(s) were never acknowledged by the node)")
+    finally:
+        client.close()

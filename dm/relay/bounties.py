@@ -17,11 +17,12 @@ from typing import Callable
 
 from dm.chain import ethereum
 from dm.chain.books import KnownBook
+from dm.relay import LOOKUPS_PER_SECOND
+from dm.relay.outage import CHAIN
 
 log = logging.getLogger("node")
 EXPIRY_MARGIN = 30  # seconds a bounty must still have to run when a message is accepted
 MISS_SYNC_SECONDS = 0.25  # past the lookup budget, an unknown bounty catches the index up at most this often
-LOOKUPS_PER_SECOND = 20  # direct chain lookups of unknown bounties, for the whole node (node.py --lookups)
 
 
 @dataclass
@@ -122,8 +123,10 @@ class BountyIndex:
             while not stop.wait(interval):
                 try:
                     self.sync()
+                    CHAIN.answered()
                 except Exception as exc:  # a flaky RPC must not kill the node
-                    log.warning("event sync failed: %s", exc)
+                    if not CHAIN.failed(exc, "new bounties"):
+                        log.warning("event sync failed: %s", exc)
 
         thread = threading.Thread(target=follow, name="bounty-index", daemon=True)
         thread.start()

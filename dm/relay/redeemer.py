@@ -18,6 +18,7 @@ from eth_utils import keccak
 
 from dm.chain import ethereum
 from dm.relay.bounties import BountyIndex
+from dm.relay.outage import CHAIN
 
 log = logging.getLogger("node")
 
@@ -243,12 +244,14 @@ class Redeemer:
                     c for c in claims if self.token.is_leaf_spent(root, c.index)]
         except (ethereum.ChainError, OSError, ValueError) as exc:
             # Kept in the journal: the next start (or batch) tries again.
-            log.error("redeeming %d code(s) failed: %s", len(claims), exc)
+            if not CHAIN.failed(exc, "codes to redeem stay in the journal and"):
+                log.error("redeeming %d code(s) failed: %s", len(claims), exc)
             with self._cond:
                 for claim in claims:
                     self._enqueue(claim)
             time.sleep(1)
             return
+        CHAIN.answered()
         self.journal.done([c.key for c in claims])
         for claim in claims:
             if claim.book is None:

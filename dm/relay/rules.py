@@ -34,7 +34,7 @@ def make_send_rule(pinned, channels, index, online: dict) -> Callable:
         if to not in pinned:
             raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
         if channel is not None:
-            members = members_of(channel)
+            members = members_of(channel.lower())  # channel names are case-insensitive
             if members is None or sender not in members or to not in members:
                 raise ProtocolError("not_a_member", f"both sender and recipient must be in {channel}", ref=msg_id)
         try:

@@ -392,13 +392,13 @@ class Session:
         return None
 
     def on_join(self, message: dict) -> dict:
-        channel = message["channel"]
+        channel = message["channel"].lower()  # channel names are case-insensitive
         self.node.channels.join(channel, self.name)
         log.info("%s joined %s", self.name, channel)
         return self.node.channel_reply(self.name, channel)
 
     def on_leave(self, message: dict) -> dict:
-        channel = message["channel"]
+        channel = message["channel"].lower()  # channel names are case-insensitive
         if not self.node.channels.leave(channel, self.name):
             raise ProtocolError("not_a_member", f"you are not in {channel}", ref=channel)
         log.info("%s left %s", self.name, channel)
@@ -408,7 +408,7 @@ class Session:
         return self.node.channel_reply(self.name)
 
     def on_members(self, message: dict) -> dict:
-        channel = message["channel"]
+        channel = message["channel"].lower()  # channel names are case-insensitive
         members = self.node.channels.members.get(channel, frozenset())
         if self.name not in members:
             raise ProtocolError("not_a_member", f"join {channel} first", ref=channel)
