@@ -18,6 +18,7 @@ from web3 import Web3
 
 from dm import crypto, datadir, wire
 from dm.relay.connection import burst
+from dm.relay.ledger import AlreadyDelivered
 from dm.relay.redeemer import Claim
 from dm.wire import ProtocolError
 from dm.wire.send import SEND_PREFIX, deliver_prefix, encode_deliver, read_send, send_header
@@ -166,6 +167,9 @@ class Session:
                         else:
                             receipts.append(receipt(msg_id, "delivered"))
                     self.errors = 0
+                except AlreadyDelivered:  # a client's resend after a reconnect: the original outcome again
+                    self._write_held(outbox)
+                    transport.send_bytes(receipt(msg_id, "delivered"))
                 except ProtocolError as exc:
                     self._refuse(exc)
         except Exception:  # a bug must cost one connection, never the node
