@@ -16,6 +16,7 @@ from dm.chain import devchain, ethereum
 from dm.chain.faucet import Faucet, faucet_signer, fund_user
 from dm.relay.bounties import LOOKUPS_PER_SECOND, BountyIndex
 from dm.relay.node import Node
+from dm.relay.presence import MAX_WATCHES
 
 
 def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
@@ -33,6 +34,7 @@ def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
                             from_block=deployment.deploy_block, lookups_per_second=args.lookups)
         node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=dev_faucet,
                     host=args.host, port=args.port, max_connections=args.max_connections,
+                    max_watches=args.max_watches,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait})
     except BaseException:
         devchain.stop_on_exit(anvil)
@@ -56,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--lookups", type=float, default=LOOKUPS_PER_SECOND, metavar="N",
                         help="direct chain lookups per second of bounties the node has not seen yet; past it, "
                              "unknown bounties wait for the event index (default: %(default)g)")
+    parser.add_argument("--max-watches", type=int, default=MAX_WATCHES, metavar="N",
+                        help="names one user may watch for presence at a time; past it `watch` is refused "
+                             "with watch_limit (default: %(default)d)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 

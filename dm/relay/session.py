@@ -152,6 +152,7 @@ class Session:
                     if recipient is None:
                         self._write_held(outbox)
                         transport.send_bytes(receipt(msg_id, "offline"))
+                        node.presence.subscribe(self.name, [header[0]], strict=False)  # told when they come
                     else:
                         delivery = (msg_id, self.name, header[0], header[2], now)
                         reserve(delivery)
@@ -353,6 +354,7 @@ class Session:
             raise ProtocolError("weak_key", f"{message['name']} has a key this node no longer accepts ({exc}); "
                                 "they must make new keys with `python3 main.py Y NAME`",
                                 ref=message["name"][:64]) from None
+        self.node.presence.subscribe(self.name, [message["name"]], strict=False)
         return {"type": "lookup", "name": message["name"], **pinned}
 
     def on_peers(self, message: dict) -> dict:
@@ -396,17 +398,31 @@ class Session:
         return None
 
     def on_join(self, message: dict) -> dict:
-        channel = message["channel"]
-        self.node.channels.join(channel, self.name)
-        log.info("%s joined %s", self.name, channel)
+        channel, channels = message["channel"], self.node.channels
+        if channels.join(channel, self.name):
+            log.info("%s joined %s", self.name, channel)
+            self.node.presence.publish_joined(channel, self.name, channels.members.get(channel, frozenset()))
         return self.node.channel_reply(self.name, channel)
 
     def on_leave(self, message: dict) -> dict:
-        channel = message["channel"]
-        if not self.node.channels.leave(channel, self.name):
+        channel, channels = message["channel"], self.node.channels
+        if not channels.leave(channel, self.name):
             raise ProtocolError("not_a_member", f"you are not in {channel}", ref=channel)
         log.info("%s left %s", self.name, channel)
+        self.node.presence.publish_left(channel, self.name, channels.members.get(channel, frozenset()))
         return self.node.channel_reply(self.name, channel)
+
+    def on_watch(self, message: dict) -> dict:
+        """Presence notices for these names from now on; the reply says who is online now."""
+        names = _names(message)
+        self.node.presence.subscribe(self.name, names)
+        online = [n for n in names if self.node.is_online(n)]
+        return {"type": "watch", "online": online, "offline": [n for n in names if n not in online]}
+
+    def on_unwatch(self, message: dict) -> dict:
+        names = _names(message)
+        self.node.presence.unsubscribe(self.name, names)
+        return {"type": "unwatch", "names": names}
 
     def on_channels(self, message: dict) -> dict:
         return self.node.channel_reply(self.name)
@@ -418,3 +434,14 @@ class Session:
             raise ProtocolError("not_a_member", f"join {channel} first", ref=channel)
         online = sorted(m for m in members if self.node.is_online(m))
         return {"type": "members", "channel": channel, "online": online, "offline": sorted(members - set(online))}
+
+
+def _names(message: dict) -> list[str]:
+    """A watch's or unwatch's names: each a valid user name, in order, without repeats."""
+    names = message["names"]
+    for name in names:
+        try:
+            datadir.check_name(name)
+        except datadir.DataError:
+            raise ProtocolError("bad_field", f"{message['type']}.names must be a list of user names") from None
+    return list(dict.fromkeys(names))
