@@ -83,14 +83,38 @@ def run(args) -> int:
         if interactive:
             screen.show(f"(node paid for {len(msg_ids)} delivered message(s))", notice=True)
 
+    told_offline: set[str] = set()  # peers we said are offline, until they come (worker thread only)
+
+    def on_connection(state: str, detail: str) -> None:
+        if state == "lost":
+            screen.show(f"(lost the connection to the node: {detail})", notice=True)
+        elif state == "reconnecting":
+            screen.show(f"reconnecting… ({detail})", notice=True)
+        elif state == "reconnected":
+            screen.show("reconnected", notice=True)
+
+    def on_queued(msg_id: str, peer: str) -> None:
+        if peer not in told_offline:
+            told_offline.add(peer)
+            screen.show(f"{peer} is offline: will deliver when {peer} connects", notice=True)
+
+    def on_presence(name: str, online: bool) -> None:
+        if online:
+            told_offline.discard(name)
+        screen.show(f"({name} is {'online' if online else 'offline'})", notice=True)
+
     events = Events(message=on_message, receipt=on_receipt, paid=on_paid,
                     notice=lambda text: screen.show(text, notice=True),
-                    closed=lambda reason: screen.show(f"(disconnected: {reason})", notice=True))
+                    closed=lambda reason: screen.show(f"(disconnected: {reason})", notice=True),
+                    connection=on_connection, queued=on_queued, presence=on_presence,
+                    membership=lambda channel, name, joined: screen.show(
+                        f"({name} {'joined' if joined else 'left'} {channel})", notice=True))
     data_dir = datadir.resolve(args.data_dir)
     client = ChatClient(args.host, args.port, args.me, data_dir, rpc_url=args.rpc_url, pay=args.pay,
-                        book_size=args.book_size, events=events)
+                        book_size=args.book_size, events=events, addresses=args.addresses,
+                        reconnect_for=args.reconnect_for, reconnect_max_delay=args.reconnect_max_delay)
     client.connect()
-    screen.show(f"connected to {args.host}:{args.port} as {args.me}; talking to {args.peer}."
+    screen.show(f"connected to {client.host}:{client.port} as {args.me}; talking to {args.peer}."
                 + (" /help lists commands, exit quits." if interactive else ""), notice=True)
     try:
         if interactive:
@@ -113,6 +137,10 @@ def run(args) -> int:
     finally:
         if not client.wait_acknowledged(timeout=120):
             screen.show(f"({len(client.outstanding)} message(s) were never acknowledged by the node)", notice=True)
+        waiting = [entry for entry in client.queue() if entry.waiting]
+        if waiting:
+            screen.show(f"({len(waiting)} message(s) wait for offline peers; they go out when you start the "
+                        "client again)", notice=True)
         client.close()
     return 0
 
