@@ -214,6 +214,8 @@ class Connection:
                 reason = f"connection lost: {exc}"
         finally:
             self._stopped.set()
+            if not self.hung_up:  # (close() closes it itself)
+                self.sock.close()
             self.pending.fail_all(reason)
             self.inbox.put({"type": CLOSED, "reason": reason, "connection": self})
 
