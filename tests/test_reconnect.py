@@ -3,6 +3,7 @@ the client keeps every unacknowledged message in an outbox on disk, reconnects b
 and sends it again with the same msg_id and bounty. Real sockets, real EVM (eth-tester)."""
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -13,7 +14,7 @@ from conftest import collecting_events, logged_in_sockets, make_users, wait_unti
 from dm import wire
 from dm.chain import ethereum
 from dm.chain.faucet import faucet_signer
-from dm.client.core import ChatClient
+from dm.client.core import ChatClient, ClientError
 from dm.net import free_port
 from helpers import start_node
 from test_abuse import read_frame
@@ -70,11 +71,13 @@ def restartable_node(tester_chain, data_dir):
 
 
 def recording_events():
-    """(Incoming queue, states seen, receipts by msg_id, paid msg_ids, queued, Events)."""
+    """(Incoming queue, states seen, receipts by msg_id, paid msg_ids, queued, Events); presence
+    notices are appended to `states` as ("presence", name, online)."""
     inbox, receipts, paid, events = collecting_events()
-    states: list[tuple[str, str]] = []
+    states: list[tuple] = []
     queued: list[tuple[str, str]] = []
     events.connection = lambda state, detail: states.append((state, detail))
+    events.presence = lambda name, online: states.append(("presence", name, online))
     events.queued = lambda msg_id, peer: queued.append((msg_id, peer))
     return inbox, states, receipts, paid, queued, events
 
@@ -115,10 +118,71 @@ def test_a_node_restart_costs_a_moment_and_a_line_sent_meanwhile_arrives_once_pa
         book = token.book(alice.payer._book.root)
         assert book.spent == 2  # "before" and the one sent meanwhile: each paid once
         for states in (alice_states, bob_states):  # each told once, then back by itself
-            assert [s for s, _ in states] == ["lost", "reconnecting", "reconnected"], states
+            assert [s[0] for s in states if s[0] != "presence"] == ["lost", "reconnecting", "reconnected"], states
         assert alice_states[1][1] in ("0 queued", "1 queued")
         assert alice.connection_state == bob.connection_state == "connected"
     finally:
         alice.close()
         bob.close()
         running[0].stop()
+
+
+def test_a_message_to_an_offline_peer_waits_on_disk_across_a_client_restart_and_is_paid_on_delivery(tester_node):
+    make_users(tester_node.data_dir, "alice", "bob")
+    token = tester_node.node.token
+    tester_node.client("bob").close()  # bob is known to the node, and offline
+    _, _, receipts, _, queued, events = recording_events()
+    alice = tester_node.client("alice", events, pay="single")
+    msg_id = alice.send_text("bob", "for when you are back")
+    dropped = alice.send_text("bob", "never mind this one")
+    wait_until(lambda: len(queued) == 2, timeout=10, message="both to be queued for bob")
+    assert queued == [(msg_id, "bob"), (dropped, "bob")] and receipts == {}
+    code_hash = bytes.fromhex(alice.last_bounty["code_hash"])
+    listing = alice.queue()
+    assert [(e.index, e.msg_id, e.to, e.text) for e in listing] == [
+        (1, msg_id, "bob", "for when you are back"), (2, dropped, "bob", "never mind this one")]
+    assert all(e.waiting and e.since > time.time() - 60 for e in listing)
+    assert alice.drop(2) and not alice.drop(2) and not alice.drop(0)
+    assert token.bounty(code_hash).state == "open"  # the dropped one: never spent
+
+    alice.close()  # a client restart: the outbox is a 0600 file under the client's data dir
+    outbox = tester_node.data_dir / "clients" / "alice" / "outbox.jsonl"
+    assert outbox.stat().st_mode & 0o777 == 0o600 and b"never mind" not in outbox.read_bytes()
+    _, states, receipts, paid, queued, events = recording_events()
+    alice = tester_node.client("alice", events, pay="single")
+    assert [(e.msg_id, e.text) for e in alice.queue()] == [(msg_id, "for when you are back")]
+    wait_until(lambda: queued == [(msg_id, "bob")], timeout=10, message="the restarted client to find bob offline")
+    bounty_hash = bytes.fromhex(json.loads(alice.queue()[0].frame[4:])["bounty"]["code_hash"])
+    assert token.bounty(bounty_hash).state == "open"  # nothing spent while bob is away
+
+    bob_inbox, _, _, bob_events = collecting_events()
+    tester_node.client("bob", bob_events)  # bob connects: the node tells alice, alice sends
+    incoming = bob_inbox.get(timeout=10)
+    assert (incoming.sender, incoming.msg_id, incoming.text) == ("alice", msg_id, "for when you are back")
+    wait_until(lambda: msg_id in paid, timeout=15, message="the delivery to be paid")
+    assert receipts[msg_id] == "delivered" and alice.queue() == [] and ("presence", "bob", True) in states
+    assert token.bounty(bounty_hash).state == "redeemed"
+    assert token.bounty(code_hash).state == "open"
+    with pytest.raises(queue.Empty):
+        bob_inbox.get(timeout=0.3)
+
+
+def test_with_no_node_to_come_back_the_client_gives_up_and_says_what_to_do(extra_nodes, data_dir):
+    node = extra_nodes("short-lived")
+    make_users(data_dir, "alice")
+    _, states, _, _, _, events = recording_events()
+    reasons = []
+    events.closed = reasons.append
+    alice = ChatClient("127.0.0.1", node.port, "alice", data_dir, rpc_url=ethereum.TESTER_URL, events=events,
+                       w3=node.token.w3, reconnect_for=0.8, reconnect_max_delay=0.2)
+    alice.connect()
+    try:
+        node.stop()
+        wait_until(lambda: alice.is_closed, timeout=10, message="alice to give up")
+        assert [s[0] for s in states] == ["lost", "reconnecting", "gave_up"]
+        assert "restart the client" in states[-1][1] and reasons == [states[-1][1]]
+        assert alice.connection_state == "closed"
+        with pytest.raises(ClientError, match="restart the client"):
+            alice.send_text("alice", "anyone?")
+    finally:
+        alice.close()

@@ -40,6 +40,7 @@ _FINAL_CODES = {"name_in_use", "name_taken", "auth_failed", "name_confusable", "
 from dm.wire.handshake import ClientHandshake
 
 NOTICE = "_notice"  # put on the inbox by the client itself: {"type": NOTICE, "text": ...}
+_NOT_CONNECTED = "not connected to the node: restart the client (queued messages go out then)"
 _RESEND_ALL = "_resend_all"  # put on the inbox by connect(): send the outbox of an earlier run
 
 __all__ = ["ChatClient", "ClientError", "Events", "Incoming", "MAX_TEXT_BYTES", "Outstanding", "Queued",
@@ -171,6 +172,16 @@ class ChatClient:
         """"connected", "reconnecting" (the node went away; trying again), or "closed"."""
         return self._state
 
+    @property
+    def _live(self) -> Connection:
+        """The connection, for a request that needs an answer now; ClientError while there is none."""
+        if self._closed.is_set():
+            raise ClientError(_NOT_CONNECTED)
+        if self._state == "reconnecting":
+            raise ClientError("the node is away and the client is reconnecting: try again in a moment "
+                              "(messages you send meanwhile are queued)")
+        return self._connection
+
     # Writes go through these two, so that a test can forge or capture frames.
     def _write(self, message: dict) -> None:
         self._write_raw(wire.encode(message))
@@ -199,7 +210,7 @@ class ChatClient:
 
     def _lookup(self, names: list[str]) -> dict:
         """name -> the PEM the node serves, or UnusableKey if it refused the key as weak."""
-        replies = self._connection.request_all([{"type": "lookup", "name": name} for name in names],
+        replies = self._live.request_all([{"type": "lookup", "name": name} for name in names],
                                                refusals=True)
         served = {}
         for name, reply in zip(names, replies):
@@ -217,18 +228,18 @@ class ChatClient:
         return crypto.fingerprint(self.peer_key(name))
 
     def peers(self) -> list[str]:
-        return self._connection.request({"type": "peers"})["names"]
+        return self._live.request({"type": "peers"})["names"]
 
     # --- channels ---------------------------------------------------------------------
 
     def join(self, channel: str) -> dict:
-        return self._connection.request({"type": "join", "channel": channel})
+        return self._live.request({"type": "join", "channel": channel})
 
     def leave(self, channel: str) -> dict:
-        return self._connection.request({"type": "leave", "channel": channel})
+        return self._live.request({"type": "leave", "channel": channel})
 
     def channels(self) -> dict:
-        return self._connection.request({"type": "channels"})
+        return self._live.request({"type": "channels"})
 
     # --- sending ----------------------------------------------------------------------
 
@@ -239,6 +250,8 @@ class ChatClient:
         """Encrypt, pay and send each text to `to`, in order."""
         for text in texts:
             check_length(text)
+        if self._closed.is_set():
+            raise ClientError(_NOT_CONNECTED)
         key = self.peer_key(to)
         return self._send([(to, key, text) for text in texts])
 
@@ -247,7 +260,7 @@ class ChatClient:
         bounty, all paid from the book. Returns (msg_ids sent, members offline). A member
         whose key is weak is skipped, and events.notice says so; the others still get theirs."""
         check_length(text)
-        members = self._connection.request({"type": "members", "channel": channel})
+        members = self._live.request({"type": "members", "channel": channel})
         recipients = [m for m in members["online"] if m != self.me]
         keys, unusable = self._peer_keys.usable(recipients)
         for name, problem in unusable.items():  # told through the worker, like every notice
@@ -259,7 +272,7 @@ class ChatClient:
         """Pay and seal the copies, keep them in the outbox on disk, then write them. While the
         node is away they simply wait there, and go out once the client has reconnected."""
         if self._closed.is_set():
-            raise ClientError("not connected to the node: restart the client (queued messages go out then)")
+            raise ClientError(_NOT_CONNECTED)
         entries = self._sender.prepare(copies, channel)
         if entries:
             self._outbox.add(entries)
@@ -308,6 +321,7 @@ class ChatClient:
             return False
         msg_id = entries[index - 1].msg_id
         self._outbox.remove(msg_id)
+        self._outbox.compact()
         self._unanswered.settle(msg_id)
         return True
 

@@ -6,8 +6,8 @@ msg_id and bounty and the node delivers and charges it once.
 The file is an append-only journal: `{"add": entry}` when messages are sent (one write and
 one fsync per batch, before the frames go out), `{"done": msg_id}` when the node answered.
 A line cut short by a crash is ignored when the journal is read back. Reading it back
-rewrites it with only the live entries (a temporary file, fsynced, then renamed over it),
-and it is emptied the same way whenever nothing is left in it.
+rewrites it with only the live entries (a temporary file, fsynced, then renamed over it);
+so do close() and a drop, and it is emptied the same way whenever nothing is left in it.
 """
 from __future__ import annotations
 
@@ -149,10 +149,19 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def compact(self) -> None:
+        """Rewrite the journal with the live entries only (a dropped message's text leaves the disk)."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._rewrite()
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
+                self._rewrite()
                 self._fd = -1
 
 
