@@ -81,6 +81,8 @@ def test_the_watch_cap_refuses_a_watch_past_it_and_keeps_the_rest(extra_nodes, d
         refusal = request(alice, {"type": "watch", "names": ["c"]}, 2)
         assert (refusal["type"], refusal["code"]) == ("error", "watch_limit")
         assert "at most 2" in refusal["message"] and "unwatch" in refusal["message"]
+        refusal = request(alice, {"type": "watch", "names": ["x"] * 3}, 6)  # longer than the cap itself
+        assert (refusal["type"], refusal["code"]) == ("error", "watch_limit")
         # a lookup does not push past it either
         assert request(alice, {"type": "lookup", "name": "dave"}, 3)["type"] == "lookup"
         assert node.presence.watching("alice") == {"a", "b"}

@@ -275,7 +275,13 @@ class ChatClient:
             raise ClientError(_NOT_CONNECTED)
         entries = self._sender.prepare(copies, channel)
         if entries:
-            self._outbox.add(entries)
+            try:
+                self._outbox.add(entries)
+            except OSError as exc:  # not kept, so not sent: their bounties stay unspent
+                for entry in entries:
+                    self._unanswered.settle(entry.msg_id)
+                raise ClientError(f"could not keep the message in {self._outbox.path}: {exc.strerror or exc}; "
+                                  "free some disk space, then send it again") from None
             try:
                 self._write_raw(b"".join(entry.frame for entry in entries))
             except ClientError:

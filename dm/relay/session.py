@@ -414,6 +414,9 @@ class Session:
 
     def on_watch(self, message: dict) -> dict:
         """Presence notices for these names from now on; the reply says who is online now."""
+        cap = self.node.presence.max_watches
+        if len(message["names"]) > cap:  # refused before each name is looked at
+            raise ProtocolError("watch_limit", f"you may watch at most {cap} names: watch fewer")
         names = _names(message)
         self.node.presence.subscribe(self.name, names)
         online = [n for n in names if self.node.is_online(n)]
