@@ -4,6 +4,7 @@ and sends it again with the same msg_id and bounty. Real sockets, real EVM (eth-
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -15,6 +16,7 @@ from dm import wire
 from dm.chain import ethereum
 from dm.chain.faucet import faucet_signer
 from dm.client.core import ChatClient, ClientError
+from dm.client.outbox import Outbox, Queued
 from dm.net import free_port
 from helpers import start_node
 from test_abuse import read_frame
@@ -147,7 +149,7 @@ def test_a_message_to_an_offline_peer_waits_on_disk_across_a_client_restart_and_
     assert token.bounty(code_hash).state == "open"  # the dropped one: never spent
 
     alice.close()  # a client restart: the outbox is a 0600 file under the client's data dir
-    outbox = tester_node.data_dir / "clients" / "alice" / "outbox.jsonl"
+    outbox = tester_node.data_dir / "clients" / "alice" / "outbox.journal"
     assert outbox.stat().st_mode & 0o777 == 0o600 and b"never mind" not in outbox.read_bytes()
     _, states, receipts, paid, queued, events = recording_events()
     alice = tester_node.client("alice", events, pay="single")
@@ -187,3 +189,26 @@ def test_with_no_node_to_come_back_the_client_gives_up_and_says_what_to_do(extra
             alice.send_text("alice", "anyone?")
     finally:
         alice.close()
+
+
+def test_the_outbox_journal_survives_a_crash_mid_record_and_keeps_only_the_unanswered(tmp_path):
+    path = tmp_path / "outbox.journal"
+    outbox = Outbox(path)
+    entries = [Queued(f"m{i}", "bob", f"text {i} \ud800 ünï", b"\x00\x00\x00\x02{}" + bytes([i])) for i in range(4)]
+    outbox.add(entries[:3])
+    outbox.remove("m1")
+    outbox.flush_answered()
+    outbox.add(entries[3:])
+    os.close(outbox._fd)  # a crash: no close(), and the last record is cut short
+    data = path.read_bytes()
+    path.write_bytes(data[:-3])
+    assert path.stat().st_mode & 0o777 == 0o600
+
+    reread = Outbox(path)
+    assert [(e.msg_id, e.text, e.frame) for e in reread.listing()] == [
+        ("m0", "text 0 \ud800 ünï", entries[0].frame), ("m2", "text 2 \ud800 ünï", entries[2].frame)]
+    assert path.stat().st_mode & 0o777 == 0o600 and len(path.read_bytes()) < len(data)  # rewritten, live only
+    reread.remove("m0")
+    reread.remove("m2")
+    assert path.read_bytes() == b""  # nothing left: emptied
+    reread.close()

@@ -106,7 +106,7 @@ class ChatClient:
         self._peer_keys = PeerKeys(data_dir, self.client_dir / "peers.json", self._lookup)
         self._receiver = Receiver(self.me, self.rsa_key, self.peer_key)
         self._unanswered = Unanswered()
-        self._outbox = Outbox(self.client_dir / "outbox.jsonl")
+        self._outbox = Outbox(self.client_dir / "outbox.journal")
         self._sender: Sender | None = None  # once the node named whom to pay
         self._closed = threading.Event()  # set by close(), or once the client gave up
         self._state = "closed"
@@ -411,6 +411,8 @@ class ChatClient:
                 self.events.notice(str(exc))
             except Exception as exc:  # a bad frame from the node must not kill the client
                 self.events.notice(f"could not handle a {kind!r} from the node: {exc}")
+            if self._inbox.empty():
+                self._outbox.flush_answered()  # idle: the answers so far go to disk in one write
 
     # --- the node went away: the worker thread ----------------------------------------
 
