@@ -72,7 +72,8 @@ class ChatClient:
     the payer its book. One worker thread handles everything the node sends unasked,
     in order, and is the only thread that runs the Events callbacks and the Receiver,
     reconnects, and replaces `_connection` (other threads read it as it is: a write to a
-    connection that just died fails, and its message waits in the outbox). connect()
+    connection that just died fails, and its message waits in the outbox). `_state` is a
+    plain string written by the worker and close(), read by anyone. connect()
     sets `welcome`, `payer` and the sender once, before any other call needs them.
     """
 
@@ -112,7 +113,7 @@ class ChatClient:
         self._state = "closed"
         self._final: str | None = None  # why the node ended the session for good (e.g. name_in_use)
         self._waiting_for: set[str] = set()  # peers that messages wait for (worker thread only)
-        self._shown: collections.OrderedDict = collections.OrderedDict()  # (sender, msg_id), worker only
+        self._shown: collections.OrderedDict = collections.OrderedDict()  # (sender, msg_id) -> bounty; worker only
         self.payer = None
         self.token = None
         self.welcome: dict = {}
