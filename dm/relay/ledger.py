@@ -43,8 +43,8 @@ class DeliveryLedger:
         """Take the delivery's bounty and msg_id, or refuse if either is taken. A bounty already
         taken by this same msg_id (and recipient) is a client's resend: AlreadyDelivered."""
         msg_id, paid_by = delivery[0], delivery[3]
-        taken = self.used.setdefault(paid_by, delivery)
-        if taken is not delivery:
+        if self.used.setdefault(paid_by, delivery) is not delivery:  # (the hot path is unchanged)
+            taken = self.used.get(paid_by)
             if taken == msg_id or (type(taken) is tuple and taken[0] == msg_id and taken[2] == delivery[2]):
                 raise AlreadyDelivered(msg_id)
             raise ProtocolError("unpaid", "that bounty already paid for another message", ref=msg_id)
