@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import threading
 import time
 
@@ -181,7 +182,25 @@ def test_with_no_node_to_come_back_the_client_gives_up_and_says_what_to_do(extra
     alice.connect()
     try:
         node.stop()
-        wait_until(lambda: alice.is_closed, timeout=10, message="alice to give up")
+        # Something on the port that hangs up on every connection: each try is counted.
+        with socket.create_server(("127.0.0.1", node.port)) as hang_up_on_all:
+            tries = []
+
+            def count() -> None:
+                while True:
+                    try:
+                        sock, _ = hang_up_on_all.accept()
+                    except OSError:
+                        return
+                    tries.append(time.monotonic())
+                    sock.close()
+
+            threading.Thread(target=count, daemon=True).start()
+            started = time.monotonic()
+            wait_until(lambda: alice.is_closed, timeout=10, message="alice to give up")
+            took = time.monotonic() - started
+        # Pauses of at most 0.2 s (--reconnect-max-delay) for 0.8 s (--reconnect-for): several tries, then done.
+        assert len(tries) >= 3 and 0.5 < took < 5, (tries, took)
         assert [s[0] for s in states] == ["lost", "reconnecting", "gave_up"]
         assert "restart the client" in states[-1][1] and reasons == [states[-1][1]]
         assert alice.connection_state == "closed"

@@ -453,7 +453,7 @@ class ChatClient:
         """Tries every address in turn, pausing between rounds (doubling up to the maximum, with
         jitter, so that many clients do not return at once). None once connected; otherwise why not."""
         deadline = time.monotonic() + self.reconnect_for
-        delay, last = RECONNECT_FIRST_DELAY, "no node answered"
+        delay, last = min(RECONNECT_FIRST_DELAY, self.reconnect_max_delay), "no node answered"
         while not self._closed.is_set():
             for host, port in self.addresses:
                 try:
@@ -471,7 +471,7 @@ class ChatClient:
             if time.monotonic() + pause > deadline:
                 break
             self._closed.wait(pause)
-            delay = min(delay * 2, max(self.reconnect_max_delay, RECONNECT_FIRST_DELAY))
+            delay = min(delay * 2, self.reconnect_max_delay)
         return (f"gave up reconnecting after {self.reconnect_for:g}s ({last}); {len(self._outbox)} message(s) "
                 "stay queued on disk and go out when you restart the client")
 
