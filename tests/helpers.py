@@ -14,11 +14,12 @@ from dm.wire.handshake import ClientHandshake, HandshakeRefused
 
 
 def start_node(token: ethereum.BountyToken, data_dir: Path, *, faucet: ethereum.Signer | None = None,
-               lookups_per_second: float | None = None, **options) -> Node:
-    """A started node on `token`'s chain with a fresh account, its files under data_dir/node,
-    redeeming quickly. `faucet` funds the node's gas and new users (one Signer per key: one
-    nonce sequence, so share it between nodes)."""
-    signer = ethereum.Signer(token.w3, ethereum.new_account()[1])
+               lookups_per_second: float | None = None, signer: ethereum.Signer | None = None,
+               **options) -> Node:
+    """A started node on `token`'s chain with a fresh account (or `signer`'s, to restart a node),
+    its files under data_dir/node, redeeming quickly. `faucet` funds the node's gas and new users
+    (one Signer per key: one nonce sequence, so share it between nodes)."""
+    signer = signer or ethereum.Signer(token.w3, ethereum.new_account()[1])
     if faucet is not None:
         fund_user(token, faucet, signer.address, btk=0)
     index = BountyIndex(token, signer.address, books_dir=data_dir / "node" / "books",

@@ -39,12 +39,15 @@ def test_a_paid_message_moves_exactly_one_btk_from_sender_to_node(tester_node, p
 def test_offline_recipient_is_reported_and_nothing_is_spent(tester_node):
     make_users(tester_node.data_dir, "alice", "bob")
     _, receipts, _, events = collecting_events()
+    queued = []
+    events.queued = lambda msg_id, peer: queued.append((msg_id, peer))
     bob = tester_node.client("bob")
     bob.close()
     alice = tester_node.client("alice", events, pay="single")
     wait_until(lambda: "bob" not in alice.peers(), message="bob to go offline")
     msg_id = alice.send_text("bob", "are you there?")
-    wait_until(lambda: receipts.get(msg_id) == "offline", message="the offline receipt")
+    wait_until(lambda: queued == [(msg_id, "bob")], message="the offline notice")  # it waits for bob
+    assert msg_id not in receipts and [e.msg_id for e in alice.queue()] == [msg_id]
     code_hash = bytes.fromhex(alice.last_bounty["code_hash"])
     assert tester_node.node.token.bounty(code_hash).state == "open"  # refundable after expiry
 

@@ -1,6 +1,7 @@
 """The client's command line.
 
     python3 client.py HOST PORT ME PEER      e.g. python3 client.py localhost 12345 user_1 user_2
+    python3 client.py HOST PORT ME PEER --node HOST2:PORT2   another node to fall back on
 
 Imports only the standard library and dm's light modules until the arguments are
 checked, so that --help and argument errors answer at once.
@@ -16,6 +17,7 @@ import sys
 from dm import datadir
 from dm.chain import DEFAULT_RPC_URL
 from dm.client.commands import check_target
+from dm.client.connection import RECONNECT_FOR, RECONNECT_MAX_DELAY
 from dm.client.errors import ClientError
 
 
@@ -25,13 +27,30 @@ def parse_args(argv=None):
     parser.add_argument("port", type=int)
     parser.add_argument("me", help="your name (keys from `python3 main.py Y NAME`)")
     parser.add_argument("peer", help="who to talk to: a name, or a #channel")
+    parser.add_argument("--node", action="append", default=[], type=node_address, metavar="HOST:PORT",
+                        help="another node address to try when the connection drops (repeatable; "
+                             "tried in turn after HOST PORT)")
+    parser.add_argument("--reconnect-for", type=float, default=RECONNECT_FOR, metavar="SECONDS",
+                        help="keep trying to reconnect this long before giving up; 0: do not reconnect "
+                             "(default: %(default)g)")
+    parser.add_argument("--reconnect-max-delay", type=float, default=RECONNECT_MAX_DELAY, metavar="SECONDS",
+                        help="the longest pause between two rounds of reconnect tries (default: %(default)g)")
     parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
     parser.add_argument("--rpc-url", help="your own connection to the chain (default: $DM_RPC_URL, else the "
                                           f"chain in the data directory's deployment.json, else {DEFAULT_RPC_URL})")
     parser.add_argument("--pay", choices=["book", "single"], default="book",
                         help="book: prepay codes in bulk (default); single: one registerBounty per message")
     parser.add_argument("--book-size", type=int, default=100, help="codes per prepaid book (default: 100)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.addresses = [(args.host, args.port), *args.node]
+    return args
+
+
+def node_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (for example localhost:12346)")
+    return host.strip("[]"), int(port)
 
 
 def resolve_rpc_url(args) -> None:
@@ -50,13 +69,17 @@ def resolve_rpc_url(args) -> None:
             args.rpc_url, args.rpc_source = DEFAULT_RPC_URL, "the default (no --rpc-url, $DM_RPC_URL or deployment record)"
 
 
-def probe_node(host: str, port: int, timeout: float = 10) -> None:
-    """Fails fast, before the seconds of importing web3, when nothing listens at host:port."""
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        raise ClientError(f"cannot reach the node at {host}:{port}: {exc.strerror or exc}: is node.py running there? "
-                          f"Start it first (`python3 node.py`), or check the host and port") from None
+def probe_node(addresses: list[tuple[str, int]], timeout: float = 10) -> None:
+    """Fails fast, before the seconds of importing web3, when nothing listens at any of the addresses."""
+    for host, port in addresses:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            return
+        except OSError as exc:
+            problem = f"{host}:{port}: {exc.strerror or exc}"
+    where = "the node at" if len(addresses) == 1 else "any node; the last,"
+    raise ClientError(f"cannot reach {where} {problem}: is node.py running there? "
+                      f"Start it first (`python3 node.py`), or check the host and port") from None
 
 
 def main(argv=None) -> int:
@@ -66,13 +89,15 @@ def main(argv=None) -> int:
         args.peer = check_target(args.peer)
         if args.book_size < 1:
             raise ClientError("--book-size must be at least 1")
+        if args.reconnect_for < 0 or args.reconnect_max_delay <= 0:
+            raise ClientError("--reconnect-for must be 0 or more, --reconnect-max-delay more than 0")
         if not 0 < args.port < 65536:
             raise ClientError(f"port {args.port} is not a TCP port: give the node's port (node.py's default is 12345)")
         if not datadir.private_key_path(datadir.resolve(args.data_dir), args.me).exists():
             raise ClientError(f"no keys for {args.me!r} in {datadir.resolve(args.data_dir)}: run "
                               f"`python3 main.py Y {args.me}` first")
         resolve_rpc_url(args)
-        probe_node(args.host, args.port)
+        probe_node(args.addresses)
         from dm.client.terminal import run
 
         return run(args)

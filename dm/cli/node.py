@@ -16,6 +16,7 @@ import threading
 from dm import datadir
 from dm.chain import DEFAULT_RPC_URL
 from dm.relay import LOOKUPS_PER_SECOND
+from dm.relay.presence import MAX_WATCHES
 
 # web3 and the node are imported inside the functions below, so that --help answers at once.
 
@@ -41,6 +42,7 @@ def build_node(args):
                             from_block=deployment.deploy_block, lookups_per_second=args.lookups)
         node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=dev_faucet,
                     host=args.host, port=args.port, max_connections=args.max_connections,
+                    max_watches=args.max_watches,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait})
     except BaseException:
         devchain.stop_on_exit(anvil)
@@ -64,6 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--lookups", type=float, default=LOOKUPS_PER_SECOND, metavar="N",
                         help="direct chain lookups per second of bounties the node has not seen yet; past it, "
                              "unknown bounties wait for the event index (default: %(default)g)")
+    parser.add_argument("--max-watches", type=int, default=MAX_WATCHES, metavar="N",
+                        help="names one user may watch for presence at a time; past it `watch` is refused "
+                             "with watch_limit (default: %(default)d)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 

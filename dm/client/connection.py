@@ -15,13 +15,23 @@ from dm.client.errors import ClientError
 from dm.net import hang_up
 from dm.wire.handshake import ClientHandshake, HandshakeRefused
 
+# Here, not in core.py, so that client.py --help reads them without importing web3.
+RECONNECT_FOR = 600.0  # seconds of trying to reconnect before giving up (client.py --reconnect-for)
+RECONNECT_MAX_DELAY = 5.0  # the longest pause between two rounds of tries (client.py --reconnect-max-delay)
+
 PING_EVERY = 60  # keeps the node's idle timer from closing a quiet session
 REPLY_TIMEOUT = 10  # seconds a request waits for its reply
-CLOSED = "_closed"  # the inbox's last message: {"type": CLOSED, "reason": text}
+CLOSED = "_closed"  # a connection's last message: {"type": CLOSED, "reason": text, "connection": it}
 
 # Refusals the handshake words itself; the node's own get "the node refused us".
 # (The node has no cause to send `out_of_order` to a client that follows the handshake.)
 _HANDSHAKE_OWN_CODES = {"closed", "out_of_order"}
+# Refusals that may go away by themselves: worth trying again after a pause.
+_PASSING_CODES = {"busy", "timeout", "internal", "closed"}
+
+
+class NodeUnreachable(ClientError):
+    """No node answered at that address, or it turned us away for now (busy): try again later."""
 
 
 class PendingRequests:
@@ -67,6 +77,13 @@ class PendingRequests:
         with self._lock:
             self._waiting.pop(req, None)
 
+    def fail_all(self, reason: str) -> None:
+        """The connection is gone: every waiting request gets a refusal now, not after its timeout."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+        for waiter in waiting.values():
+            waiter.put({"type": "error", "code": "closed", "message": reason})
+
 
 class Connection:
     """One authenticated session with the node.
@@ -77,10 +94,10 @@ class Connection:
     from any thread.
     """
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, inbox: queue.Queue | None = None):
         self.host, self.port = host, port
         self.sock: socket.socket | None = None
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox: queue.Queue = inbox if inbox is not None else queue.Queue()
         self.pending = PendingRequests()
         self.write_lock = threading.Lock()
         self.hung_up = False  # we closed it ourselves: no "connection lost" notice
@@ -91,7 +108,8 @@ class Connection:
         try:
             self.sock = socket.create_connection((self.host, self.port), timeout=timeout)
         except OSError as exc:
-            raise ClientError(f"cannot reach the node at {self.host}:{self.port}: {exc.strerror or exc}") from None
+            raise NodeUnreachable(f"cannot reach the node at {self.host}:{self.port}: {exc.strerror or exc}: "
+                                  "start node.py first, or check the host and port") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self._shake_hands(handshake)
@@ -112,14 +130,15 @@ class Connection:
                 try:
                     data = self.sock.recv(65536)
                 except OSError as exc:
-                    raise ClientError(f"the node did not answer: {exc}") from None
+                    raise NodeUnreachable(f"the node did not answer: {exc}") from None
                 answer = handshake.receive(data)
                 if answer:
                     self.write_raw(answer)
         except HandshakeRefused as exc:
+            error = NodeUnreachable if exc.code in _PASSING_CODES else ClientError
             if exc.code in _HANDSHAKE_OWN_CODES:
-                raise ClientError(exc.message) from None
-            raise ClientError(f"the node refused us: {exc.message} ({exc.code})") from None
+                raise error(exc.message) from None
+            raise error(f"the node refused us: {exc.message} ({exc.code})") from None
         except wire.ProtocolError as exc:
             raise ClientError(f"the node sent a broken frame during the handshake: {exc}") from None
 
@@ -199,7 +218,10 @@ class Connection:
                 reason = f"connection lost: {exc}"
         finally:
             self._stopped.set()
-            self.inbox.put({"type": CLOSED, "reason": reason})
+            if not self.hung_up:  # (close() closes it itself)
+                self.sock.close()
+            self.pending.fail_all(reason)
+            self.inbox.put({"type": CLOSED, "reason": reason, "connection": self})
 
     def _route(self, message: dict) -> None:
         if not self.pending.answer(message):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from dm import crypto, wire
 from dm.chain import ethereum
 from dm.client.errors import ClientError
+from dm.client.outbox import Queued
 
 # What fits in one frame once encrypted: base64 adds a third, plus the envelope's fields.
 MAX_TEXT_BYTES = (wire.MAX_FRAME - 16_384) * 3 // 4
@@ -50,6 +51,12 @@ class Unanswered:
             self.changed.notify_all()
             return True
 
+    def track(self, entries) -> None:
+        """Messages sent again (after a reconnect, or when their peer came online) wait for an answer."""
+        with self.changed:
+            for entry in entries:
+                self.by_msg_id[entry.msg_id] = Outstanding(entry.to)
+
     def wake(self) -> None:
         with self.changed:
             self.changed.notify_all()
@@ -79,12 +86,12 @@ class Sender:
         self.session_keys = crypto.SessionKeys()  # one RSA wrap per peer per 1,000 messages
         self.last_bounty: dict | None = None
 
-    def prepare(self, copies: list[tuple[str, object, str]], channel: str | None = None) -> tuple[list[str], bytes]:
+    def prepare(self, copies: list[tuple[str, object, str]], channel: str | None = None) -> list[Queued]:
         """One paid `send` per (recipient, recipient's public key, text), in order, each tracked
-        as unanswered. Returns the msg_ids and the frames to write. One RSA signature covers
-        the whole batch (crypto.seal_many), so piped input is not bound by RSA."""
+        as unanswered. Returns them as outbox entries, each with its frame to write. One RSA
+        signature covers the whole batch (crypto.seal_many), so piped input is not bound by RSA."""
         if not copies:
-            return [], b""
+            return []
         try:
             bounties = self.payer.next_bounties(len(copies))
         except ethereum.ChainError as exc:
@@ -94,12 +101,13 @@ class Sender:
             [({"text": text, "code": bounty.code.hex(), **label}, name, key)
              for (name, key, text), bounty in zip(copies, bounties)],
             sender=self.me, sender_key=self.rsa_key, session_keys=self.session_keys)
-        frames = []
+        entries = []
         with self.unanswered.changed:
-            for (name, _, _), bounty, envelope in zip(copies, bounties, envelopes):
+            for (name, _, text), bounty, envelope in zip(copies, bounties, envelopes):
                 self.unanswered.by_msg_id[envelope["msg_id"]] = Outstanding(name)
                 # Canonical key order (type, to, msg_id, bounty, [channel,] envelope): the node's fast path.
-                frames.append(wire.encode({"type": "send", "to": name, "msg_id": envelope["msg_id"],
-                                           "bounty": bounty.wire, **label, "envelope": envelope}))
+                frame = wire.encode({"type": "send", "to": name, "msg_id": envelope["msg_id"],
+                                     "bounty": bounty.wire, **label, "envelope": envelope})
+                entries.append(Queued(envelope["msg_id"], name, text, frame, channel))
         self.last_bounty = bounties[-1].wire
-        return [e["msg_id"] for e in envelopes], b"".join(frames)
+        return entries

@@ -42,7 +42,8 @@ def start_client(args, chat: Chat):
     data_dir = datadir.resolve(args.data_dir)
     try:
         client = ChatClient(args.host, args.port, args.me, data_dir, rpc_url=args.rpc_url, pay=args.pay,
-                            book_size=args.book_size, events=Events(**handlers))
+                            book_size=args.book_size, events=Events(**handlers), addresses=args.addresses,
+                            reconnect_for=args.reconnect_for, reconnect_max_delay=args.reconnect_max_delay)
         client.connect()
     except ClientError as exc:
         raise ClientError(explain(str(exc), args)) from None
@@ -84,6 +85,10 @@ def run_lines(args) -> int:
                 break
         if not client.wait_acknowledged(timeout=120):
             chat.note(f"({len(client.outstanding)} message(s) were never acknowledged by the node)")
+        waiting = [entry for entry in client.queue() if entry.waiting]
+        if waiting:
+            chat.note(f"({len(waiting)} message(s) wait for offline peers; they go out when you start the "
+                      "client again)")
     finally:
         client.close()
     return 0

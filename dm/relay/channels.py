@@ -36,13 +36,15 @@ class ChannelRegistry:
         self.members: dict[str, frozenset[str]] = {c: frozenset(m) for c, m in self._store.state.items() if m}
         self._lock = threading.Lock()
 
-    def join(self, channel: str, name: str) -> None:
+    def join(self, channel: str, name: str) -> bool:
+        """False when `name` was a member already."""
         with self._lock:
             members = self.members.get(channel, frozenset())
             if name in members:
-                return
+                return False
             self._store.append({"op": "join", "channel": channel, "name": name})
             self.members[channel] = members | {name}
+            return True
 
     def leave(self, channel: str, name: str) -> bool:
         """False when `name` was not a member."""

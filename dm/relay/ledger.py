@@ -12,7 +12,14 @@ import collections
 from dm.wire import ProtocolError
 
 Delivery = tuple
-SETTLED = ("settled",)  # in `used`: the bounty carried a message that is no longer pending
+
+
+class AlreadyDelivered(ProtocolError):
+    """A resend of a msg_id with the very bounty that already carried it: the node answers with
+    the original outcome (a `delivered` receipt) and delivers nothing again."""
+
+    def __init__(self, msg_id: str):
+        super().__init__("duplicate", "already delivered", ref=msg_id)
 
 
 class DeliveryLedger:
@@ -28,13 +35,18 @@ class DeliveryLedger:
     def __init__(self, claim_timeout: float):
         self.claim_timeout = claim_timeout
         self.pending: dict[str, Delivery] = {}  # msg_id -> delivery awaiting its code
-        self.used: dict[tuple, Delivery] = {}  # bounty -> the delivery it paid for (or SETTLED)
+        # bounty -> the delivery it paid for, or just its msg_id once that is no longer pending
+        self.used: dict[tuple, Delivery | str] = {}
         self.expiring: collections.deque[Delivery] = collections.deque()  # deliveries, oldest first
 
     def reserve(self, delivery: Delivery) -> None:
-        """Take the delivery's bounty and msg_id, or refuse if either is taken."""
+        """Take the delivery's bounty and msg_id, or refuse if either is taken. A bounty already
+        taken by this same msg_id (and recipient) is a client's resend: AlreadyDelivered."""
         msg_id, paid_by = delivery[0], delivery[3]
-        if self.used.setdefault(paid_by, delivery) is not delivery:
+        if self.used.setdefault(paid_by, delivery) is not delivery:  # (the hot path is unchanged)
+            taken = self.used.get(paid_by)
+            if taken == msg_id or (type(taken) is tuple and taken[0] == msg_id and taken[2] == delivery[2]):
+                raise AlreadyDelivered(msg_id)
             raise ProtocolError("unpaid", "that bounty already paid for another message", ref=msg_id)
         if self.pending.setdefault(msg_id, delivery) is not delivery:
             self.used.pop(paid_by, None)
@@ -75,5 +87,5 @@ class DeliveryLedger:
                     break
                 pending.pop(msg_id, None)
             if used.get(paid_by) is delivery:
-                used[paid_by] = SETTLED  # keep the bounty used, free the rest of the entry
+                used[paid_by] = msg_id  # keep the bounty used (and resends answered), free the rest
             expiring.popleft()

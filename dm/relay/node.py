@@ -6,6 +6,7 @@
     index      which bounties and books pay this node            dm.relay.bounties
     redeemer   the journal of returned codes, batched redemption dm.relay.redeemer
     online     name -> the session that proved it                (here)
+    presence   who hears of whom coming, going, joining, leaving dm.relay.presence
     server     sockets, threads, the watchdog                    dm.relay.server
     send_rule  the one rule set for a send                       dm.relay.rules
 """
@@ -24,6 +25,7 @@ from dm.relay.bounties import BountyIndex
 from dm.relay.channels import ChannelRegistry
 from dm.relay.ledger import DeliveryLedger
 from dm.relay.pins import PinStore
+from dm.relay.presence import MAX_WATCHES, Presence
 from dm.relay.redeemer import Journal, Redeemed, Redeemer
 from dm.relay.rules import make_send_rule
 from dm.relay.server import Server
@@ -42,7 +44,8 @@ class Node:
                  index: BountyIndex, redeemer_options: dict | None = None, faucet: Faucet | None = None,
                  host: str = "localhost", port: int = 12345, max_connections: int = 10_000,
                  handshake_timeout: float = 10, frame_timeout: float = 10, idle_timeout: float = 600,
-                 max_errors: int = 20, claim_timeout: float = 3600, clock=time.monotonic):
+                 max_errors: int = 20, claim_timeout: float = 3600, max_watches: int = MAX_WATCHES,
+                 clock=time.monotonic):
         self.token, self.signer, self.index, self.faucet = token, signer, index, faucet
         self.max_errors = max_errors
         node_dir = data_dir / "node"
@@ -56,6 +59,7 @@ class Node:
                         "chain_id": token.w3.eth.chain_id, "contract": token.address}
         self.online: dict[str, object] = {}
         self._online_lock = threading.Lock()
+        self.presence = Presence(self._notify, self._channels_of, max_watches)
         self._stop = threading.Event()
         self.send_rule = make_send_rule(self.pins.names, self.channels, index, self.online)
         self.server = Server(self, host, port, max_connections=max_connections,
@@ -102,6 +106,8 @@ class Node:
             previous.transport.send(wire.error("name_in_use", f"{session.name} connected again from elsewhere"))
             previous.transport.close()
         log.info("+ %s connected from %s", session.name, session.transport.address[0])
+        if previous is None:  # a replaced session: the name never went offline
+            self.presence.publish_online(session.name)
 
     def go_offline(self, session) -> None:
         if session.name is None:
@@ -111,12 +117,23 @@ class Node:
                 return
             del self.online[session.name]
         log.info("- %s disconnected", session.name)
+        self.presence.unsubscribe(session.name)
+        self.presence.publish_offline(session.name)
 
     def is_online(self, name: str) -> bool:
         return name in self.online
 
     def online_names(self) -> list[str]:
         return sorted(list(self.online))
+
+    def _notify(self, name: str, frame: bytes) -> None:
+        """A presence notice for `name`, if it is online (any thread)."""
+        session = self.online.get(name)
+        if session is not None:
+            session.transport.send_bytes(frame)
+
+    def _channels_of(self, name: str) -> list[frozenset]:
+        return [members for members in list(self.channels.members.values()) if name in members]
 
     def channel_reply(self, name: str, channel: str | None = None) -> dict:
         reply = {"type": "channels", "joined": self.channels.joined_by(name), "all": self.channels.sizes()}

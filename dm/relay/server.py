@@ -11,6 +11,7 @@ import threading
 import time
 
 from dm import wire
+from dm.net import hang_up
 from dm.relay.connection import Connection, timeval
 from dm.relay.session import Session
 
@@ -49,6 +50,7 @@ class Server:
 
     def stop(self) -> None:
         self._stop.set()
+        hang_up(self.listener)  # wakes an accept() in progress; close() alone lets it take one more
         try:
             self.listener.close()
         except OSError:
@@ -94,7 +96,12 @@ class Server:
                 continue
             session = Session(self.node, Connection(sock, address), self.clock())
             with self.lock:
-                self.sessions.add(session)
+                stopping = self._stop.is_set()  # under the lock: stop() closes every session added before
+                if not stopping:
+                    self.sessions.add(session)
+            if stopping:
+                sock.close()
+                return
             threading.Thread(target=self._serve, args=(session,), name="conn", daemon=True).start()
 
     def _serve(self, session: Session) -> None:

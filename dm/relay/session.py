@@ -18,6 +18,7 @@ from web3 import Web3
 
 from dm import crypto, datadir, wire
 from dm.relay.connection import burst
+from dm.relay.ledger import AlreadyDelivered
 from dm.relay.redeemer import Claim
 from dm.wire import ProtocolError
 from dm.wire.send import SEND_PREFIX, deliver_prefix, encode_deliver, read_send, send_header
@@ -151,6 +152,7 @@ class Session:
                     if recipient is None:
                         self._write_held(outbox)
                         transport.send_bytes(receipt(msg_id, "offline"))
+                        node.presence.subscribe(self.name, [header[0]], strict=False)  # told when they come
                     else:
                         delivery = (msg_id, self.name, header[0], header[2], now)
                         reserve(delivery)
@@ -166,6 +168,9 @@ class Session:
                         else:
                             receipts.append(receipt(msg_id, "delivered"))
                     self.errors = 0
+                except AlreadyDelivered:  # a client's resend after a reconnect: the original outcome again
+                    self._write_held(outbox)
+                    transport.send_bytes(receipt(msg_id, "delivered"))
                 except ProtocolError as exc:
                     self._refuse(exc)
         except Exception:  # a bug must cost one connection, never the node
@@ -349,6 +354,7 @@ class Session:
             raise ProtocolError("weak_key", f"{message['name']} has a key this node no longer accepts ({exc}); "
                                 "they must make new keys with `python3 main.py Y NAME`",
                                 ref=message["name"][:64]) from None
+        self.node.presence.subscribe(self.name, [message["name"]], strict=False)
         return {"type": "lookup", "name": message["name"], **pinned}
 
     def on_peers(self, message: dict) -> dict:
@@ -392,17 +398,34 @@ class Session:
         return None
 
     def on_join(self, message: dict) -> dict:
-        channel = message["channel"].lower()  # channel names are case-insensitive
-        self.node.channels.join(channel, self.name)
-        log.info("%s joined %s", self.name, channel)
+        channel, channels = message["channel"].lower(), self.node.channels  # names are case-insensitive
+        if channels.join(channel, self.name):
+            log.info("%s joined %s", self.name, channel)
+            self.node.presence.publish_joined(channel, self.name, channels.members.get(channel, frozenset()))
         return self.node.channel_reply(self.name, channel)
 
     def on_leave(self, message: dict) -> dict:
-        channel = message["channel"].lower()  # channel names are case-insensitive
-        if not self.node.channels.leave(channel, self.name):
+        channel, channels = message["channel"].lower(), self.node.channels  # names are case-insensitive
+        if not channels.leave(channel, self.name):
             raise ProtocolError("not_a_member", f"you are not in {channel}", ref=channel)
         log.info("%s left %s", self.name, channel)
+        self.node.presence.publish_left(channel, self.name, channels.members.get(channel, frozenset()))
         return self.node.channel_reply(self.name, channel)
+
+    def on_watch(self, message: dict) -> dict:
+        """Presence notices for these names from now on; the reply says who is online now."""
+        cap = self.node.presence.max_watches
+        if len(message["names"]) > cap:  # refused before each name is looked at
+            raise ProtocolError("watch_limit", f"you may watch at most {cap} names: watch fewer")
+        names = _names(message)
+        self.node.presence.subscribe(self.name, names)
+        online = [n for n in names if self.node.is_online(n)]
+        return {"type": "watch", "online": online, "offline": [n for n in names if n not in online]}
+
+    def on_unwatch(self, message: dict) -> dict:
+        names = _names(message)
+        self.node.presence.unsubscribe(self.name, names)
+        return {"type": "unwatch", "names": names}
 
     def on_channels(self, message: dict) -> dict:
         return self.node.channel_reply(self.name)
@@ -414,3 +437,14 @@ class Session:
             raise ProtocolError("not_a_member", f"join {channel} first", ref=channel)
         online = sorted(m for m in members if self.node.is_online(m))
         return {"type": "members", "channel": channel, "online": online, "offline": sorted(members - set(online))}
+
+
+def _names(message: dict) -> list[str]:
+    """A watch's or unwatch's names: each a valid user name, in order, without repeats."""
+    names = message["names"]
+    for name in names:
+        try:
+            datadir.check_name(name)
+        except datadir.DataError:
+            raise ProtocolError("bad_field", f"{message['type']}.names must be a list of user names") from None
+    return list(dict.fromkeys(names))

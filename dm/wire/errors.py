@@ -29,6 +29,7 @@ ERRORS = {
     "unknown_message": "no pending message with that id",
     "bad_channel": "channel names are '#' and 1-31 letters, digits, '_', '-' or '.'",
     "not_a_member": "join the channel first (or the recipient is not in it)",
+    "watch_limit": "you watch as many names as this node allows: unwatch some first",
     "timeout": "the connection was idle or too slow",
     "busy": "the node has too many connections",
     "internal": "the node failed to handle the message",

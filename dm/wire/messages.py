@@ -26,6 +26,8 @@ CLIENT_MESSAGES = {
     "leave": {"channel": str},
     "channels": {},
     "members": {"channel": str},
+    "watch": {"names": list},
+    "unwatch": {"names": list},
     "ping": {},
 }
 
@@ -40,6 +42,10 @@ NODE_MESSAGES = {
     "channels": {"joined": list, "all": dict},
     "members": {"channel": str, "online": list, "offline": list},
     "book": {"root": str, "size": int},
+    "watch": {"online": list, "offline": list},
+    "unwatch": {"names": list},
+    "presence": {"name": str, "online": bool},
+    "membership": {"channel": str, "name": str, "joined": bool},
     "error": {"code": str, "message": str},
     "pong": {},
 }
@@ -147,7 +153,7 @@ def _ref(message: dict) -> str | None:
 
 
 def _type_name(expected) -> str:
-    return {str: "a string", int: "an integer", dict: "an object", list: "a list"}.get(expected, str(expected))
+    return {str: "a string", int: "an integer", dict: "an object", list: "a list", bool: "true or false"}.get(expected, str(expected))
 
 
 
