@@ -7,6 +7,7 @@ requests by id), the peers' pinned keys, payment, sending, and receiving.
 """
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from dm.client.connection import CLOSED, Connection
 from dm.client.errors import ClientError
 from dm.client.payment import payer_for
 from dm.client.peers import PeerKeys, UnusableKey
-from dm.client.receiving import Incoming, Receiver
+from dm.client.receiving import RELEASE_TIMEOUT, Incoming, Receiver
 from dm.client.sending import MAX_TEXT_BYTES, Outstanding, Sender, Unanswered, check_length
 from dm.wire.handshake import ClientHandshake
 
@@ -50,7 +51,7 @@ class ChatClient:
 
     def __init__(self, host: str, port: int, me: str, data_dir: Path, rpc_url: str = ethereum.DEFAULT_RPC_URL,
                  pay: str = "book", book_size: int = 100, expiry_seconds: int = 86_400, events: Events | None = None,
-                 w3=None):
+                 w3=None, release_timeout: float = RELEASE_TIMEOUT):
         self.host, self.port, self.me, self.data_dir = host, port, datadir.check_name(me), data_dir
         self.rpc_url, self.pay, self.book_size, self.expiry_seconds = rpc_url, pay, book_size, expiry_seconds
         self.events = events or Events()
@@ -66,7 +67,7 @@ class ChatClient:
         (self.client_dir / "books").mkdir(parents=True, exist_ok=True, mode=0o700)
         self._connection = Connection(host, port)
         self._peer_keys = PeerKeys(data_dir, self.client_dir / "peers.json", self._lookup)
-        self._receiver = Receiver(self.me, self.rsa_key, self.peer_key)
+        self._receiver = Receiver(self.me, self.rsa_key, self.peer_key, release_timeout)
         self._unanswered = Unanswered()
         self._sender: Sender | None = None  # once the node named whom to pay
         self._closed = threading.Event()  # set by close(), or once the worker saw the connection end
@@ -214,7 +215,12 @@ class ChatClient:
 
     def _worker(self) -> None:
         while True:
-            message = self._connection.inbox.get()
+            try:  # wakes at least once a second to report keys the node withholds
+                message = self._connection.inbox.get(timeout=min(1.0, self._receiver.release_timeout / 4))
+            except queue.Empty:
+                message = {"type": NOTICE, "text": None}
+            for notice in self._receiver.overdue():
+                self.events.notice(notice)
             kind = message["type"]
             try:
                 if kind == CLOSED:
@@ -224,9 +230,14 @@ class ChatClient:
                         self.events.closed(message["reason"])
                     return
                 if kind == NOTICE:
-                    self.events.notice(message["text"])
+                    if message["text"] is not None:
+                        self.events.notice(message["text"])
                 elif kind == "deliver":
                     self._on_deliver(message)
+                elif kind == "release":
+                    incoming = self._receiver.release(message)
+                    if incoming is not None:
+                        self.events.message(incoming)
                 elif kind == "receipt":
                     self._settle(message["msg_id"], message["status"])
                 elif kind == "paid":
@@ -248,6 +259,7 @@ class ChatClient:
 
     def _on_deliver(self, message: dict) -> None:
         incoming, claim = self._receiver.deliver(message)
-        self.events.message(incoming)
+        if incoming is not None:  # not genuine: shown now, and its code not returned
+            self.events.message(incoming)
         if claim is not None:
-            self._write(claim)  # returning the code is what pays the node for this delivery
+            self._write(claim)  # returning the code pays the node, and its `release` shows the text
