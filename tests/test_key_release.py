@@ -201,3 +201,12 @@ def test_a_node_that_takes_the_code_and_keeps_the_key_is_reported(tester_node):
     finally:
         bob.close()
         proxy.close()
+
+
+def test_the_release_timeout_is_a_client_flag(capsys):
+    from dm.cli import client as client_cli
+
+    assert client_cli.parse_args(["localhost", "1", "alice", "bob"]).release_timeout == 10
+    assert client_cli.parse_args(["localhost", "1", "alice", "bob", "--release-timeout", "0.5"]).release_timeout == 0.5
+    assert client_cli.main(["localhost", "1", "alice", "bob", "--release-timeout", "0"]) == 1
+    assert "--release-timeout must be a positive number of seconds" in capsys.readouterr().err

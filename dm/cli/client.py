@@ -11,6 +11,7 @@ import sys
 from dm import datadir
 from dm.chain import ethereum
 from dm.client.core import ClientError
+from dm.client.receiving import RELEASE_TIMEOUT
 from dm.client.terminal import check_channel, run
 
 
@@ -26,6 +27,9 @@ def parse_args(argv=None):
     parser.add_argument("--pay", choices=["book", "single"], default="book",
                         help="book: prepay codes in bulk (default); single: one registerBounty per message")
     parser.add_argument("--book-size", type=int, default=100, help="codes per prepaid book (default: 100)")
+    parser.add_argument("--release-timeout", type=float, default=RELEASE_TIMEOUT,
+                        help="seconds to wait for the node's key after returning a code before telling you "
+                             "the node kept it (default: %(default)g)")
     return parser.parse_args(argv)
 
 
@@ -36,6 +40,8 @@ def main(argv=None) -> int:
         check_channel(args.peer) if args.peer.startswith("#") else datadir.check_name(args.peer)
         if args.book_size < 1:
             raise ClientError("--book-size must be at least 1")
+        if not args.release_timeout > 0:
+            raise ClientError("--release-timeout must be a positive number of seconds")
         return run(args)
     except (ClientError, datadir.DataError, ethereum.ChainError) as exc:
         print(f"client: {exc}", file=sys.stderr)

@@ -88,7 +88,7 @@ def run(args) -> int:
                     closed=lambda reason: screen.show(f"(disconnected: {reason})", notice=True))
     data_dir = datadir.resolve(args.data_dir)
     client = ChatClient(args.host, args.port, args.me, data_dir, rpc_url=args.rpc_url, pay=args.pay,
-                        book_size=args.book_size, events=events)
+                        book_size=args.book_size, events=events, release_timeout=args.release_timeout)
     client.connect()
     screen.show(f"connected to {args.host}:{args.port} as {args.me}; talking to {args.peer}."
                 + (" /help lists commands, exit quits." if interactive else ""), notice=True)
