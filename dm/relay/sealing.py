@@ -42,8 +42,9 @@ def load_secret(node_dir: Path) -> bytes:
 def identity(sender: str, msg_id: str, paid_by: tuple) -> bytes:
     """What a message's layer key is derived from. Names hold no NUL and the bounty part none
     either, so the last NUL splits it unambiguously whatever the msg_id holds."""
-    bounty = "b:%s:%d" % paid_by[1:] if paid_by[0] == "book" else "s:" + paid_by[1]
-    return (sender + "\0" + msg_id + "\0" + bounty).encode("utf-8", "surrogatepass")
+    if paid_by[0] == "book":
+        return f"{sender}\0{msg_id}\0b:{paid_by[1]}:{paid_by[2]}".encode()
+    return f"{sender}\0{msg_id}\0s:{paid_by[1]}".encode()
 
 
 class NodeLayer:
@@ -56,12 +57,15 @@ class NodeLayer:
     def __init__(self, secret: bytes):
         if len(secret) != 32:
             raise ValueError("the layer secret must be 32 bytes")
-        self._secret = secret
+        # Keyed once; each message's key starts from a copy (cheaper than keying BLAKE2b anew).
+        self._keyed = hashlib.blake2b(key=secret, digest_size=32, person=_PERSON)
 
     def key(self, sender: str, msg_id: str, paid_by: tuple) -> bytes:
-        """The layer key of one message (released to its recipient for the code)."""
-        return hashlib.blake2b(identity(sender, msg_id, paid_by), key=self._secret, digest_size=32,
-                               person=_PERSON).digest()
+        """The layer key of one message (released to its recipient for the code). A msg_id that
+        is not valid Unicode raises UnicodeEncodeError (the session refuses it as bad_frame)."""
+        keyed = self._keyed.copy()
+        keyed.update(identity(sender, msg_id, paid_by))
+        return keyed.digest()
 
     def sealer(self, sender: str, msg_id: str, paid_by: tuple):
         """seal(ciphertext, visible) for dm.wire.send's splice_deliver / encode_deliver: the
