@@ -153,9 +153,8 @@ def test_the_fast_reader_accepts_only_what_the_general_parser_reads_the_same(spe
     message = wire.check_client_message(wire.parse(payload), "ready")  # must not raise
     assert send_header(message) == header
     prefix = deliver_prefix("alice")
-    seal = LAYER.sealer("alice", header.msg_id, header.paid_by)
-    fast = relayed(splice_deliver, prefix, payload, seal)
-    assert fast == relayed(encode_deliver, "alice", message, seal)
+    fast = relayed(splice_deliver, prefix, payload, LAYER.seal, "alice", header.msg_id, header.paid_by)
+    assert fast == relayed(encode_deliver, "alice", message, LAYER.seal)
     if isinstance(fast, tuple):  # refused alike by both: only for the envelope's content
         assert fast[0] == "bad_field" and fast[1] == header.msg_id
         return

@@ -67,21 +67,20 @@ class NodeLayer:
         keyed.update(identity(sender, msg_id, paid_by))
         return keyed.digest()
 
-    def sealer(self, sender: str, msg_id: str, paid_by: tuple):
-        """seal(ciphertext, visible) for dm.wire.send's splice_deliver / encode_deliver: the
-        base64 ciphertext under this message's layer, base64 again. Refuses (bad_field) a
-        ciphertext that is not strict base64, and a deliver whose bytes outside the ciphertext
-        (what the recipient reads before it pays) exceed MAX_VISIBLE."""
-        key = self.key(sender, msg_id, paid_by)
-
-        def seal(ciphertext: bytes, visible: int, _a2b=binascii.a2b_base64, _b2a=binascii.b2a_base64) -> bytes:
-            if visible > MAX_VISIBLE:
-                raise ProtocolError("bad_field", f"the envelope has {visible} bytes outside its ciphertext; at most "
-                                    f"{MAX_VISIBLE} may be read before the code is returned", ref=msg_id)
-            try:
-                raw = _a2b(ciphertext, strict_mode=True)
-            except binascii.Error:
-                raise ProtocolError("bad_field", "envelope.ciphertext must be standard base64", ref=msg_id) from None
-            return _b2a(AESGCM(key).encrypt(NODE_LAYER_NONCE, raw, None), newline=False)
-
-        return seal
+    def seal(self, sender: str, msg_id: str, paid_by: tuple, ciphertext: bytes, visible: int,
+             _a2b=binascii.a2b_base64, _b2a=binascii.b2a_base64, _aead=AESGCM, _nonce=NODE_LAYER_NONCE) -> bytes:
+        """The seal of dm.wire.send's splice_deliver / encode_deliver: this message's base64
+        ciphertext under its layer, base64 again. Refuses (bad_field) a deliver whose bytes
+        outside the ciphertext (what the recipient reads before it pays) exceed MAX_VISIBLE, and
+        a ciphertext that is not strict base64. The hot path: key() is inlined."""
+        if visible > MAX_VISIBLE:
+            raise ProtocolError("bad_field", f"the envelope has {visible} bytes outside its ciphertext; at most "
+                                f"{MAX_VISIBLE} may be read before the code is returned", ref=msg_id)
+        try:
+            raw = _a2b(ciphertext, strict_mode=True)
+        except binascii.Error:
+            raise ProtocolError("bad_field", "envelope.ciphertext must be standard base64", ref=msg_id) from None
+        keyed = self._keyed.copy()
+        keyed.update(f"{sender}\0{msg_id}\0b:{paid_by[1]}:{paid_by[2]}".encode() if paid_by[0] == "book"
+                     else f"{sender}\0{msg_id}\0s:{paid_by[1]}".encode())
+        return _b2a(_aead(keyed.digest()).encrypt(_nonce, raw, None), newline=False)

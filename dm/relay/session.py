@@ -128,7 +128,7 @@ class Session:
         burst.outbox = outbox = set()
         node, transport = self.node, self.transport
         chain_now = node.index.clock()  # one clock read per burst for bounty expiry
-        rule, reserve, sealer = node.send_rule, node.ledger.reserve, node.layer.sealer
+        rule, reserve, seal = node.send_rule, node.ledger.reserve, node.layer.seal
         held, in_order, receipts = self._held, self._held_deliveries, self._held_receipts
         try:
             for payload in payloads:
@@ -137,7 +137,7 @@ class Session:
                 try:
                     header = read_send(payload, plain) if self.phase == "ready" else None
                     if header is not None:
-                        body = splice_deliver(self._deliver_prefix, payload, sealer(self.name, header[1], header[2]))
+                        body = splice_deliver(self._deliver_prefix, payload, seal, self.name, header[1], header[2])
                         plain_id = True
                     else:
                         send = self._handle(payload)
@@ -207,8 +207,7 @@ class Session:
             if kind == "send":
                 header = send_header(message)
                 try:
-                    return header, encode_deliver(self.name, message,
-                                                  self.node.layer.sealer(self.name, header.msg_id, header.paid_by))
+                    return header, encode_deliver(self.name, message, self.node.layer.seal)
                 except ValueError:  # text that cannot be UTF-8 (a lone surrogate)
                     raise ProtocolError("bad_frame", "the message is not valid text", ref=header.msg_id) from None
             self._write_held(burst.outbox)  # whatever this answers goes after the burst so far

@@ -77,13 +77,15 @@ def deliver_prefix(sender: str) -> bytes:
     return b'{"type":"deliver","from":' + json.dumps(sender).encode() + b","
 
 
-def splice_deliver(prefix: bytes, payload: bytes, seal) -> bytes:
+def splice_deliver(prefix: bytes, payload: bytes, seal, sender: str, msg_id: str, paid_by: tuple) -> bytes:
     """The deliver payload for a canonical send: the sender's name in place of the type, and
-    the ciphertext sealed. `seal(ciphertext, visible)` gets the ciphertext's base64 bytes and
-    the size of the deliver without them, and returns the sealed base64 bytes."""
+    the ciphertext sealed. `seal(sender, msg_id, paid_by, ciphertext, visible)`
+    (dm.relay.sealing.NodeLayer.seal) gets the ciphertext's base64 bytes and the size of the
+    deliver without them, and returns the sealed base64 bytes."""
     start = payload.find(_CIPHERTEXT, _SEND_PREFIX_LENGTH) + len(_CIPHERTEXT)
     end = payload.find(b'"', start)
-    sealed = seal(payload[start:end], len(prefix) + len(payload) - _SEND_PREFIX_LENGTH - end + start)
+    sealed = seal(sender, msg_id, paid_by, payload[start:end],
+                  len(prefix) + len(payload) - _SEND_PREFIX_LENGTH - end + start)
     return b"".join((prefix, payload[_SEND_PREFIX_LENGTH:start], sealed, payload[end:]))
 
 
@@ -101,5 +103,6 @@ def encode_deliver(sender: str, message: dict, seal) -> bytes:
         deliver["channel"] = message["channel"]
     deliver["envelope"] = {**envelope, "ciphertext": ""}
     visible = len(json.dumps(deliver, separators=(",", ":"), ensure_ascii=False).encode())
-    deliver["envelope"]["ciphertext"] = seal(ciphertext, visible).decode("ascii")
+    sealed = seal(sender, message["msg_id"], bounty_key(message["bounty"]), ciphertext, visible)
+    deliver["envelope"]["ciphertext"] = sealed.decode("ascii")
     return json.dumps(deliver, separators=(",", ":"), ensure_ascii=False).encode()
