@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 SIGNATURE_TAG = b"dm-envelope-v2"
 CODE_SLOT_TAG = b"dm-code-slot-v1"
@@ -505,14 +505,14 @@ def open_ciphertext(opened: Opened, ciphertext: bytes) -> dict:
 
 def open_node_layer(key: bytes, sealed_ciphertext) -> bytes:
     """The end-to-end ciphertext under the node's layer (dm.relay.sealing), opened with the
-    key the node released: AES-256-GCM(key, 12 zero bytes, no AAD) over the raw ciphertext.
+    key the node released: ChaCha20-Poly1305(key, 12 zero bytes, no AAD) over the raw ciphertext.
     ``sealed_ciphertext`` is the relayed envelope's base64 "ciphertext". A key that does not
     open it raises WrongRelease."""
     try:
         sealed = base64.b64decode(sealed_ciphertext, validate=True)
         if len(key) != 32:
             raise ValueError("the node's key must be 32 bytes")
-        return AESGCM(key).decrypt(NODE_LAYER_NONCE, sealed, None)
+        return ChaCha20Poly1305(key).decrypt(NODE_LAYER_NONCE, sealed, None)
     except (ValueError, TypeError, InvalidTag):
         raise WrongRelease("the node's key does not open its layer") from None
 

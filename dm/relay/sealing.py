@@ -1,7 +1,8 @@
 """The node's key-release layer: no code, no reading (docs/PROTOCOL.md §4 `release`, §10).
 
 Every relayed envelope's `ciphertext` (the only part that carries the text) goes out under
-the node's own AEAD layer: AES-256-GCM with a key fresh per message, so its nonce is fixed.
+the node's own AEAD layer: ChaCha20-Poly1305 with a key fresh per message, so its nonce is
+fixed (ChaCha20's key setup is cheaper than AES-GCM's, and a key is set up per message).
 The key is derived, not stored: BLAKE2b keyed with the node's secret over the message's
 identity (sender, msg_id and the bounty that pays for it). The node keeps nothing per message
 for it, and recomputes the key when the recipient's valid code comes back in `claim`. A
@@ -16,7 +17,7 @@ import hashlib
 import secrets
 from pathlib import Path
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from dm import datadir
 from dm.crypto import NODE_LAYER_NONCE
@@ -68,7 +69,7 @@ class NodeLayer:
         return keyed.digest()
 
     def seal(self, sender: str, msg_id: str, paid_by: tuple, ciphertext: bytes, visible: int,
-             _a2b=binascii.a2b_base64, _b2a=binascii.b2a_base64, _aead=AESGCM, _nonce=NODE_LAYER_NONCE) -> bytes:
+             _a2b=binascii.a2b_base64, _b2a=binascii.b2a_base64, _aead=ChaCha20Poly1305, _nonce=NODE_LAYER_NONCE) -> bytes:
         """The seal of dm.wire.send's splice_deliver / encode_deliver: this message's base64
         ciphertext under its layer, base64 again. Refuses (bad_field) a deliver whose bytes
         outside the ciphertext (what the recipient reads before it pays) exceed MAX_VISIBLE, and
