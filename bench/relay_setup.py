@@ -30,7 +30,8 @@ def make_envelope(sender: str, recipient: str, size: int = ENVELOPE_SIZE) -> dic
         return base64.b64encode(secrets.token_bytes(n)).decode()
 
     envelope = {"from": sender, "to": recipient, "msg_id": secrets.token_hex(16), "ts": int(time.time()),
-                "wrapped_key": b64(128), "nonce": b64(12), "ciphertext": "", "signature": b64(128)}
+                "wrapped_key": b64(128), "nonce": b64(12), "code_slot": b64(32), "digest": b64(32), "ciphertext": "",
+                "signature": b64(128)}
     room = size - len(json.dumps(envelope, separators=(",", ":")))
     envelope["ciphertext"] = b64(max(0, room // 4) * 3)
     return envelope

@@ -27,7 +27,7 @@ from web3 import Web3
 from conftest import ROOT, RunningNode, collecting_events, make_users, wait_until
 from dm import crypto, datadir, wire
 from dm.client.core import Events, Outstanding
-from helpers import login, user_keys
+from helpers import OPAQUE_ENVELOPE, login, user_keys
 
 LOCAL = "127.0.0.1"
 ETH_ADDRESS = Web3.to_checksum_address("0x" + "5a" * 20)  # hello wants a checksummed address
@@ -568,7 +568,7 @@ def test_a_recipient_that_vanishes_mid_delivery_costs_only_its_own_connection(te
         with alice.acked:
             alice.outstanding[msg_id] = Outstanding("bob")
         send = wire.encode({"type": "send", "to": "bob", "msg_id": msg_id, "bounty": bounty.wire,
-                                "envelope": {"from": "alice"}})
+                                "envelope": OPAQUE_ENVELOPE})
         abort(bob_raw)  # ...bob's reset and the message for him
         with alice._send_lock:
             alice.sock.sendall(send)
@@ -717,7 +717,7 @@ def test_a_paid_message_with_an_unencodable_msg_id_leaves_nothing_behind(tester_
     msg_id = "x\ud800"
     with ma._send_lock:
         ma.sock.sendall(ascii_frame({"type": "send", "to": "mb", "msg_id": msg_id, "bounty": bounty.wire,
-                                     "envelope": {}}))
+                                     "envelope": OPAQUE_ENVELOPE}))
     wait_until(lambda: heard, timeout=5, message="the node's answer to the send")
     assert msg_id not in node.ledger.pending
     with mb._send_lock:  # the accomplice claims it anyway

@@ -59,7 +59,7 @@ def test_a_member_who_leaves_receives_nothing_more(tester_node):
     details = {}
     clients["a"].events.receipt = lambda msg_id, status, detail: details.__setitem__(msg_id, (status, detail))
     bounty = clients["a"].payer.next_bounty()
-    envelope = crypto.seal({"text": "sneak", "code": bounty.code.hex(), "channel": "#room"}, sender="a",
+    envelope = crypto.seal({"text": "sneak", "channel": "#room"}, sender="a", code=bounty.code,
                               recipient="c", sender_key=clients["a"].rsa_key,
                               recipient_public_key=clients["a"].peer_key("c"))
     clients["a"].outstanding[envelope["msg_id"]] = object()

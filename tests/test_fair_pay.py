@@ -13,6 +13,7 @@ import pytest
 
 from dm import wire
 from conftest import logged_in_sockets
+from helpers import OPAQUE_ENVELOPE
 from test_abuse import read_frame
 from test_relay_burst import open_announced_book, send_frame
 
@@ -38,7 +39,7 @@ def test_a_recipient_cannot_spend_the_senders_book_and_the_sender_is_unaffected(
     assert refusal["type"] == "error" and refusal["code"] == "unpaid" and refusal["ref"] == "b1"
     alice_address = node.node.pins.get("alice")["eth_address"]
     assert alice_address in refusal["message"], refusal["message"]
-    socks["bob"].sendall(wire.encode({"type": "send", "envelope": {"x": 1}, "to": "carol", "msg_id": "b2",
+    socks["bob"].sendall(wire.encode({"type": "send", "envelope": OPAQUE_ENVELOPE, "to": "carol", "msg_id": "b2",
                                       "bounty": {"book": "0x" + root.upper(), "index": 1}}))
     refusal = read_frame(socks["bob"])
     assert refusal["code"] == "unpaid" and refusal["ref"] == "b2"
@@ -81,7 +82,7 @@ def test_a_flood_of_unknown_single_bounties_costs_no_chain_call_per_frame(extra_
         started = time.monotonic()
         socks["bob"].sendall(b"".join(wire.encode({"type": "send", "to": "carol", "msg_id": f"u{i}",
                                                    "bounty": {"code_hash": secrets.token_hex(32)},
-                                                   "envelope": {"x": 1}}) for i in range(flood)))
+                                                   "envelope": OPAQUE_ENVELOPE}) for i in range(flood)))
         answers = [read_frame(socks["bob"], timeout=20) for _ in range(flood)]
         elapsed = time.monotonic() - started
     assert {(a["type"], a["code"]) for a in answers} == {("error", "unpaid")}
@@ -105,7 +106,7 @@ def test_a_connection_whose_frames_are_all_answered_is_not_cut_by_the_frame_time
     monkeypatch.setattr(provider, "_request_func_cache", (None, None))  # rebuilt around slow_chain
     count = node.node.max_errors - 1  # refusals in a row, short of the limit
     sends = b"".join(wire.encode({"type": "send", "to": "carol", "msg_id": f"s{i}",
-                                  "bounty": {"code_hash": secrets.token_hex(32)}, "envelope": {"x": 1}})
+                                  "bounty": {"code_hash": secrets.token_hex(32)}, "envelope": OPAQUE_ENVELOPE})
                      for i in range(count))
     ping = wire.encode({"type": "ping"})
     started = time.monotonic()

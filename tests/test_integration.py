@@ -9,6 +9,7 @@ from conftest import collecting_events, make_users, wait_until
 from dm import wire
 from dm.chain import ethereum
 from dm.client.core import ClientError, Incoming
+from helpers import OPAQUE_ENVELOPE
 
 
 @pytest.mark.parametrize("pay", ["single", "book"])
@@ -62,7 +63,7 @@ def test_unpaid_message_is_refused_with_a_clear_error(tester_node):
     alice.events.receipt = lambda msg_id, status, detail: details.__setitem__(msg_id, (status, detail))
     # A bounty hash nobody registered: the node must not relay it.
     alice._write({"type": "send", "to": "bob", "msg_id": "fake-1", "bounty": {"code_hash": "11" * 32},
-                  "envelope": {"from": "alice"}})
+                  "envelope": OPAQUE_ENVELOPE})
     alice.outstanding["fake-1"] = object()
     wait_until(lambda: "fake-1" in details, message="the refusal")
     status, detail = details["fake-1"]
@@ -98,7 +99,7 @@ def test_a_forged_sender_is_not_shown_as_genuine(tester_node):
     from dm import crypto
 
     bounty = mallory.payer.next_bounty()
-    envelope = crypto.seal({"text": "send money", "code": bounty.code.hex()}, sender="alice", recipient="bob",
+    envelope = crypto.seal({"text": "send money"}, sender="alice", recipient="bob", code=bounty.code,
                               sender_key=mallory.rsa_key, recipient_public_key=mallory.peer_key("bob"))
     mallory._write({"type": "send", "to": "bob", "msg_id": envelope["msg_id"], "bounty": bounty.wire,
                     "envelope": envelope})
@@ -150,7 +151,7 @@ def test_send_in_any_key_order_is_relayed_and_the_fast_path_keeps_every_check(te
     from dm import crypto
 
     def frame_for(text, bounty, reorder):
-        envelope = crypto.seal({"text": text, "code": bounty.code.hex()}, sender="alice", recipient="bob",
+        envelope = crypto.seal({"text": text}, sender="alice", recipient="bob", code=bounty.code,
                                   sender_key=alice.rsa_key, recipient_public_key=alice.peer_key("bob"))
         message = {"type": "send", "to": "bob", "msg_id": envelope["msg_id"], "bounty": bounty.wire,
                    "envelope": envelope}

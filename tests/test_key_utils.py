@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -27,8 +28,8 @@ from dm.crypto import (
 )
 
 NOW = 1_700_000_000
-FIELDS = ("from", "to", "msg_id", "ts", "wrapped_key", "nonce", "ciphertext", "signature")
-BINARY_FIELDS = ("wrapped_key", "nonce", "ciphertext", "signature")
+FIELDS = ("from", "to", "msg_id", "ts", "wrapped_key", "nonce", "code_slot", "digest", "ciphertext", "signature")
+BINARY_FIELDS = ("wrapped_key", "nonce", "code_slot", "digest", "ciphertext", "signature")
 OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 fuzz = settings(database=None, deadline=None)
@@ -96,13 +97,19 @@ def header(env):
 
 
 def signing_input(env, wrapped, nonce, ct):
-    """The signed bytes, rebuilt independently from the documented format."""
-    return b"dm-envelope-v1" + lp(*header(env), wrapped, nonce, ct)
+    """The signed bytes, rebuilt independently from the documented format: the ciphertext
+    enters through its SHA-256 digest, after the code slot."""
+    return b"dm-envelope-v2" + lp(*header(env), wrapped, nonce, b64d(env["code_slot"]), hashlib.sha256(ct).digest())
+
+
+def slot_pad(aes_key, env, nonce):
+    return hmac.digest(aes_key, b"dm-code-slot-v1" + lp(*header(env), nonce), "sha256")
 
 
 def resign(env, key):
     """What a holder of the sender's key could do: re-sign an edited envelope."""
     env = dict(env)
+    env["digest"] = b64e(hashlib.sha256(b64d(env["ciphertext"])).digest())
     env["signature"] = b64e(key.sign(signing_input(
         env, b64d(env["wrapped_key"]), b64d(env["nonce"]), b64d(env["ciphertext"])),
         PSS, hashes.SHA256()))
@@ -116,9 +123,11 @@ def forge(plaintext, sender_key, recipient_pub, aes_key=None, **hdr):
     nonce = os.urandom(12)
     ct = AESGCM(aes_key).encrypt(nonce, plaintext, b"dm-header-v1" + lp(*header(env)))
     wrapped = recipient_pub.encrypt(aes_key, OAEP)
+    code = bytes(range(32))
+    env["code_slot"] = b64e(bytes(a ^ b for a, b in zip(code, slot_pad(aes_key, env, nonce))))
     sig = sender_key.sign(signing_input(env, wrapped, nonce, ct), PSS, hashes.SHA256())
-    env.update(wrapped_key=b64e(wrapped), nonce=b64e(nonce), ciphertext=b64e(ct),
-               signature=b64e(sig))
+    env.update(wrapped_key=b64e(wrapped), nonce=b64e(nonce), digest=b64e(hashlib.sha256(ct).digest()),
+               ciphertext=b64e(ct), signature=b64e(sig))
     return env
 
 

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from dm import wire
 from dm.wire import FrameDecoder, MessageDecoder, ProtocolError
+from helpers import OPAQUE_ENVELOPE
 
 
 def feed_all(decoder, data, step=None):
@@ -75,7 +76,8 @@ def test_bad_payloads_raise_bad_frame(payload):
 
 
 def test_order_rules_require_authentication_first():
-    send = {"type": "send", "to": "bob", "msg_id": "m1", "bounty": {"code_hash": "ab" * 32}, "envelope": {}}
+    send = {"type": "send", "to": "bob", "msg_id": "m1", "bounty": {"code_hash": "ab" * 32},
+            "envelope": OPAQUE_ENVELOPE}
     with pytest.raises(ProtocolError) as info:
         wire.check_client_message(send, "connected")
     assert info.value.code == "out_of_order" and "authenticate first" in info.value.message

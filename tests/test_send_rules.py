@@ -21,6 +21,7 @@ from dm import crypto, wire
 from dm.relay import session as session_module
 from dm.relay.ledger import DeliveryLedger
 from dm.relay.node import Node
+from dm.relay.sealing import NodeLayer
 from dm.relay.session import Session
 from dm.wire.send import deliver_prefix, encode_deliver, read_send, send_header, splice_deliver
 from helpers import Transport
@@ -32,13 +33,43 @@ def b64(size: int) -> str:
     return base64.b64encode(secrets.token_bytes(size)).decode()
 
 
-def canonical_envelope(proof: bool) -> dict:
+# Envelope variants an attacker could write: slots of the wrong size or spelling (33 bytes; 32
+# bytes with the spare bits of the last digit set, i.e. 2 more bits), a ciphertext that is not
+# base64, and more visible bytes than wire.MAX_VISIBLE.
+VARIANTS = ["ok", "ok", "ok", "long-slot", "spare-bits", "long-digest", "bad-base64", "short-base64", "visible"]
+
+
+def canonical_envelope(proof: bool, variant: str = "ok") -> dict:
     envelope = {"from": "alice", "to": "bob", "msg_id": "m1", "ts": 1_700_000_000, "wrapped_key": b64(48),
-                "nonce": b64(12), "ciphertext": b64(40), "signature": b64(48)}
+                "nonce": b64(12), "code_slot": b64(32), "digest": b64(32), "ciphertext": b64(40),
+                "signature": b64(48)}
+    if variant == "long-slot":
+        envelope["code_slot"] = b64(33)
+    elif variant == "spare-bits":
+        envelope["code_slot"] = envelope["code_slot"][:42] + "B="
+    elif variant == "long-digest":
+        envelope["digest"] = b64(34)
+    elif variant == "bad-base64":
+        envelope["ciphertext"] = envelope["ciphertext"][:-4] + "A=AA"
+    elif variant == "short-base64":
+        envelope["ciphertext"] = "QUJ"
+    elif variant == "visible":
+        envelope["wrapped_key"] = b64(wire.MAX_VISIBLE)
     if proof:
         envelope["proof"] = [b64(32), b64(32)]
         envelope["leaf"] = 1
     return envelope
+
+
+LAYER = NodeLayer(secrets.token_bytes(32))
+
+
+def relayed(build, *args):
+    """What one deliver builder gives: its bytes, or the refusal's (code, ref)."""
+    try:
+        return build(*args)
+    except wire.ProtocolError as exc:
+        return exc.code, exc.ref
 
 
 # --- generated frames -------------------------------------------------------------------
@@ -50,7 +81,7 @@ def _frames(root_hex: str):
     single = st.builds(lambda h: {"code_hash": h}, st.sampled_from(["cd" * 32, "0x" + "EF" * 32, "12"]))
     extra = st.builds(lambda r: {"book": r, "index": 0, "pad": 1}, roots)
     bounties = st.one_of(book, book, single, extra)
-    envelopes = st.one_of(st.builds(canonical_envelope, st.booleans()),
+    envelopes = st.one_of(st.builds(canonical_envelope, st.booleans(), st.sampled_from(VARIANTS)),
                           st.sampled_from([{"from": "alice"}, "text", [1, 2], 7, None, {}]))
     return st.fixed_dictionaries({
         "to": st.sampled_from(["bob", "bob", "carol", "nobody", "b\u00f6b", ""]),
@@ -122,15 +153,28 @@ def test_the_fast_reader_accepts_only_what_the_general_parser_reads_the_same(spe
     message = wire.check_client_message(wire.parse(payload), "ready")  # must not raise
     assert send_header(message) == header
     prefix = deliver_prefix("alice")
-    assert splice_deliver(prefix, payload) == encode_deliver("alice", message)
-    relayed = wire.parse(splice_deliver(prefix, payload))
-    assert relayed["from"] == "alice" and list(relayed).count("from") == 1
+    fast = relayed(splice_deliver, prefix, payload, LAYER.seal, "alice", header.msg_id, header.paid_by)
+    assert fast == relayed(encode_deliver, "alice", message, LAYER.seal)
+    if isinstance(fast, tuple):  # refused alike by both: only for the envelope's content
+        assert fast[0] == "bad_field" and fast[1] == header.msg_id
+        return
+    deliver = wire.parse(fast)
+    assert deliver["from"] == "alice" and list(deliver).count("from") == 1
+    # The node's layer covers the ciphertext, and its released key opens it to the sender's bytes.
+    sent = message["envelope"]
+    assert {**deliver["envelope"], "ciphertext": sent["ciphertext"]} == sent
+    assert deliver["envelope"]["ciphertext"] != sent["ciphertext"]
+    key = LAYER.key("alice", header.msg_id, header.paid_by)
+    assert crypto.open_node_layer(key, deliver["envelope"]["ciphertext"]) == base64.b64decode(sent["ciphertext"])
+    with pytest.raises(crypto.WrongRelease):
+        crypto.open_node_layer(LAYER.key("alice", header.msg_id + "x", header.paid_by),
+                               deliver["envelope"]["ciphertext"])
 
 
 def test_the_fast_reader_takes_what_clients_write():
     """Canonical frames from the real sealer take the fast path (or the hot path is dead)."""
     alice, bob = crypto.generate_private_key(2048), crypto.generate_private_key()
-    envelopes = crypto.seal_many([({"text": "hi", "code": "00" * 32}, "bob", bob.public_key())] * 3,
+    envelopes = crypto.seal_many([({"text": "hi"}, "bob", bob.public_key())] * 3,
                                  sender="alice", sender_key=alice)
     single = crypto.seal({"text": "hi"}, sender="alice", recipient="bob", sender_key=alice,
                          recipient_public_key=bob.public_key())

@@ -17,7 +17,7 @@ import sys
 from dm import datadir
 from dm.chain import DEFAULT_RPC_URL
 from dm.client.commands import check_target
-from dm.client.connection import RECONNECT_FOR, RECONNECT_MAX_DELAY
+from dm.client.connection import RECONNECT_FOR, RECONNECT_MAX_DELAY, RELEASE_TIMEOUT
 from dm.client.errors import ClientError
 
 
@@ -41,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--pay", choices=["book", "single"], default="book",
                         help="book: prepay codes in bulk (default); single: one registerBounty per message")
     parser.add_argument("--book-size", type=int, default=100, help="codes per prepaid book (default: 100)")
+    parser.add_argument("--release-timeout", type=float, default=RELEASE_TIMEOUT,
+                        help="seconds to wait for the node's key after returning a code before telling you "
+                             "the node kept it (default: %(default)g)")
     args = parser.parse_args(argv)
     args.addresses = [(args.host, args.port), *args.node]
     return args
@@ -91,6 +94,8 @@ def main(argv=None) -> int:
             raise ClientError("--book-size must be at least 1")
         if args.reconnect_for < 0 or args.reconnect_max_delay <= 0:
             raise ClientError("--reconnect-for must be 0 or more, --reconnect-max-delay more than 0")
+        if not args.release_timeout > 0:
+            raise ClientError("--release-timeout must be a positive number of seconds")
         if not 0 < args.port < 65536:
             raise ClientError(f"port {args.port} is not a TCP port: give the node's port (node.py's default is 12345)")
         if not datadir.private_key_path(datadir.resolve(args.data_dir), args.me).exists():

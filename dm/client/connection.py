@@ -18,6 +18,7 @@ from dm.wire.handshake import ClientHandshake, HandshakeRefused
 # Here, not in core.py, so that client.py --help reads them without importing web3.
 RECONNECT_FOR = 600.0  # seconds of trying to reconnect before giving up (client.py --reconnect-for)
 RECONNECT_MAX_DELAY = 5.0  # the longest pause between two rounds of tries (client.py --reconnect-max-delay)
+RELEASE_TIMEOUT = 10.0  # seconds from our claim to the node's release before we report it (--release-timeout)
 
 PING_EVERY = 60  # keeps the node's idle timer from closing a quiet session
 REPLY_TIMEOUT = 10  # seconds a request waits for its reply

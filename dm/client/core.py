@@ -27,7 +27,7 @@ from dm.client.errors import ClientError
 from dm.client.outbox import Outbox, Queued
 from dm.client.payment import payer_for
 from dm.client.peers import PeerKeys, UnusableKey
-from dm.client.receiving import Incoming, Receiver
+from dm.client.receiving import RELEASE_TIMEOUT, Incoming, Receiver
 from dm.client.sending import MAX_TEXT_BYTES, Outstanding, Sender, Unanswered, check_length
 
 RECONNECT_FIRST_DELAY = 0.25
@@ -79,7 +79,7 @@ class ChatClient:
                  rpc_url: str = ethereum.DEFAULT_RPC_URL, pay: str = "book", book_size: int = 100,
                  expiry_seconds: int = 86_400, events: Events | None = None, w3=None, *,
                  addresses: list[tuple[str, int]] | None = None, reconnect_for: float = RECONNECT_FOR,
-                 reconnect_max_delay: float = RECONNECT_MAX_DELAY):
+                 reconnect_max_delay: float = RECONNECT_MAX_DELAY, release_timeout: float = RELEASE_TIMEOUT):
         self.addresses = [(h, int(p)) for h, p in (addresses or [])]
         if host is not None and (host, port) not in self.addresses:
             self.addresses.insert(0, (host, int(port)))
@@ -103,7 +103,7 @@ class ChatClient:
         self._inbox = queue.Queue()  # every connection's reader feeds this one worker
         self._connection = Connection(self.host, self.port, self._inbox)
         self._peer_keys = PeerKeys(data_dir, self.client_dir / "peers.json", self._lookup)
-        self._receiver = Receiver(self.me, self.rsa_key, self.peer_key)
+        self._receiver = Receiver(self.me, self.rsa_key, self.peer_key, release_timeout)
         self._unanswered = Unanswered()
         self._outbox = Outbox(self.client_dir / "outbox.journal")
         self._sender: Sender | None = None  # once the node named whom to pay
@@ -377,7 +377,12 @@ class ChatClient:
 
     def _worker(self) -> None:
         while True:
-            message = self._inbox.get()
+            try:  # wakes at least once a second to report keys the node withholds
+                message = self._inbox.get(timeout=min(1.0, self._receiver.release_timeout / 4))
+            except queue.Empty:
+                message = {"type": NOTICE, "text": None}
+            for notice in self._receiver.overdue():
+                self.events.notice(notice)
             kind = message["type"]
             try:
                 if kind == CLOSED:
@@ -388,9 +393,14 @@ class ChatClient:
                 elif kind == _RESEND_ALL:
                     self._resend(self._outbox.take_waiting())
                 elif kind == NOTICE:
-                    self.events.notice(message["text"])
+                    if message["text"] is not None:
+                        self.events.notice(message["text"])
                 elif kind == "deliver":
                     self._on_deliver(message)
+                elif kind == "release":
+                    incoming = self._receiver.release(message)
+                    if incoming is not None:
+                        self.events.message(incoming)
                 elif kind == "receipt":
                     self._on_receipt(message["msg_id"], message["status"])
                 elif kind == "paid":
@@ -491,13 +501,14 @@ class ChatClient:
 
     def _on_deliver(self, message: dict) -> None:
         incoming, claim = self._receiver.deliver(message)
-        key = (incoming.sender, incoming.msg_id)
-        if not incoming.genuine and self._shown.get(key) == message.get("bounty"):
-            return  # the very message shown, bounty and all: its sender resent it to a restarted node
-        if incoming.genuine:
+        key = (message["from"], message["msg_id"])
+        if incoming is not None:  # not genuine: shown now, and its code not returned
+            if self._shown.get(key) == message.get("bounty"):
+                return  # the very message taken before, bounty and all: its sender resent it to a restarted node
+            self.events.message(incoming)
+        elif claim is not None:
             self._shown[key] = message.get("bounty")
             if len(self._shown) > SHOWN_MEMORY:
                 self._shown.popitem(last=False)
-        self.events.message(incoming)
         if claim is not None:
-            self._write(claim)  # returning the code is what pays the node for this delivery
+            self._write(claim)  # returning the code pays the node, and its `release` shows the text

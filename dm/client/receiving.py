@@ -1,13 +1,25 @@
-"""Receiving: verify the sender, decrypt, check the channel label, and give back
-the code, which is what pays the node for the delivery.
+"""Receiving, in two steps because of the node's key-release layer (docs/PROTOCOL.md §4):
+
+1. `deliver`: verify the sender's signature (it covers the code slot and the digest of the
+   end-to-end ciphertext, which the node's layer still hides), check for replay, read the code
+   from its slot and return it in a `claim`. That code is what pays the node.
+2. `release`: the node's key for that message opens its layer; the ciphertext under it must be
+   the one the sender signed; decrypt, check the channel label, show the text.
+
+A node that took the code but sends no key within `release_timeout` is reported (overdue()).
 """
 from __future__ import annotations
 
+import collections
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from dm import crypto
+from dm.client.connection import RELEASE_TIMEOUT
 from dm.client.errors import ClientError
+
+MAX_AWAITING = 100_000  # claims waiting for their key; the oldest are dropped past this
 
 
 @dataclass
@@ -24,22 +36,36 @@ class Incoming:
         return f"[{self.channel} {self.sender}] {self.text}" if self.channel else f"[{self.sender}] {self.text}"
 
 
-class Receiver:
-    """Opens what the node delivers.
+@dataclass
+class Awaiting:
+    """A message whose code went back to the node, waiting for the node's key."""
+    opened: crypto.Opened
+    sealed: str  # the relayed envelope's ciphertext, under the node's layer
+    channel: str | None
+    claimed_at: float
+    reported: bool = False
 
-    Thread-safety: meant for the client's worker thread alone; the replay guard and
-    the unwrap cache it owns are thread-safe anyway.
+
+class Receiver:
+    """Opens what the node delivers and releases.
+
+    Thread-safety: meant for the client's worker thread alone (deliver, release and overdue
+    are called only there); the replay guard and the unwrap cache it owns are thread-safe anyway.
     """
 
-    def __init__(self, me: str, rsa_key, peer_key: Callable[[str], object]):
+    def __init__(self, me: str, rsa_key, peer_key: Callable[[str], object],
+                 release_timeout: float = RELEASE_TIMEOUT, clock=time.monotonic):
         """`peer_key(name)` returns the sender's pinned public key, or raises ClientError."""
         self.me, self.rsa_key, self.peer_key = me, rsa_key, peer_key
+        self.release_timeout, self.clock = release_timeout, clock
         self.replay_guard = crypto.ReplayGuard()
         self.unwrap_cache = crypto.UnwrapCache()  # one RSA unwrap per sender's session key
+        self.awaiting: collections.OrderedDict[str, Awaiting] = collections.OrderedDict()  # msg_id -> claim, oldest first
 
-    def deliver(self, message: dict) -> tuple[Incoming, dict | None]:
-        """What to show for a `deliver`, and the `claim` to send back (None when the
-        message is not genuine: its code is not returned)."""
+    def deliver(self, message: dict) -> tuple[Incoming | None, dict | None]:
+        """For a `deliver`: (what to show now, the `claim` to send back). A genuine message
+        shows nothing yet (its text waits for the node's key); one that is not genuine is
+        shown as such and its code is not returned."""
         sender, msg_id, envelope = message["from"], message["msg_id"], message["envelope"]
         channel = message.get("channel")
         try:
@@ -48,14 +74,49 @@ class Receiver:
                 raise crypto.MalformedEnvelope("the envelope's sender is not the one the node authenticated")
             if envelope.get("msg_id") != msg_id:
                 raise crypto.MalformedEnvelope("the envelope's id differs from the one the node relayed")
-            payload = crypto.open_envelope(envelope, recipient=self.me, recipient_key=self.rsa_key,
-                                           sender_public_key=sender_key, replay_guard=self.replay_guard,
-                                           unwrap_cache=self.unwrap_cache)
+            if not isinstance(envelope.get("ciphertext"), str):
+                raise crypto.MalformedEnvelope("the envelope has no ciphertext")
+            opened = crypto.open_slot(envelope, recipient=self.me, recipient_key=self.rsa_key,
+                                      sender_public_key=sender_key, replay_guard=self.replay_guard,
+                                      unwrap_cache=self.unwrap_cache)
         except (crypto.EnvelopeError, ClientError) as exc:
-            return Incoming(sender, "", msg_id, False, getattr(exc, "reason", None) or str(exc)), None
-        text, code = payload.get("text"), payload.get("code")
-        if not isinstance(text, str) or not isinstance(code, str):
-            return Incoming(sender, "", msg_id, False, "the message has no text or code"), None
+            return Incoming(sender, "", msg_id, False, getattr(exc, "reason", None) or str(exc), channel), None
+        self.awaiting[msg_id] = Awaiting(opened, envelope["ciphertext"], channel, self.clock())
+        while len(self.awaiting) > MAX_AWAITING:
+            self.awaiting.popitem(last=False)
+        return None, {"type": "claim", "msg_id": msg_id, "code": opened.code.hex()}
+
+    def release(self, message: dict) -> Incoming | None:
+        """For a `release`: the message it opens (None for a key we did not wait for)."""
+        waiting = self.awaiting.pop(message["msg_id"], None)
+        if waiting is None:
+            return None
+        opened, channel = waiting.opened, waiting.channel
+        try:
+            key = bytes.fromhex(message["key"])
+            payload = crypto.open_ciphertext(opened, crypto.open_node_layer(key, waiting.sealed))
+        except (ValueError, crypto.WrongRelease, crypto.BadSignature):
+            return Incoming(opened.sender, "", opened.msg_id, False, "the node took the code but its key does not "
+                            "open the message: it was paid for a message you cannot read", channel)
+        except crypto.EnvelopeError as exc:
+            return Incoming(opened.sender, "", opened.msg_id, False, exc.reason, channel)
+        text = payload.get("text")
+        if not isinstance(text, str):
+            return Incoming(opened.sender, "", opened.msg_id, False, "the message has no text", channel)
         if payload.get("channel") != channel:  # the label is signed inside; the node cannot move a message
-            return Incoming(sender, "", msg_id, False, "the message was relabelled to another channel", channel), None
-        return Incoming(sender, text, msg_id, True, channel=channel), {"type": "claim", "msg_id": msg_id, "code": code}
+            return Incoming(opened.sender, "", opened.msg_id, False, "the message was relabelled to another channel",
+                            channel)
+        return Incoming(opened.sender, text, opened.msg_id, True, channel=channel)
+
+    def overdue(self) -> list[str]:
+        """A notice for each claim whose key is now overdue, once per claim."""
+        notices, deadline = [], self.clock() - self.release_timeout
+        for msg_id, waiting in self.awaiting.items():
+            if waiting.claimed_at > deadline:
+                break  # oldest first: the rest are younger
+            if not waiting.reported:
+                waiting.reported = True
+                notices.append(f"the node took the code for {waiting.opened.sender}'s message {msg_id} but sent no "
+                               f"key within {self.release_timeout:g}s: it was paid for a message you cannot read. "
+                               "If this goes on, use another node.")
+        return notices

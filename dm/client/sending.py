@@ -97,8 +97,8 @@ class Sender:
         except ethereum.ChainError as exc:
             raise ClientError(f"paying the {'bounties' if channel else 'bounty'} failed: {exc}") from None
         label = {"channel": channel} if channel else {}
-        envelopes = crypto.seal_many(
-            [({"text": text, "code": bounty.code.hex(), **label}, name, key)
+        envelopes = crypto.seal_many(  # the code travels in each envelope's code slot
+            [({"text": text, **label}, name, key, None, bounty.code)
              for (name, key, text), bounty in zip(copies, bounties)],
             sender=self.me, sender_key=self.rsa_key, session_keys=self.session_keys)
         entries = []

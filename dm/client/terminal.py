@@ -43,7 +43,8 @@ def start_client(args, chat: Chat):
     try:
         client = ChatClient(args.host, args.port, args.me, data_dir, rpc_url=args.rpc_url, pay=args.pay,
                             book_size=args.book_size, events=Events(**handlers), addresses=args.addresses,
-                            reconnect_for=args.reconnect_for, reconnect_max_delay=args.reconnect_max_delay)
+                            reconnect_for=args.reconnect_for, reconnect_max_delay=args.reconnect_max_delay,
+                            release_timeout=args.release_timeout)
         client.connect()
     except ClientError as exc:
         raise ClientError(explain(str(exc), args)) from None

@@ -4,17 +4,26 @@ Pure functions plus three small thread-safe helpers (SessionKeys, UnwrapCache, R
 no sockets, no chain. Every public name is re-exported by dm.crypto (and key_utils). Wire format (JSON):
 
     {"from": str, "to": str, "msg_id": str, "ts": int (unix seconds),
-     "wrapped_key": b64, "nonce": b64, "ciphertext": b64, "signature": b64}
+     "wrapped_key": b64, "nonce": b64, "code_slot": b64 (32 bytes), "digest": b64 (32 bytes),
+     "ciphertext": b64, "signature": b64}
 
 and an envelope made by ``seal_many`` additionally has ``"proof": [b64, ...]`` and
 ``"leaf": int``. Binary fields are standard base64 (with padding). ``seal`` documents the
 crypto of one envelope, ``seal_many`` the batch (Merkle tree) signature.
+
+Key release: the node covers ``ciphertext`` with its own layer (dm.relay.sealing) and hands
+its key over only for the code. So a recipient opens a relayed envelope in two steps:
+``open_slot`` (verify the signature, which covers the code slot and the ciphertext's digest
+but not the ciphertext, check for replay, read the code), then, once the node released its
+key, ``open_node_layer`` and ``open_ciphertext``. ``open_envelope`` does both steps for an
+envelope whose ciphertext is the sender's own (not relayed).
 """
 
 import base64
 import collections
 import hashlib
 import heapq
+import hmac
 import json
 import math
 import os
@@ -26,18 +35,22 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-SIGNATURE_TAG = b"dm-envelope-v1"
+SIGNATURE_TAG = b"dm-envelope-v2"
+CODE_SLOT_TAG = b"dm-code-slot-v1"
 HEADER_TAG = b"dm-header-v1"
 BATCH_TAG = b"dm-batch-v1"
 LEAF_TAG = b"dm-leaf-v1"
 NODE_TAG = b"dm-node-v1"
 NONCE_SIZE = 12
 HASH_SIZE = 32
+CODE_SIZE = 32  # the code slot holds exactly this many bytes
+NODE_LAYER_NONCE = bytes(12)  # the node's layer key is fresh per message, so its nonce is fixed
 MAX_PROOF = 32  # tree depth, so at most 2**32 envelopes per batch
 MAX_HEADER_FIELD = 256  # names and msg ids are short identifiers
-ENVELOPE_FIELDS = ("from", "to", "msg_id", "ts", "wrapped_key", "nonce", "ciphertext", "signature")
+ENVELOPE_FIELDS = ("from", "to", "msg_id", "ts", "wrapped_key", "nonce", "code_slot", "digest", "ciphertext",
+                   "signature")
 BATCH_FIELDS = ("proof", "leaf")
 
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
@@ -67,6 +80,11 @@ class MalformedEnvelope(EnvelopeError):
 
 class DecryptionFailed(EnvelopeError):
     """RSA-OAEP unwrap or AES-GCM authentication failed."""
+
+
+class WrongRelease(EnvelopeError):
+    """The key the node released does not open its layer, or what it opens is not the
+    ciphertext the sender signed: the node took the code and withheld the text."""
 
 
 # ---------------------------------------------------------------- signatures
@@ -202,10 +220,26 @@ def _header_fields(frm, to, msg_id, ts) -> list:
     return out
 
 
-def _encrypt(payload, sender, recipient, recipient_public_key, msg_id, ts, session_keys):
+def _slot_pad(aes_key: bytes, header: list, nonce: bytes) -> bytes:
+    """What the code is XORed with: only a holder of K (sender, recipient) can compute it."""
+    return hmac.digest(aes_key, _length_prefixed(CODE_SLOT_TAG, header + [nonce]), "sha256")
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
+def _signing_input(header: list, wrapped_key: bytes, nonce: bytes, code_slot: bytes, digest: bytes) -> bytes:
+    return _length_prefixed(SIGNATURE_TAG, header + [wrapped_key, nonce, code_slot, digest])
+
+
+def _encrypt(payload, sender, recipient, recipient_public_key, msg_id, ts, session_keys, code):
     """Encrypt one message; return (envelope without signature, bytes S that get signed)."""
     if not isinstance(payload, dict):
         raise TypeError("payload must be a dict")
+    code = secrets.token_bytes(CODE_SIZE) if code is None else code
+    if not isinstance(code, bytes) or len(code) != CODE_SIZE:
+        raise ValueError(f"the code must be {CODE_SIZE} bytes")
     msg_id = secrets.token_hex(16) if msg_id is None else msg_id
     header = _header_fields(sender, recipient, msg_id, ts)
     plaintext = json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
@@ -218,15 +252,20 @@ def _encrypt(payload, sender, recipient, recipient_public_key, msg_id, ts, sessi
                                                       sender=sender)
     nonce = os.urandom(NONCE_SIZE)
     ciphertext = AESGCM(aes_key).encrypt(nonce, plaintext, _length_prefixed(HEADER_TAG, header))
+    code_slot = _xor(code, _slot_pad(aes_key, header, nonce))
+    digest = hashlib.sha256(ciphertext).digest()
     env = {"from": sender, "to": recipient, "msg_id": msg_id, "ts": ts,
-           "wrapped_key": _b64(wrapped_key), "nonce": _b64(nonce), "ciphertext": _b64(ciphertext)}
-    return env, _length_prefixed(SIGNATURE_TAG, header + [wrapped_key, nonce, ciphertext])
+           "wrapped_key": _b64(wrapped_key), "nonce": _b64(nonce), "code_slot": _b64(code_slot),
+           "digest": _b64(digest), "ciphertext": _b64(ciphertext)}
+    return env, _signing_input(header, wrapped_key, nonce, code_slot, digest)
 
 
 def seal(payload: dict, *, sender: str, recipient: str, sender_key: RSAPrivateKey,
          recipient_public_key: RSAPublicKey, msg_id: str | None = None,
-         ts: int | None = None, session_keys: SessionKeys | None = None) -> dict:
-    """Encrypt and sign ``payload`` (a JSON-serialisable dict) for ``recipient``.
+         ts: int | None = None, session_keys: SessionKeys | None = None,
+         code: bytes | None = None) -> dict:
+    """Encrypt and sign ``payload`` (a JSON-serialisable dict) and the 32-byte ``code`` for
+    ``recipient``.
 
     Plaintext: json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     encoded as UTF-8 (strings with lone surrogates are rejected with ValueError).
@@ -236,16 +275,21 @@ def seal(payload: dict, *, sender: str, recipient: str, sender_key: RSAPrivateKe
       * ciphertext = AES-256-GCM(K, N, plaintext, aad=H), 16-byte tag appended, where
         H = b"dm-header-v1" || lp(from) || lp(to) || lp(msg_id) || lp(ts);
       * wrapped_key = RSA-OAEP(recipient public key, K), MGF1-SHA256, SHA-256, no label;
+      * code_slot = code XOR HMAC-SHA256(K, b"dm-code-slot-v1" || lp(from) || lp(to)
+        || lp(msg_id) || lp(ts) || lp(N)): exactly 32 bytes, readable only with K;
+      * digest = SHA-256(ciphertext);
       * signature = RSA-PSS(sender key, S), MGF1-SHA256, salt 32, SHA-256, where
-        S = b"dm-envelope-v1" || lp(from) || lp(to) || lp(msg_id) || lp(ts)
-            || lp(wrapped_key) || lp(nonce) || lp(ciphertext).
-    lp(x) = 4-byte big-endian length of x, then x. Text fields are UTF-8; ts is its ASCII
-    decimal form (e.g. b"1700000000"); binary fields are the raw bytes, not the base64.
-    msg_id defaults to 32 random hex chars; ts to int(time.time()).
+        S = b"dm-envelope-v2" || lp(from) || lp(to) || lp(msg_id) || lp(ts)
+            || lp(wrapped_key) || lp(N) || lp(code_slot) || lp(digest).
+    The signature covers the ciphertext through its digest, so it can be checked while the
+    node's layer still hides the ciphertext. lp(x) = 4-byte big-endian length of x, then x.
+    Text fields are UTF-8; ts is its ASCII decimal form (e.g. b"1700000000"); binary fields are
+    the raw bytes, not the base64. msg_id defaults to 32 random hex chars; ts to
+    int(time.time()); code to 32 random bytes.
     """
     ts = int(time.time()) if ts is None else ts
     env, signed = _encrypt(payload, sender, recipient, recipient_public_key, msg_id, ts,
-                           session_keys)
+                           session_keys, code)
     env["signature"] = _b64(sign(sender_key, signed))
     return env
 
@@ -281,8 +325,8 @@ def seal_many(items, *, sender: str, sender_key: RSAPrivateKey,
               session_keys: SessionKeys | None = None, ts: int | None = None) -> list:
     """Seal several messages from ``sender`` with ONE RSA signature (a Merkle batch).
 
-    ``items``: (payload, recipient, recipient_public_key) or (payload, recipient,
-    recipient_public_key, msg_id) tuples; msg_id None or absent = 32 random hex chars, ts
+    ``items``: (payload, recipient, recipient_public_key[, msg_id[, code]]) tuples; msg_id None
+    or absent = 32 random hex chars, code None or absent = 32 random bytes, ts
     (shared) defaults to int(time.time()). Returns one envelope per item, in order; each is
     encrypted exactly like ``seal`` (plaintext, K, nonce, H, wrapped_key and S identical)
     and opens on its own, without the rest of the batch. All items are validated before
@@ -310,10 +354,10 @@ def seal_many(items, *, sender: str, sender_key: RSAPrivateKey,
     ts = int(time.time()) if ts is None else ts
     envelopes, leaves = [], []
     for item in items:
-        if not isinstance(item, (tuple, list)) or len(item) not in (3, 4):
-            raise TypeError("each item must be (payload, recipient, recipient_public_key[, msg_id])")
-        payload, recipient, public_key, msg_id = item if len(item) == 4 else (*item, None)
-        env, signed = _encrypt(payload, sender, recipient, public_key, msg_id, ts, session_keys)
+        if not isinstance(item, (tuple, list)) or len(item) not in (3, 4, 5):
+            raise TypeError("each item must be (payload, recipient, recipient_public_key[, msg_id[, code]])")
+        payload, recipient, public_key, msg_id, code = (*item, None, None)[:5]
+        env, signed = _encrypt(payload, sender, recipient, public_key, msg_id, ts, session_keys, code)
         envelopes.append(env)
         leaves.append(_leaf(signed))
     if not envelopes:
@@ -368,20 +412,32 @@ def _reject_constant(name):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def open_envelope(envelope: dict, *, recipient: str, recipient_key: RSAPrivateKey,
-                  sender_public_key: RSAPublicKey,
-                  replay_guard: "ReplayGuard | None" = None,
-                  unwrap_cache: UnwrapCache | None = None) -> dict:
-    """Verify, replay-check and decrypt an envelope made by ``seal`` or ``seal_many``.
+class Opened:
+    """An envelope whose signature verified and whose code slot was read (``open_slot``);
+    its ciphertext still waits for the node's key. ``code`` is the 32 bytes to claim with."""
 
-    Returns the payload dict. The caller picks ``sender_public_key`` for envelope["from"].
-    An envelope with "proof" or "leaf" is a batch envelope (both fields are then required
-    and checked strictly, see ``seal_many``); otherwise the signature is over S directly.
-    Order matters: the signature is checked before anything is decrypted (so unauthenticated
-    data never reaches RSA decryption or the unwrap cache) and before the replay guard
-    records the id (so forgeries cannot burn ids). ``unwrap_cache`` skips the RSA unwrap of
-    a wrapped key already seen from this sender; it is filled only after a successful
-    decryption. Any problem with the envelope raises an EnvelopeError subclass, nothing else.
+    __slots__ = ("sender", "msg_id", "code", "_aes_key", "_header", "_nonce", "_digest", "_cache_fill")
+
+    def __init__(self, sender, msg_id, code, aes_key, header, nonce, digest, cache_fill):
+        self.sender, self.msg_id, self.code = sender, msg_id, code
+        self._aes_key, self._header, self._nonce, self._digest = aes_key, header, nonce, digest
+        self._cache_fill = cache_fill  # (cache, key) to fill once the ciphertext decrypted, or None
+
+
+def open_slot(envelope: dict, *, recipient: str, recipient_key: RSAPrivateKey,
+              sender_public_key: RSAPublicKey, replay_guard: "ReplayGuard | None" = None,
+              unwrap_cache: UnwrapCache | None = None) -> Opened:
+    """Verify an envelope made by ``seal`` or ``seal_many``, replay-check it and read its code,
+    without its ciphertext (which the node's layer may still cover).
+
+    The caller picks ``sender_public_key`` for envelope["from"]. An envelope with "proof" or
+    "leaf" is a batch envelope (both fields are then required and checked strictly, see
+    ``seal_many``); otherwise the signature is over S directly. Order matters: the signature
+    is checked before anything is decrypted (so unauthenticated data never reaches RSA
+    decryption or the unwrap cache) and before the replay guard records the id (so forgeries
+    cannot burn ids). ``unwrap_cache`` skips the RSA unwrap of a wrapped key already seen from
+    this sender; it is filled only after a ciphertext decrypted (``open_ciphertext``). Any
+    problem with the envelope raises an EnvelopeError subclass, nothing else.
     """
     if not isinstance(envelope, dict):
         raise MalformedEnvelope("envelope is not a JSON object")
@@ -390,15 +446,19 @@ def open_envelope(envelope: dict, *, recipient: str, recipient_key: RSAPrivateKe
                                 envelope.get("msg_id"), envelope.get("ts"))
     except ValueError as e:
         raise MalformedEnvelope(str(e)) from None
-    wrapped_key, nonce, ciphertext, signature = (
-        _b64_field(envelope, n) for n in ("wrapped_key", "nonce", "ciphertext", "signature"))
+    wrapped_key, nonce, code_slot, digest, signature = (
+        _b64_field(envelope, n) for n in ("wrapped_key", "nonce", "code_slot", "digest", "signature"))
     if len(nonce) != NONCE_SIZE:
         raise MalformedEnvelope(f"'nonce' must be {NONCE_SIZE} bytes")
+    if len(code_slot) != CODE_SIZE:
+        raise MalformedEnvelope(f"'code_slot' must be {CODE_SIZE} bytes")
+    if len(digest) != HASH_SIZE:
+        raise MalformedEnvelope(f"'digest' must be {HASH_SIZE} bytes")
     batch = _batch_fields(envelope)
     if envelope["to"] != recipient:
         raise MalformedEnvelope("envelope is addressed to someone else")
 
-    signed = _length_prefixed(SIGNATURE_TAG, header + [wrapped_key, nonce, ciphertext])
+    signed = _signing_input(header, wrapped_key, nonce, code_slot, digest)
     if batch is not None:
         signed = BATCH_TAG + _merkle_root(_leaf(signed), *batch)
     if not verify(sender_public_key, signature, signed):
@@ -414,12 +474,26 @@ def open_envelope(envelope: dict, *, recipient: str, recipient_key: RSAPrivateKe
             aes_key = recipient_key.decrypt(wrapped_key, _OAEP)
         if len(aes_key) != 32:
             raise ValueError("wrapped key is not an AES-256 key")
-        plaintext = AESGCM(aes_key).decrypt(nonce, ciphertext,
-                                            _length_prefixed(HEADER_TAG, header))
-    except (ValueError, InvalidTag):
+    except ValueError:
         raise DecryptionFailed("could not decrypt message (not for this key, or corrupted)") from None
-    if unwrap_cache is not None and not cached:
-        unwrap_cache.put(cache_key, aes_key)
+    code = _xor(code_slot, _slot_pad(aes_key, header, nonce))
+    fill = None if unwrap_cache is None or cached else (unwrap_cache, cache_key)
+    return Opened(envelope["from"], envelope["msg_id"], code, aes_key, header, nonce, digest, fill)
+
+
+def open_ciphertext(opened: Opened, ciphertext: bytes) -> dict:
+    """The payload of an envelope opened by ``open_slot``, from its end-to-end ciphertext
+    (raw bytes). A ciphertext other than the one the sender signed raises BadSignature."""
+    if not hmac.compare_digest(hashlib.sha256(ciphertext).digest(), opened._digest):
+        raise BadSignature("the ciphertext is not the one the sender signed")
+    try:
+        plaintext = AESGCM(opened._aes_key).decrypt(opened._nonce, ciphertext,
+                                                    _length_prefixed(HEADER_TAG, opened._header))
+    except InvalidTag:
+        raise DecryptionFailed("could not decrypt message (not for this key, or corrupted)") from None
+    if opened._cache_fill is not None:
+        cache, key = opened._cache_fill
+        cache.put(key, opened._aes_key)
     try:
         payload = json.loads(plaintext.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -427,6 +501,37 @@ def open_envelope(envelope: dict, *, recipient: str, recipient_key: RSAPrivateKe
     if not isinstance(payload, dict):
         raise MalformedEnvelope("payload is not a JSON object")
     return payload
+
+
+def open_node_layer(key: bytes, sealed_ciphertext) -> bytes:
+    """The end-to-end ciphertext under the node's layer (dm.relay.sealing), opened with the
+    key the node released: ChaCha20-Poly1305(key, 12 zero bytes, no AAD) over the raw ciphertext.
+    ``sealed_ciphertext`` is the relayed envelope's base64 "ciphertext". A key that does not
+    open it raises WrongRelease."""
+    try:
+        sealed = base64.b64decode(sealed_ciphertext, validate=True)
+        if len(key) != 32:
+            raise ValueError("the node's key must be 32 bytes")
+        return ChaCha20Poly1305(key).decrypt(NODE_LAYER_NONCE, sealed, None)
+    except (ValueError, TypeError, InvalidTag):
+        raise WrongRelease("the node's key does not open its layer") from None
+
+
+def open_envelope(envelope: dict, *, recipient: str, recipient_key: RSAPrivateKey,
+                  sender_public_key: RSAPublicKey,
+                  replay_guard: "ReplayGuard | None" = None,
+                  unwrap_cache: UnwrapCache | None = None) -> dict:
+    """Verify, replay-check and decrypt an envelope whose ciphertext is the sender's own (not
+    under a node's layer): ``open_slot`` then ``open_ciphertext``. Returns the payload dict.
+    A ciphertext that is not the signed one is refused before the replay guard records the id."""
+    if isinstance(envelope, dict) and "digest" in envelope:
+        ciphertext, digest = _b64_field(envelope, "ciphertext"), _b64_field(envelope, "digest")
+        if not hmac.compare_digest(hashlib.sha256(ciphertext).digest(), digest):
+            raise BadSignature("the ciphertext is not the one the sender signed")
+    opened = open_slot(envelope, recipient=recipient, recipient_key=recipient_key,
+                       sender_public_key=sender_public_key, replay_guard=replay_guard,
+                       unwrap_cache=unwrap_cache)
+    return open_ciphertext(opened, _b64_field(envelope, "ciphertext"))
 
 
 # ---------------------------------------------------------------- replay protection

@@ -9,6 +9,7 @@
     presence   who hears of whom coming, going, joining, leaving dm.relay.presence
     server     sockets, threads, the watchdog                    dm.relay.server
     send_rule  the one rule set for a send                       dm.relay.rules
+    layer      the key-release layer over every relayed text     dm.relay.sealing
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from dm.relay.pins import PinStore
 from dm.relay.presence import MAX_WATCHES, Presence
 from dm.relay.redeemer import Journal, Redeemed, Redeemer
 from dm.relay.rules import make_send_rule
+from dm.relay.sealing import NodeLayer, load_secret
 from dm.relay.server import Server
 
 log = logging.getLogger("node")
@@ -53,6 +55,7 @@ class Node:
         self.pins = PinStore(node_dir / "pins.json")
         self.channels = ChannelRegistry(node_dir / "channels.json")
         self.ledger = DeliveryLedger(claim_timeout)
+        self.layer = NodeLayer(load_secret(node_dir))
         self.redeemer = Redeemer(token, signer, index, Journal(node_dir / "journal.jsonl"),
                                  on_redeemed=self._on_redeemed, **(redeemer_options or {}))
         self.welcome = {"type": "welcome", "node_eth_address": signer.address,

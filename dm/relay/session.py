@@ -5,7 +5,8 @@ every other frame goes through `_handle`, the one place that enforces message or
 (dm.wire.check_client_message and its PHASES table). Either way a send then takes the one
 relay step in `_handle_burst`: the rule set (dm.relay.rules), the ledger's reservation, the
 deliver. Every refusal leaves through ProtocolError -> an `error` frame.
-The node never decrypts: it routes on `to` and passes the envelope on untouched.
+The node never decrypts: it routes on `to` and passes the envelope on with its ciphertext under
+the node's own layer (dm.relay.sealing), whose key it releases for the message's code.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dm.relay.connection import burst
 from dm.relay.ledger import AlreadyDelivered
 from dm.relay.redeemer import Claim
 from dm.wire import ProtocolError
-from dm.wire.send import SEND_PREFIX, deliver_prefix, encode_deliver, read_send, send_header
+from dm.wire.send import deliver_prefix, encode_deliver, read_send, send_header, splice_deliver
 
 log = logging.getLogger("node")
 
@@ -29,7 +30,6 @@ _FRAME_LENGTH = wire.HEADER.pack
 _RECEIPT_HEAD = b'{"type":"receipt","msg_id":"'
 _RECEIPT_DELIVERED = b'","status":"delivered"}'
 _RECEIPT_FIXED = len(_RECEIPT_HEAD) + len(_RECEIPT_DELIVERED)
-_SEND_PREFIX_LENGTH = len(SEND_PREFIX)
 _BACKSLASH = 92
 
 
@@ -129,7 +129,7 @@ class Session:
         burst.outbox = outbox = set()
         node, transport = self.node, self.transport
         chain_now = node.index.clock()  # one clock read per burst for bounty expiry
-        rule, reserve = node.send_rule, node.ledger.reserve
+        rule, reserve, seal = node.send_rule, node.ledger.reserve, node.layer.seal
         held, in_order, receipts = self._held, self._held_deliveries, self._held_receipts
         try:
             for payload in payloads:
@@ -137,8 +137,9 @@ class Session:
                     break
                 try:
                     header = read_send(payload, plain) if self.phase == "ready" else None
-                    if header is not None:  # splice_deliver, inline: this is the per-message loop
-                        body, plain_id = self._deliver_prefix + payload[_SEND_PREFIX_LENGTH:], True
+                    if header is not None:
+                        body = splice_deliver(self._deliver_prefix, payload, seal, self.name, header[1], header[2])
+                        plain_id = True
                     else:
                         send = self._handle(payload)
                         if send is None:
@@ -211,7 +212,7 @@ class Session:
             if kind == "send":
                 header = send_header(message)
                 try:
-                    return header, encode_deliver(self.name, message)
+                    return header, encode_deliver(self.name, message, self.node.layer.seal)
                 except ValueError:  # text that cannot be UTF-8 (a lone surrogate)
                     raise ProtocolError("bad_frame", "the message is not valid text", ref=header.msg_id) from None
             self._write_held(burst.outbox)  # whatever this answers goes after the burst so far
@@ -371,7 +372,9 @@ class Session:
             raise ProtocolError("unpaid", "no open book with that root and size is bound to this node")
         return {"type": "book", "root": message["root"], "size": book.size}
 
-    def on_claim(self, message: dict) -> None:
+    def on_claim(self, message: dict) -> dict:
+        """A valid code is journaled (fsynced before anything of this burst is written) and
+        answered with the key of the node's layer over that message: `release`."""
         node, msg_id = self.node, message["msg_id"]
         delivery = node.ledger.awaiting(msg_id, self.name)
         if delivery is None:
@@ -394,8 +397,8 @@ class Session:
             raise ProtocolError("bad_code", ref=msg_id)
         if not node.ledger.settle(delivery):
             raise ProtocolError("unknown_message", ref=msg_id)
-        node.redeemer.submit(claim, sync=False)  # fsynced at the end of this burst
-        return None
+        node.redeemer.submit(claim, sync=False)  # fsynced at the end of this burst, before the release goes out
+        return {"type": "release", "msg_id": msg_id, "key": node.layer.key(sender, msg_id, paid_by).hex()}
 
     def on_join(self, message: dict) -> dict:
         channel, channels = message["channel"].lower(), self.node.channels  # names are case-insensitive

@@ -6,3 +6,7 @@ MAX_MSG_ID = 64
 # limit to 100000, so deep nesting would overflow a thread's C stack. Real
 # frames have a handful of containers; refuse absurd counts before parsing.
 MAX_CONTAINERS = 1000
+# What a recipient can read of a deliver before it returns the code: every byte but the
+# node-sealed ciphertext. Enough for RSA-4096 keys and a batch proof of 32 hashes (~3.5 KB);
+# it bounds what a colluding pair can pass by the node unpaid (docs/PROTOCOL.md §10).
+MAX_VISIBLE = 4096

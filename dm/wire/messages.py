@@ -36,6 +36,7 @@ NODE_MESSAGES = {
     "welcome": {"name": str, "node_eth_address": str, "chain_id": int, "contract": str},
     "deliver": {"from": str, "msg_id": str, "bounty": _BOUNTY, "envelope": dict},
     "receipt": {"msg_id": str, "status": str},
+    "release": {"msg_id": str, "key": str},
     "paid": {"msg_ids": list},
     "peers": {"names": list},
     "lookup": {"name": str, "public_key": str, "eth_address": str},
@@ -95,6 +96,7 @@ def check_client_message(message: dict, phase: str) -> dict:
         raise ProtocolError("bad_field", f"msg_id must be 1-{MAX_MSG_ID} characters")
     if message["type"] == "send":
         check_bounty(message["bounty"], ref=message["msg_id"])
+        check_envelope(message["envelope"], ref=message["msg_id"])
         if "channel" in message and not is_channel(message["channel"]):
             raise ProtocolError("bad_field", "send.channel must be a channel name like #general",
                                 ref=message["msg_id"])
@@ -126,6 +128,24 @@ def check_bounty(bounty: dict, ref: str | None = None) -> dict:
             and isinstance(index, int) and not isinstance(index, bool) and 0 <= index < 2**32):
         return bounty
     raise ProtocolError("bad_field", "bounty must be {code_hash} or {book, index}", ref=ref)
+
+
+# Base64 of exactly 32 bytes in its one canonical spelling (the last digit's two spare bits
+# zero), so a code slot or digest carries 32 bytes and not a bit more.
+B64_32 = r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]="
+_B64_32 = re.compile(B64_32)
+
+
+def check_envelope(envelope: dict, ref: str | None = None) -> dict:
+    """What the node needs of an envelope to relay it (docs/PROTOCOL.md §6.1): a string
+    `ciphertext` for its layer, and a code slot and digest of exactly 32 bytes each."""
+    for slot in ("code_slot", "digest"):
+        value = envelope.get(slot)
+        if not isinstance(value, str) or _B64_32.fullmatch(value) is None:
+            raise ProtocolError("bad_field", f"envelope.{slot} must be base64 of exactly 32 bytes", ref=ref)
+    if not isinstance(envelope.get("ciphertext"), str):
+        raise ProtocolError("bad_field", "envelope.ciphertext must be a base64 string", ref=ref)
+    return envelope
 
 
 _CHANNEL = re.compile(r"#[A-Za-z0-9_.-]{1,31}")

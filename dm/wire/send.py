@@ -12,7 +12,9 @@ rules on it, whichever read it:
 - `send_header` takes a message that dm.wire.parse and check_client_message accepted.
 
 For a frame both accept, `splice_deliver` (fast) and `encode_deliver` (general) give the same
-bytes: the canonical form is what json.dumps writes for the parsed message.
+bytes: the canonical form is what json.dumps writes for the parsed message. Both put the
+envelope's `ciphertext` under the node's layer through the same `seal` function
+(dm.relay.sealing), so the sealed bytes are the same too.
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ import json
 import re
 from typing import NamedTuple
 
-from .messages import bounty_key
+from .messages import B64_32, bounty_key
 
 _NAME = rb"[A-Za-z0-9_.-]{1,32}+"
 _MSG_ID = rb"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}+"  # printable ASCII without '"' and '\'
 _INT = rb"(?:0|[1-9][0-9]{0,18}+)"
 _STRING = rb'"[^"]*+"'  # with no backslash in the frame (checked apart: memchr), a whole JSON string
+_SLOT = rb'"' + B64_32.encode() + rb'"'  # exactly 32 bytes (dm.wire.check_envelope)
 # The canonical send, whole. Possessive quantifiers: no backtracking. Roots in lower case without
 # 0x (as clients write them), so the header needs no normalising; other spellings go the general way.
 _CANONICAL_SEND = re.compile(
@@ -33,10 +36,13 @@ _CANONICAL_SEND = re.compile(
     rb'"bounty":\{(?:"book":"([0-9a-f]{64})","index":(0|[1-9][0-9]{0,8}+)|"code_hash":"([0-9a-f]{64})")\}'
     rb'(?:,"channel":"(#[A-Za-z0-9_.-]{1,31}+)")?'
     rb',"envelope":\{"from":"' + _NAME + rb'","to":"' + _NAME + rb'","msg_id":"' + _MSG_ID + rb'","ts":' + _INT
-    + rb',"wrapped_key":' + _STRING + rb',"nonce":' + _STRING + rb',"ciphertext":' + _STRING
+    + rb',"wrapped_key":' + _STRING + rb',"nonce":' + _STRING + rb',"code_slot":' + _SLOT + rb',"digest":' + _SLOT
+    + rb',"ciphertext":"[A-Za-z0-9+/]*+={0,2}"'
     + rb',"signature":' + _STRING + rb'(?:,"proof":\[(?:' + _STRING + rb'(?:,' + _STRING + rb')*+)?\],"leaf":' + _INT
     + rb')?\}\}')
 SEND_PREFIX = b'{"type":"send",'
+_SEND_PREFIX_LENGTH = len(SEND_PREFIX)
+_CIPHERTEXT = b'"ciphertext":"'  # in a canonical send, the first one is the envelope's member (no string holds a quote)
 _BACKSLASH = 92
 
 
@@ -71,16 +77,32 @@ def deliver_prefix(sender: str) -> bytes:
     return b'{"type":"deliver","from":' + json.dumps(sender).encode() + b","
 
 
-def splice_deliver(prefix: bytes, payload: bytes) -> bytes:
-    """The deliver payload for a canonical send: the sender's name in place of the type."""
-    return prefix + payload[len(SEND_PREFIX):]
+def splice_deliver(prefix: bytes, payload: bytes, seal, sender: str, msg_id: str, paid_by: tuple) -> bytes:
+    """The deliver payload for a canonical send: the sender's name in place of the type, and
+    the ciphertext sealed. `seal(sender, msg_id, paid_by, ciphertext, visible)`
+    (dm.relay.sealing.NodeLayer.seal) gets the ciphertext's base64 bytes and the size of the
+    deliver without them, and returns the sealed base64 bytes."""
+    start = payload.find(_CIPHERTEXT, _SEND_PREFIX_LENGTH) + len(_CIPHERTEXT)
+    end = payload.find(b'"', start)
+    sealed = seal(sender, msg_id, paid_by, payload[start:end],
+                  len(prefix) + len(payload) - _SEND_PREFIX_LENGTH - end + start)
+    return b"".join((prefix, payload[_SEND_PREFIX_LENGTH:start], sealed, payload[end:]))
 
 
-def encode_deliver(sender: str, message: dict) -> bytes:
-    """The deliver payload for any checked send, in canonical order."""
+def encode_deliver(sender: str, message: dict, seal) -> bytes:
+    """The deliver payload for any checked send, in canonical order, the ciphertext sealed by
+    `seal` as in splice_deliver."""
+    envelope = message["envelope"]
+    try:
+        ciphertext = envelope["ciphertext"].encode("ascii")
+    except UnicodeEncodeError:
+        ciphertext = b"!"  # not base64: seal() refuses it, like any other
     deliver = {"type": "deliver", "from": sender, "to": message["to"], "msg_id": message["msg_id"],
                "bounty": message["bounty"]}
     if "channel" in message:
         deliver["channel"] = message["channel"]
-    deliver["envelope"] = message["envelope"]
+    deliver["envelope"] = {**envelope, "ciphertext": ""}
+    visible = len(json.dumps(deliver, separators=(",", ":"), ensure_ascii=False).encode())
+    sealed = seal(sender, message["msg_id"], bounty_key(message["bounty"]), ciphertext, visible)
+    deliver["envelope"]["ciphertext"] = sealed.decode("ascii")
     return json.dumps(deliver, separators=(",", ":"), ensure_ascii=False).encode()
