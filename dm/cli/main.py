@@ -40,7 +40,7 @@ def gather_info(data_dir: Path, rpc_url: str) -> dict:
         if token:
             wei = token.balance_of(address)
             user["btk"], user["btk_wei"] = wei / ethereum.TOKEN, wei
-            user["escrowed_in_books"] = unspent_in_books(token, data_dir / "clients" / name / "books")
+            user["escrowed_in_books"] = unspent_in_books(token, data_dir, name)
         info["users"].append(user)
     node_key = data_dir / "node" / "node_ETH.key"
     if node_key.exists():
@@ -99,10 +99,10 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
     refunded = 0
     for path in sorted((data_dir / "clients" / name / "books").glob("*.json")):
         root = bytes.fromhex(datadir.read_json(path, {})["root"].removeprefix("0x"))
-        book = token.book(root)
+        book = token.book(signer.address, root)
         if book.refunded or book.expiry >= now or book.size == book.spent:
             continue
-        token.refund_book(signer, root)
+        token.refund_book(signer, signer.address, root)
         refunded += book.size - book.spent
         print(f"book {root.hex()[:12]}: {book.size - book.spent} BTK back")
     print(f"refunded {refunded} BTK")

@@ -16,6 +16,7 @@ from dm.chain import devchain, ethereum
 from dm.chain.faucet import Faucet, faucet_signer, fund_user
 from dm.relay.bounties import LOOKUPS_PER_SECOND, BountyIndex
 from dm.relay.node import Node
+from dm.relay.redeemer import DEV_CONFIRMATIONS, REAL_CONFIRMATIONS, TESTER_CONFIRMATIONS
 
 
 def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
@@ -33,11 +34,22 @@ def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
                             from_block=deployment.deploy_block, lookups_per_second=args.lookups)
         node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=dev_faucet,
                     host=args.host, port=args.port, max_connections=args.max_connections,
-                    redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait})
+                    redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait,
+                                      "confirmations": args.confirmations})
     except BaseException:
         devchain.stop_on_exit(anvil)
         raise
     return node, anvil
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of blocks, 1 or more (got {text!r})")
+    return value
 
 
 def parse_args(argv=None):
@@ -52,6 +64,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=50, help="redeem when this many codes are queued")
     parser.add_argument("--batch-wait", type=float, default=1.0,
                         help="redeem queued codes at the latest this many seconds after the first arrived")
+    parser.add_argument("--confirmations", type=_at_least_one, default=None, metavar="N",
+                        help="a redemption is final (its codes leave the journal, the sender is told `paid`) once "
+                             f"its block is N deep, counting its own (default: {DEV_CONFIRMATIONS} on a local anvil "
+                             f"chain, {TESTER_CONFIRMATIONS} on eth-tester, {REAL_CONFIRMATIONS} on any other chain)")
     parser.add_argument("--max-connections", type=int, default=10_000)
     parser.add_argument("--lookups", type=float, default=LOOKUPS_PER_SECOND, metavar="N",
                         help="direct chain lookups per second of bounties the node has not seen yet; past it, "
