@@ -185,7 +185,7 @@ def test_a_rollback_after_a_mined_redemption_is_redeemed_again_paid_after_confir
     now ahead of the chain, stalled every later redemption until a restart. Now, with
     --confirmations 3: the redemption is mined, nobody is told `paid`; anvil reverts to a
     snapshot taken before it; the node redeems the codes again, tells `paid` only once they
-    are 4 blocks deep, and a later message is redeemed too, by the same node process."""
+    are 3 blocks deep, and a later message is redeemed too, by the same node process."""
     data_dir, url, token = anvil_chain["data_dir"], anvil_chain["url"], anvil_chain["token"]
     w3 = token.w3
     env = cli_env(url, data_dir)
