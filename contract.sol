@@ -7,6 +7,9 @@ import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProo
 /// @title BountyToken (BTK)
 /// @notice An ERC-20 whose holders pay relay nodes per delivered message.
 /// A sender escrows one token against keccak256(code), bound to one relayer.
+/// Bounties and books are keyed by (sender, code hash) and (sender, root): a
+/// copy of someone's registration is a registration of the copier's own, so
+/// nobody can block another sender by registering first.
 /// The code travels encrypted to the recipient, who hands it back to the
 /// relayer; revealing it releases the token to that relayer and nobody else.
 /// Books escrow many tokens against a Merkle root of many codes at once.
@@ -27,19 +30,19 @@ contract BountyToken is ERC20 {
         Refunded
     }
 
-    /// @dev Packed into two slots: (sender, expiry, state) and (relayer).
+    /// @dev One slot: (relayer, expiry, state). The sender is the mapping key.
     struct Bounty {
-        address sender;
+        address relayer;
         uint64 expiry;
         State state;
-        address relayer;
     }
 
-    /// @dev Packed into two slots plus the spent-leaf bitmap.
+    /// @dev Two slots, (relayer, expiry, size) and (spent, refunded), plus the
+    /// spent-leaf bitmap. The sender is the mapping key; redeemBook reads only
+    /// the first slot before it writes `spent`.
     struct Book {
-        address sender;
-        uint64 expiry;
         address relayer;
+        uint64 expiry;
         uint32 size;
         uint32 spent;
         bool refunded;
@@ -53,28 +56,31 @@ contract BountyToken is ERC20 {
         Expired
     }
 
-    mapping(bytes32 codeHash => Bounty) private _bounties;
-    mapping(bytes32 root => Book) private _books;
-    mapping(bytes32 root => mapping(uint256 word => uint256 bits)) private _spentLeaves;
+    mapping(address sender => mapping(bytes32 codeHash => Bounty)) private _bounties;
+    mapping(address sender => mapping(bytes32 root => Book)) private _books;
+    mapping(address sender => mapping(bytes32 root => mapping(uint256 word => uint256 bits))) private _spentLeaves;
 
     /// @notice A bounty of `amount` was escrowed by `sender` for `relayer` until `expiry`.
     event BountyRegistered(
         bytes32 indexed codeHash, address indexed sender, address indexed relayer, uint256 amount, uint64 expiry
     );
-    /// @notice The bounty behind `codeHash` paid `amount` to `relayer`.
-    event BountyRedeemed(bytes32 indexed codeHash, address indexed relayer, uint256 amount);
+    /// @notice The bounty `sender` escrowed behind `codeHash` paid `amount` to `relayer`.
+    event BountyRedeemed(bytes32 indexed codeHash, address indexed sender, address indexed relayer, uint256 amount);
     /// @notice The expired bounty behind `codeHash` returned `amount` to `sender`.
     event BountyRefunded(bytes32 indexed codeHash, address indexed sender, uint256 amount);
-    /// @notice A code in a batch was skipped for `reason`; the rest of the batch went on.
-    event BountySkipped(bytes32 indexed codeHash, SkipReason reason);
+    /// @notice `sender`'s code in a batch was skipped for `reason`; the rest of the batch went on.
+    event BountySkipped(bytes32 indexed codeHash, address indexed sender, SkipReason reason);
     /// @notice `sender` escrowed `size` tokens against the Merkle `root` for `relayer` until `expiry`.
     event BookOpened(bytes32 indexed root, address indexed sender, address indexed relayer, uint32 size, uint64 expiry);
-    /// @notice A book batch paid `paid` leaves to `relayer` and skipped `skipped` (spent, duplicate or expired).
-    event BookRedeemed(bytes32 indexed root, address indexed relayer, uint256 paid, uint256 skipped);
+    /// @notice A batch of `sender`'s book `root` paid `paid` leaves to `relayer` and skipped `skipped`
+    /// (spent, duplicate or expired).
+    event BookRedeemed(
+        bytes32 indexed root, address indexed sender, address indexed relayer, uint256 paid, uint256 skipped
+    );
     /// @notice The expired book `root` returned `amount` (its unspent leaves) to `sender`.
     event BookRefunded(bytes32 indexed root, address indexed sender, uint256 amount);
 
-    /// @notice A bounty already exists for `codeHash`; codes must be fresh.
+    /// @notice The caller already registered a bounty for `codeHash`; codes must be fresh.
     /// @param codeHash the hash that was registered before
     error BountyExists(bytes32 codeHash);
     /// @notice No bounty was ever registered for `codeHash`.
@@ -104,7 +110,7 @@ contract BountyToken is ERC20 {
     error InvalidExpiry(uint64 expiry);
     /// @notice A book needs at least one leaf.
     error EmptyBook();
-    /// @notice A book already exists for `root`.
+    /// @notice The caller already opened a book with `root`.
     /// @param root the Merkle root
     error BookExists(bytes32 root);
     /// @notice No book was opened for `root`.
@@ -129,16 +135,19 @@ contract BountyToken is ERC20 {
     // Single bounties
     // ------------------------------------------------------------------
 
-    /// @notice Escrow BOUNTY_AMOUNT from the caller against `codeHash`, payable only to `relayer`.
+    /// @notice Escrow BOUNTY_AMOUNT from the caller against (caller, `codeHash`), payable only to `relayer`.
     /// @param codeHash keccak256 of the secret 32-byte code
     /// @param relayer the node that alone can be paid with the code
     /// @param expiry unix second after which the sender may take the token back
     function registerBounty(bytes32 codeHash, address relayer, uint64 expiry) external {
         if (relayer == address(0)) revert InvalidRelayer();
         if (expiry <= block.timestamp) revert InvalidExpiry(expiry);
-        if (_bounties[codeHash].state != State.None) revert BountyExists(codeHash);
+        Bounty storage bounty = _bounties[msg.sender][codeHash];
+        if (bounty.state != State.None) revert BountyExists(codeHash);
 
-        _bounties[codeHash] = Bounty({sender: msg.sender, expiry: expiry, state: State.Open, relayer: relayer});
+        bounty.relayer = relayer;
+        bounty.expiry = expiry;
+        bounty.state = State.Open;
         emit BountyRegistered(codeHash, msg.sender, relayer, BOUNTY_AMOUNT, expiry);
         _transfer(msg.sender, address(this), BOUNTY_AMOUNT);
     }
@@ -146,34 +155,39 @@ contract BountyToken is ERC20 {
     /// @notice Reveal `code` and pay its bounty to the relayer bound at registration.
     /// @dev Anyone may submit; the token only ever goes to the bound relayer,
     /// so copying the code from the mempool gains an attacker nothing.
+    /// @param sender who registered the bounty
     /// @param code the secret whose keccak256 was registered
-    function redeemBounty(bytes32 code) external {
+    function redeemBounty(address sender, bytes32 code) external {
         bytes32 codeHash = keccak256(abi.encodePacked(code));
-        Bounty storage bounty = _bounties[codeHash];
+        Bounty storage bounty = _bounties[sender][codeHash];
         _requireOpen(codeHash, bounty.state);
         if (block.timestamp > bounty.expiry) revert BountyExpired(codeHash, bounty.expiry);
 
         bounty.state = State.Redeemed;
         address relayer = bounty.relayer;
-        emit BountyRedeemed(codeHash, relayer, BOUNTY_AMOUNT);
+        emit BountyRedeemed(codeHash, sender, relayer, BOUNTY_AMOUNT);
         _transfer(address(this), relayer, BOUNTY_AMOUNT);
     }
 
     /// @notice Redeem many codes in one transaction. Codes that are unknown,
     /// spent, refunded or expired are skipped with a BountySkipped event
     /// instead of reverting the batch.
-    /// @param codes the secrets to reveal
+    /// @param senders who registered each code's bounty
+    /// @param codes the secrets to reveal, codes[i] registered by senders[i]
     /// @return paid how many codes paid out
-    function redeemBatch(bytes32[] calldata codes) external returns (uint256 paid) {
+    function redeemBatch(address[] calldata senders, bytes32[] calldata codes) external returns (uint256 paid) {
+        if (senders.length != codes.length) revert LengthMismatch();
         address pendingRelayer = address(0);
         uint256 pendingAmount = 0;
         for (uint256 i = 0; i < codes.length; ++i) {
             bytes32 codeHash = keccak256(abi.encodePacked(codes[i]));
-            Bounty storage bounty = _bounties[codeHash];
+            address sender = senders[i];
+            Bounty storage bounty = _bounties[sender][codeHash];
             State state = bounty.state;
             if (state != State.Open) {
                 emit BountySkipped(
                     codeHash,
+                    sender,
                     state == State.None
                         ? SkipReason.Unknown
                         : (state == State.Redeemed ? SkipReason.Redeemed : SkipReason.Refunded)
@@ -181,12 +195,12 @@ contract BountyToken is ERC20 {
                 continue;
             }
             if (block.timestamp > bounty.expiry) {
-                emit BountySkipped(codeHash, SkipReason.Expired);
+                emit BountySkipped(codeHash, sender, SkipReason.Expired);
                 continue;
             }
             bounty.state = State.Redeemed;
             address relayer = bounty.relayer;
-            emit BountyRedeemed(codeHash, relayer, BOUNTY_AMOUNT);
+            emit BountyRedeemed(codeHash, sender, relayer, BOUNTY_AMOUNT);
             // Consecutive codes usually share a relayer: pay them in one transfer.
             if (relayer != pendingRelayer) {
                 if (pendingAmount != 0) _transfer(address(this), pendingRelayer, pendingAmount);
@@ -199,15 +213,15 @@ contract BountyToken is ERC20 {
         if (pendingAmount != 0) _transfer(address(this), pendingRelayer, pendingAmount);
     }
 
-    /// @notice Return an expired, unredeemed bounty to its sender.
+    /// @notice Return an expired, unredeemed bounty to its sender; anyone may call.
+    /// @param sender who registered the bounty, and gets it back
     /// @param codeHash the registered hash
-    function refund(bytes32 codeHash) external {
-        Bounty storage bounty = _bounties[codeHash];
+    function refund(address sender, bytes32 codeHash) external {
+        Bounty storage bounty = _bounties[sender][codeHash];
         _requireOpen(codeHash, bounty.state);
         if (block.timestamp <= bounty.expiry) revert NotExpired(codeHash, bounty.expiry);
 
         bounty.state = State.Refunded;
-        address sender = bounty.sender;
         emit BountyRefunded(codeHash, sender, BOUNTY_AMOUNT);
         _transfer(address(this), sender, BOUNTY_AMOUNT);
     }
@@ -223,29 +237,29 @@ contract BountyToken is ERC20 {
     }
 
     /// @notice Read a bounty.
+    /// @param sender who escrowed it
     /// @param codeHash the registered hash
-    /// @return sender who escrowed it
     /// @return relayer who alone can be paid
     /// @return expiry unix second after which it is refundable
     /// @return state 0 none, 1 open, 2 redeemed, 3 refunded
-    function getBounty(bytes32 codeHash)
+    function getBounty(address sender, bytes32 codeHash)
         external
         view
-        returns (address sender, address relayer, uint64 expiry, State state)
+        returns (address relayer, uint64 expiry, State state)
     {
-        Bounty storage bounty = _bounties[codeHash];
-        return (bounty.sender, bounty.relayer, bounty.expiry, bounty.state);
+        Bounty storage bounty = _bounties[sender][codeHash];
+        return (bounty.relayer, bounty.expiry, bounty.state);
     }
 
     // ------------------------------------------------------------------
     // Bounty books: many prepaid codes behind one Merkle root
     // ------------------------------------------------------------------
 
-    /// @notice Escrow `size` tokens against a Merkle root of `size` leaves,
+    /// @notice Escrow `size` tokens against (caller, `root`), a Merkle root of `size` leaves,
     /// leaf i being keccak256(bytes.concat(keccak256(abi.encode(i, code_i)))),
     /// in the array layout of OpenZeppelin's merkle-tree core (sorted-pair hashing),
     /// leaves kept in index order rather than sorted.
-    /// @param root the Merkle root; must be fresh
+    /// @param root the Merkle root; must be fresh among the caller's books
     /// @param size how many leaves (and tokens) the book holds
     /// @param relayer the node that alone can be paid with the book's codes
     /// @param expiry unix second after which the unspent tokens can be refunded
@@ -253,11 +267,12 @@ contract BountyToken is ERC20 {
         if (relayer == address(0)) revert InvalidRelayer();
         if (expiry <= block.timestamp) revert InvalidExpiry(expiry);
         if (size == 0) revert EmptyBook();
-        if (_bookExists(_books[root])) revert BookExists(root);
+        Book storage book = _books[msg.sender][root];
+        if (_bookExists(book)) revert BookExists(root);
 
-        _books[root] = Book({
-            sender: msg.sender, expiry: expiry, relayer: relayer, size: size, spent: 0, refunded: false
-        });
+        book.relayer = relayer;
+        book.expiry = expiry;
+        book.size = size;
         emit BookOpened(root, msg.sender, relayer, size, expiry);
         _transfer(msg.sender, address(this), uint256(size) * BOUNTY_AMOUNT);
     }
@@ -265,6 +280,7 @@ contract BountyToken is ERC20 {
     /// @notice Redeem leaves of a book with one multiproof. Leaves already
     /// spent (in an earlier batch or earlier in this one) are skipped, and an
     /// expired book pays nothing; an invalid proof reverts the whole call.
+    /// @param sender who opened the book
     /// @param root the book
     /// @param indices leaf indices, in the order the multiproof expects
     /// @param codes the codes of those leaves
@@ -272,6 +288,7 @@ contract BountyToken is ERC20 {
     /// @param proofFlags the multiproof's flags (OpenZeppelin MerkleProof format)
     /// @return paid how many leaves paid out
     function redeemBook(
+        address sender,
         bytes32 root,
         uint256[] calldata indices,
         bytes32[] calldata codes,
@@ -279,24 +296,24 @@ contract BountyToken is ERC20 {
         bool[] calldata proofFlags
     ) external returns (uint256 paid) {
         if (indices.length != codes.length) revert LengthMismatch();
-        Book storage book = _books[root];
-        uint64 expiry = book.expiry; // shares a slot with the sender _bookExists reads: one load
-        if (!_bookExists(book)) revert UnknownBook(root);
-        address relayer = book.relayer;
+        Book storage book = _books[sender][root];
+        address relayer = book.relayer; // relayer, expiry and size share one slot: one load
+        uint64 expiry = book.expiry;
+        if (relayer == address(0)) revert UnknownBook(root);
         bytes32[] memory leaves = _bookLeaves(root, book.size, indices, codes);
         if (!MerkleProof.multiProofVerifyCalldata(proof, proofFlags, root, leaves)) revert InvalidBookProof(root);
 
         if (block.timestamp > expiry) {
-            emit BookRedeemed(root, relayer, 0, indices.length);
+            emit BookRedeemed(root, sender, relayer, 0, indices.length);
             return 0;
         }
-        paid = _spendLeaves(_spentLeaves[root], indices);
+        paid = _spendLeaves(_spentLeaves[sender][root], indices);
         // Cannot overflow: _bookLeaves kept every index below size and the bitmap
         // pays each index once, so book.spent + paid <= size < 2**32.
         unchecked {
             book.spent += uint32(paid);
         }
-        emit BookRedeemed(root, relayer, paid, indices.length - paid);
+        emit BookRedeemed(root, sender, relayer, paid, indices.length - paid);
         if (paid != 0) _transfer(address(this), relayer, paid * BOUNTY_AMOUNT);
     }
 
@@ -333,11 +350,11 @@ contract BountyToken is ERC20 {
         }
     }
 
-    /// @notice Return an expired book's unspent tokens to its sender.
+    /// @notice Return an expired book's unspent tokens to its sender; anyone may call.
+    /// @param sender who opened the book, and gets the unspent part back
     /// @param root the book
-    function refundBook(bytes32 root) external {
-        Book storage book = _books[root];
-        address sender = book.sender;
+    function refundBook(address sender, bytes32 root) external {
+        Book storage book = _books[sender][root];
         if (!_bookExists(book)) revert UnknownBook(root);
         if (book.refunded) revert BookAlreadyRefunded(root);
         if (block.timestamp <= book.expiry) revert NotExpired(root, book.expiry);
@@ -348,34 +365,35 @@ contract BountyToken is ERC20 {
         if (amount != 0) _transfer(address(this), sender, amount);
     }
 
-    /// @dev The one test that a book exists: openBook records msg.sender, never
-    /// zero, so only a root that was never opened has a zero sender.
+    /// @dev The one test that a book exists: openBook records a relayer, never
+    /// zero, so only a root that was never opened has a zero relayer.
     function _bookExists(Book storage book) private view returns (bool) {
-        return book.sender != address(0);
+        return book.relayer != address(0);
     }
 
     /// @notice Read a book.
+    /// @param sender who escrowed it
     /// @param root the book
-    /// @return sender who escrowed it
     /// @return relayer who alone can be paid
     /// @return expiry unix second after which the unspent part is refundable
     /// @return size how many leaves it holds
     /// @return spent how many leaves were paid
     /// @return refunded whether the unspent part went back to the sender
-    function getBook(bytes32 root)
+    function getBook(address sender, bytes32 root)
         external
         view
-        returns (address sender, address relayer, uint64 expiry, uint32 size, uint32 spent, bool refunded)
+        returns (address relayer, uint64 expiry, uint32 size, uint32 spent, bool refunded)
     {
-        Book storage book = _books[root];
-        return (book.sender, book.relayer, book.expiry, book.size, book.spent, book.refunded);
+        Book storage book = _books[sender][root];
+        return (book.relayer, book.expiry, book.size, book.spent, book.refunded);
     }
 
-    /// @notice Whether leaf `index` of book `root` has been paid.
+    /// @notice Whether leaf `index` of `sender`'s book `root` has been paid.
+    /// @param sender who opened the book
     /// @param root the book
     /// @param index the leaf index
     /// @return spent true once paid
-    function isLeafSpent(bytes32 root, uint256 index) external view returns (bool spent) {
-        return _spentLeaves[root][index >> 8] & (1 << (index & 0xff)) != 0;
+    function isLeafSpent(address sender, bytes32 root, uint256 index) external view returns (bool spent) {
+        return _spentLeaves[sender][root][index >> 8] & (1 << (index & 0xff)) != 0;
     }
 }

@@ -137,7 +137,7 @@ def relay_hub(tester_chain, data_dir):
     now = w3.eth.get_block("latest")["timestamp"]
     token.open_book(alice_signer, book.root, RELAY_HUB_BOOK_SIZE, signer.address, now + 86_400)
     node.index.sync()
-    assert node.index.announce_book(book.root, book.leaf_hashes) is not None
+    assert node.index.announce_book(alice_signer.address, book.root, book.leaf_hashes) is not None
     yield node, book
     node.server.listener.close()
     node.stop()

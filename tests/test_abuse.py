@@ -724,7 +724,7 @@ def test_a_paid_message_with_an_unencodable_msg_id_leaves_nothing_behind(tester_
         mb.sock.sendall(ascii_frame({"type": "claim", "msg_id": msg_id, "code": bounty.code.hex()}))
     time.sleep(0.6)  # a batch (0.2 s) would have been redeemed by now
     assert node.redeemer._thread.is_alive(), "the redeemer thread died"
-    assert node.token.bounty(bytes.fromhex(bounty.wire["code_hash"])).state == "open"  # never earned
+    assert node.token.bounty(ma.eth_address, bytes.fromhex(bounty.wire["code_hash"])).state == "open"  # never earned
     assert_node_serves_a_pair(tester_node, wait_paid=True)  # and the node is still paid for real work
 
 

@@ -35,7 +35,7 @@ def test_a_channel_message_reaches_every_online_member_each_paid_separately(test
         assert message.line() == "[#general host] hello channel"
     wait_until(lambda: token.balance_of(tester_node.address) - node_before == 3 * ethereum.TOKEN,
                message="three copies redeemed")
-    book = token.book(clients["host"].payer._book.root)
+    book = token.book(clients["host"].eth_address, clients["host"].payer._book.root)
     assert book.spent == 3  # away's copy was never paid: its leaf stays unspent and refundable
     with pytest.raises(queue.Empty):
         inboxes["host"].get(timeout=0.3)  # the sender gets no copy of its own message

@@ -7,6 +7,7 @@ import signal
 import pytest
 
 from conftest import cli_env, free_port, make_users, wait_until
+from dm import datadir
 from dm.chain import ethereum
 
 pytestmark = pytest.mark.e2e
@@ -141,5 +142,7 @@ def test_a_node_killed_with_codes_pending_redeems_each_exactly_once_after_restar
     assert token.balance_of(node_address) - before == 12 * ethereum.TOKEN
     root = bytes.fromhex(json.loads(next((running["data_dir"] / "clients" / "alice" / "books").glob("*.json"))
                                     .read_text())["root"].removeprefix("0x"))
-    assert token.book(root).spent == 12
-    assert all(token.is_leaf_spent(root, i) for i in range(12)) and not token.is_leaf_spent(root, 12)
+    alice_address = ethereum.address_of(datadir.read_secret(datadir.eth_key_path(running["data_dir"], "alice")))
+    assert token.book(alice_address, root).spent == 12
+    assert all(token.is_leaf_spent(alice_address, root, i) for i in range(12))
+    assert not token.is_leaf_spent(alice_address, root, 12)

@@ -32,7 +32,7 @@ def test_a_paid_message_moves_exactly_one_btk_from_sender_to_node(tester_node, p
     if pay == "single":
         assert alice_before - token.balance_of(alice.eth_address) == ethereum.TOKEN
     else:  # the book escrowed 5; one leaf paid the node and 4 stay refundable
-        book = token.book(bytes.fromhex(alice.payer._book.root.hex()))
+        book = token.book(alice.eth_address, alice.payer._book.root)
         assert (book.size, book.spent) == (5, 1)
         assert alice_before - token.balance_of(alice.eth_address) == 5 * ethereum.TOKEN
 
@@ -50,7 +50,7 @@ def test_offline_recipient_is_reported_and_nothing_is_spent(tester_node):
     wait_until(lambda: queued == [(msg_id, "bob")], message="the offline notice")  # it waits for bob
     assert msg_id not in receipts and [e.msg_id for e in alice.queue()] == [msg_id]
     code_hash = bytes.fromhex(alice.last_bounty["code_hash"])
-    assert tester_node.node.token.bounty(code_hash).state == "open"  # refundable after expiry
+    assert tester_node.node.token.bounty(alice.eth_address, code_hash).state == "open"  # refundable after expiry
 
 
 def test_unpaid_message_is_refused_with_a_clear_error(tester_node):

@@ -172,7 +172,7 @@ def test_two_sessions_racing_for_the_same_leaves_get_each_one_delivered_once(rel
     token = node.token
     token.open_book(alice, book.root, book.size, node.signer.address, w3.eth.get_block("latest")["timestamp"] + 86_400)
     node.index.sync()
-    assert node.index.announce_book(book.root, book.leaf_hashes) is not None
+    assert node.index.announce_book(alice.address, book.root, book.leaf_hashes) is not None
     root = book.root.hex()
     bob = Session(node, Transport("bob"), now=0.0)
     bob.name, bob.phase = "bob", "ready"

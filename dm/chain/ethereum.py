@@ -191,6 +191,7 @@ class Signer:
         self._nonce: int | None = None
         self._lock = threading.Lock()
         self._chain_id: int | None = None
+        self.last_nonce: int | None = None  # the nonce of the last transaction sent
 
     def _fees(self) -> dict:
         base_fee = self.w3.eth.get_block("latest").get("baseFeePerGas", 0)
@@ -215,8 +216,17 @@ class Signer:
             except Exception:
                 self._nonce = None  # resync from the chain next time
                 raise
+            self.last_nonce = self._nonce
             self._nonce += 1
             return tx_hash
+
+    def resync(self) -> int:
+        """Forget the local nonce and take the chain's count of mined transactions: after a
+        rollback the local one runs ahead of the chain, and a transaction sent with it would
+        wait forever behind the gap. Transactions still pending are to be sent again."""
+        with self._lock:
+            self._nonce = self.w3.eth.get_transaction_count(self.address, "latest")
+            return self._nonce
 
     def sign_only(self, tx: dict) -> bytes:
         """Sign without broadcasting (used to hold a transaction back)."""
@@ -264,15 +274,20 @@ class BountyToken:
     def total_supply(self) -> int:
         return self.contract.functions.totalSupply().call()
 
-    def bounty(self, code_hash: bytes) -> BountyInfo:
-        sender, relayer, expiry, state = self.contract.functions.getBounty(code_hash).call()
+    # Bounties and books are keyed by (sender, code hash) and (sender, root): every read and
+    # redemption names the sender's address first.
+
+    def bounty(self, sender: str, code_hash: bytes) -> BountyInfo:
+        sender = Web3.to_checksum_address(sender)
+        relayer, expiry, state = self.contract.functions.getBounty(sender, code_hash).call()
         return BountyInfo(sender, relayer, expiry, BOUNTY_STATES[state])
 
-    def book(self, root: bytes) -> BookInfo:
-        return BookInfo(*self.contract.functions.getBook(root).call())
+    def book(self, sender: str, root: bytes) -> BookInfo:
+        sender = Web3.to_checksum_address(sender)
+        return BookInfo(sender, *self.contract.functions.getBook(sender, root).call())
 
-    def is_leaf_spent(self, root: bytes, index: int) -> bool:
-        return self.contract.functions.isLeafSpent(root, index).call()
+    def is_leaf_spent(self, sender: str, root: bytes, index: int) -> bool:
+        return self.contract.functions.isLeafSpent(Web3.to_checksum_address(sender), root, index).call()
 
     # --- writes --------------------------------------------------------------------
 
@@ -312,24 +327,30 @@ class BountyToken:
     def register(self, signer: Signer, code_hash: bytes, relayer: str, expiry: int, **kw):
         return self.transact(signer, self.contract.functions.registerBounty(code_hash, relayer, expiry), **kw)
 
-    def redeem(self, signer: Signer, code: bytes, **kw):
-        return self.transact(signer, self.contract.functions.redeemBounty(code), **kw)
+    def redeem(self, signer: Signer, sender: str, code: bytes, **kw):
+        return self.transact(signer, self.contract.functions.redeemBounty(Web3.to_checksum_address(sender), code),
+                             **kw)
 
-    def redeem_batch(self, signer: Signer, codes: Sequence[bytes], **kw):
-        return self.transact(signer, self.contract.functions.redeemBatch(list(codes)), **kw)
+    def redeem_batch(self, signer: Signer, senders: Sequence[str], codes: Sequence[bytes], **kw):
+        """Redeem codes[i], registered by senders[i]."""
+        call = self.contract.functions.redeemBatch([Web3.to_checksum_address(s) for s in senders], list(codes))
+        return self.transact(signer, call, **kw)
 
-    def refund(self, signer: Signer, code_hash: bytes, **kw):
-        return self.transact(signer, self.contract.functions.refund(code_hash), **kw)
+    def refund(self, signer: Signer, sender: str, code_hash: bytes, **kw):
+        return self.transact(signer, self.contract.functions.refund(Web3.to_checksum_address(sender), code_hash),
+                             **kw)
 
     def open_book(self, signer: Signer, root: bytes, size: int, relayer: str, expiry: int, **kw):
         return self.transact(signer, self.contract.functions.openBook(root, size, relayer, expiry), **kw)
 
-    def redeem_book(self, signer: Signer, root: bytes, indices, codes, proof, flags, **kw):
-        call = self.contract.functions.redeemBook(root, list(indices), list(codes), list(proof), list(flags))
+    def redeem_book(self, signer: Signer, sender: str, root: bytes, indices, codes, proof, flags, **kw):
+        call = self.contract.functions.redeemBook(Web3.to_checksum_address(sender), root, list(indices), list(codes),
+                                                  list(proof), list(flags))
         return self.transact(signer, call, **kw)
 
-    def refund_book(self, signer: Signer, root: bytes, **kw):
-        return self.transact(signer, self.contract.functions.refundBook(root), **kw)
+    def refund_book(self, signer: Signer, sender: str, root: bytes, **kw):
+        return self.transact(signer, self.contract.functions.refundBook(Web3.to_checksum_address(sender), root),
+                             **kw)
 
     def transfer(self, signer: Signer, to: str, amount: int, **kw):
         return self.transact(signer, self.contract.functions.transfer(Web3.to_checksum_address(to), amount), **kw)

@@ -30,12 +30,14 @@ def create_users(data_dir: Path, names: list[str], bits: int = crypto.DEFAULT_KE
     return 0
 
 
-def unspent_in_books(token: ethereum.BountyToken, books_dir: Path) -> float:
+def unspent_in_books(token: ethereum.BountyToken, data_dir: Path, name: str) -> float:
+    """BTK still escrowed in NAME's own books (books are keyed by their sender's account)."""
     total = 0
-    for path in books_dir.glob("*.json"):
+    sender = ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    for path in (data_dir / "clients" / name / "books").glob("*.json"):
         record = datadir.read_json(path, {})
         if "root" in record:
-            book = token.book(bytes.fromhex(record["root"].removeprefix("0x")))
+            book = token.book(sender, bytes.fromhex(record["root"].removeprefix("0x")))
             if not book.refunded:
                 total += book.size - book.spent
     return float(total)

@@ -60,7 +60,7 @@ class _Client:
 
 def _escrow(token: ethereum.BountyToken, data_dir: Path, name: str) -> float:
     """BTK still unspent in a user's open books (the node has none)."""
-    return unspent_in_books(token, data_dir / "clients" / name / "books") if name != "node" else 0.0
+    return unspent_in_books(token, data_dir, name) if name != "node" else 0.0
 
 
 def _wait(predicate, timeout: float, what: str) -> None:

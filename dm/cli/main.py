@@ -45,7 +45,7 @@ def gather_info(data_dir: Path, rpc_url: str) -> dict:
         if token:
             wei = token.balance_of(address)
             user["btk"], user["btk_wei"] = wei / ethereum.TOKEN, wei
-            user["escrowed_in_books"] = unspent_in_books(token, data_dir / "clients" / name / "books")
+            user["escrowed_in_books"] = unspent_in_books(token, data_dir, name)
         info["users"].append(user)
     node_key = data_dir / "node" / "node_ETH.key"
     if node_key.exists():
@@ -116,7 +116,7 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
     refunded, escrowed, waiting = 0, 0, []
     for path in sorted((data_dir / "clients" / name / "books").glob("*.json")):
         root = bytes.fromhex(datadir.read_json(path, {})["root"].removeprefix("0x"))
-        book = token.book(root)
+        book = token.book(signer.address, root)
         unspent = book.size - book.spent
         if book.refunded or unspent == 0:
             continue
@@ -126,7 +126,7 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
             print(f"book {root.hex()[:12]}: {unspent} of {book.size} BTK escrowed until {when(book.expiry)} "
                   f"(refundable after that)")
             continue
-        token.refund_book(signer, root)
+        token.refund_book(signer, signer.address, root)
         refunded += unspent
         print(f"book {root.hex()[:12]}: {unspent} BTK back")
     print(f"refunded {refunded} BTK" + (f"; {escrowed} BTK still escrowed in {len(waiting)} book(s), the first "

@@ -15,7 +15,7 @@ import threading
 
 from dm import datadir
 from dm.chain import DEFAULT_RPC_URL
-from dm.relay import LOOKUPS_PER_SECOND
+from dm.relay import DEV_CONFIRMATIONS, LOOKUPS_PER_SECOND, REAL_CONFIRMATIONS, TESTER_CONFIRMATIONS
 from dm.relay.presence import MAX_WATCHES
 
 # web3 and the node are imported inside the functions below, so that --help answers at once.
@@ -43,11 +43,22 @@ def build_node(args):
         node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=dev_faucet,
                     host=args.host, port=args.port, max_connections=args.max_connections,
                     max_watches=args.max_watches,
-                    redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait})
+                    redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait,
+                                      "confirmations": args.confirmations})
     except BaseException:
         devchain.stop_on_exit(anvil)
         raise
     return node, anvil
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of blocks, 1 or more (got {text!r})")
+    return value
 
 
 def parse_args(argv=None):
@@ -62,6 +73,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=50, help="redeem when this many codes are queued")
     parser.add_argument("--batch-wait", type=float, default=1.0,
                         help="redeem queued codes at the latest this many seconds after the first arrived")
+    parser.add_argument("--confirmations", type=_at_least_one, default=None, metavar="N",
+                        help="a redemption is final (its codes leave the journal, the sender is told `paid`) once "
+                             f"its block is N deep, counting its own (default: {DEV_CONFIRMATIONS} on a local anvil "
+                             f"chain, {TESTER_CONFIRMATIONS} on eth-tester, {REAL_CONFIRMATIONS} on any other chain)")
     parser.add_argument("--max-connections", type=int, default=10_000)
     parser.add_argument("--lookups", type=float, default=LOOKUPS_PER_SECOND, metavar="N",
                         help="direct chain lookups per second of bounties the node has not seen yet; past it, "

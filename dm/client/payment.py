@@ -93,13 +93,18 @@ class BookPayer:
         return self.books_dir / f"{root.hex()}.json"
 
     def _resume(self) -> None:
-        """Continue the newest unfinished book for this relayer, if any."""
+        """Continue the newest unfinished book for this relayer, if any: only one the chain
+        holds as ours (books are keyed by (sender, root)), open, for this relayer. A file whose
+        openBook never went through is skipped, whoever else opened a book with that root."""
         now = time.time()
         for path in sorted(self.books_dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
             record = datadir.read_json(path, None)
             if not record or record.get("relayer") != self.relayer or record["expiry"] < now + 3600:
                 continue
             if record["cursor"] >= record["size"]:
+                continue
+            on_chain = self.token.book(self.signer.address, bytes.fromhex(record["root"].removeprefix("0x")))
+            if on_chain.relayer != self.relayer or on_chain.refunded or on_chain.size != record["size"]:
                 continue
             self._book = BookSecrets.from_json(record)
             self._cursor = self._saved_cursor = record["cursor"]

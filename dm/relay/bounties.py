@@ -3,6 +3,12 @@
 `BountyIndex` follows BountyToken's events and keeps the open bounties and
 books bound to this node, so checking a message costs no RPC round trip in
 steady state; a miss falls back to one direct lookup.
+
+Bounties and books are keyed on chain by (sender, code hash) and (sender, root), and so
+here: a copy of Alice's registration by Mallory is Mallory's own bounty, and never
+stands in for Alice's. A bounty or book leaves the index when its redemption or refund
+is seen (also one from an earlier run: the index replays those events too, so a restarted
+node does not take a bounty it already redeemed for open).
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ class OpenBook:
 
 
 class BountyIndex:
-    """Open bounties and books bound to `relayer`, kept from the contract's events.
+    """Open bounties and books bound to `relayer`, kept from the contract's events, keyed by
+    (sender address, code hash) and (sender address, root).
 
     A bounty the index does not know yet (a sender registers it, then sends at once) is looked
     up on the chain directly, within a budget of `lookups_per_second` for the whole node. Past
@@ -43,11 +50,12 @@ class BountyIndex:
     bounties costs the chain a bounded number of calls a second, not one per frame.
 
     Thread-safety: sync() runs under `_sync_lock` (the follower thread, and connection threads
-    on a miss); it, lookups and forget() write `_bounties` and `_books` under `_lock`, which
-    also guards the lookup budget; readers take single dict reads without it.
-    `books_by_hex` (announced books, for the hot path) is written by connection threads with
-    one dict assignment and read without a lock: a root always maps to the same OpenBook
-    object (book() hands out the one in `_books`), whose `tree` is set once."""
+    on a miss); it, lookups and forget() write `_bounties`, `_single_senders` and `_books`
+    under `_lock`, which also guards the lookup budget; readers take single dict reads
+    without it. `books_by_hex` (the first announced book per root, for the hot path) and
+    `_announced` are written by connection threads with one dict operation each and read
+    without a lock: a (sender, root) always maps to the same OpenBook object (book() hands out
+    the one in `_books`), whose `tree` is set once."""
 
     def __init__(self, token: ethereum.BountyToken, relayer: str, books_dir: Path | None = None,
                  clock: Callable[[], float] = time.time, from_block: int = 0,
@@ -56,8 +64,10 @@ class BountyIndex:
         self.books_dir = books_dir  # announced leaves, kept so a restarted node can still redeem
         self.relayer = relayer
         self.clock = clock
-        self._bounties: dict[bytes, tuple[int, str]] = {}  # code hash -> (expiry, sender)
-        self._books: dict[bytes, OpenBook] = {}
+        self._bounties: dict[tuple[str, bytes], int] = {}  # (sender, code hash) -> expiry
+        self._single_senders: dict[bytes, str] = {}  # code hash -> a sender with that open bounty
+        self._books: dict[tuple[str, bytes], OpenBook] = {}  # (sender, root) -> book
+        self._closed: set[tuple[str, bytes]] = set()  # redeemed or refunded, seen in events
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._synced_at = float("-inf")  # time.monotonic() when the last sync started
@@ -66,7 +76,8 @@ class BountyIndex:
         self.lookups = 0  # direct chain lookups of unknown bounties
         self.lookups_per_second = lookups_per_second
         self._budget, self._budget_at = lookups_per_second, time.monotonic()  # a token bucket, under _lock
-        self.books_by_hex: dict[str, OpenBook] = {}  # announced books by root hex, for the hot path
+        self.books_by_hex: dict[str, OpenBook] = {}  # the first announced book per root hex, for the hot path
+        self._announced: dict[tuple[str, str], OpenBook] = {}  # (root hex, sender) -> announced book
 
     def sync(self) -> None:
         """Apply events from the blocks not seen yet."""
@@ -78,22 +89,44 @@ class BountyIndex:
         latest = self.token.w3.eth.block_number
         if latest < self._next_block:
             return
-        topics = {"relayer": self.relayer}
-        contract_events = self.token.contract.events
-        registered = contract_events.BountyRegistered().get_logs(
-            argument_filters=topics, from_block=self._next_block, to_block=latest)
-        opened = contract_events.BookOpened().get_logs(
-            argument_filters=topics, from_block=self._next_block, to_block=latest)
+        span = {"from_block": self._next_block, "to_block": latest}
+        ours = {"argument_filters": {"relayer": self.relayer}, **span}
+        events = self.token.contract.events
+        registered = events.BountyRegistered().get_logs(**ours)
+        opened = events.BookOpened().get_logs(**ours)
+        redeemed = events.BountyRedeemed().get_logs(**ours)
+        # Refunds name no relayer: only those of bounties and books we know are applied.
+        refunded = events.BountyRefunded().get_logs(**span)
+        books_refunded = events.BookRefunded().get_logs(**span)
         with self._lock:
             for event in registered:
-                self._bounties[bytes(event["args"]["codeHash"])] = (event["args"]["expiry"], event["args"]["sender"])
+                args = event["args"]
+                key = (args["sender"], bytes(args["codeHash"]))
+                if key not in self._closed:
+                    self._bounties[key] = args["expiry"]
+                    self._single_senders[key[1]] = key[0]
             for event in opened:
                 args = event["args"]
-                root = bytes(args["root"])
-                book = self._books.get(root)
-                if book is None:
-                    self._books[root] = OpenBook(args["size"], args["expiry"], args["sender"])
+                key = (args["sender"], bytes(args["root"]))
+                if key not in self._books and key not in self._closed:
+                    self._books[key] = OpenBook(args["size"], args["expiry"], args["sender"])
+            # A (sender, hash) is registered at most once ever, so closing after opening is safe
+            # whatever the order of the events within this span.
+            for event in [*redeemed, *refunded]:
+                args = event["args"]
+                self._close_single((args["sender"], bytes(args["codeHash"])))
+            for event in books_refunded:
+                args = event["args"]
+                key = (args["sender"], bytes(args["root"]))
+                if self._books.pop(key, None) is not None:
+                    self._closed.add(key)
         self._next_block = latest + 1
+
+    def _close_single(self, key: tuple[str, bytes]) -> None:  # with _lock held
+        if self._bounties.pop(key, None) is not None:
+            self._closed.add(key)
+            if self._single_senders.get(key[1]) == key[0]:
+                del self._single_senders[key[1]]
 
     def _may_look_up(self) -> bool:
         """Take one direct lookup from the budget, if any is left."""
@@ -132,45 +165,49 @@ class BountyIndex:
         thread.start()
         return thread
 
-    def single_payer(self, code_hash: bytes, now: float | None = None) -> str | None:
-        """The sender of the single bounty behind `code_hash` when it is open, bound to this node
-        and not about to expire at `now` (chain time); None otherwise."""
+    def single_payer(self, sender: str, code_hash: bytes, now: float | None = None) -> str | None:
+        """`sender` when its single bounty behind `code_hash` is open, bound to this node and not
+        about to expire at `now` (chain time). Otherwise another sender whose open bounty has that
+        hash, if the index knows one (so the refusal can say whose it is), or None."""
         now = self.clock() if now is None else now
-        known = self._bounties.get(code_hash)
-        if known is None:
+        key = (sender, code_hash)
+        expiry = self._bounties.get(key)
+        if expiry is None and key not in self._closed:
             if self._may_look_up():
-                info = self.token.bounty(code_hash)
-                if info.state != "open" or info.relayer != self.relayer:
-                    return None
-                known = (info.expiry, info.sender)
-                with self._lock:
-                    self._bounties[code_hash] = known
+                info = self.token.bounty(sender, code_hash)
+                if info.state == "open" and info.relayer == self.relayer:
+                    expiry = info.expiry
+                    with self._lock:
+                        self._bounties[key] = expiry
+                        self._single_senders.setdefault(code_hash, sender)
             else:
                 self.catch_up()
-                known = self._bounties.get(code_hash)
-                if known is None:
-                    return None
-        expiry, sender = known
+                expiry = self._bounties.get(key)
+        if expiry is None:
+            return self._single_senders.get(code_hash)
         return sender if expiry > now + EXPIRY_MARGIN else None
 
-    def book(self, root: bytes) -> OpenBook | None:
-        """The book bound to this node with that root, None if there is none; with its leaves
-        when its sender announced them (also before a restart)."""
-        book = self._books.get(root)
+    def book(self, sender: str, root: bytes) -> OpenBook | None:
+        """`sender`'s book with that root bound to this node, None if there is none; with its
+        leaves when the sender announced them (also before a restart)."""
+        key = (sender, root)
+        book = self._books.get(key)
         if book is None:
+            if key in self._closed:
+                return None
             if self._may_look_up():
-                info = self.token.book(root)
+                info = self.token.book(sender, root)
                 if info.relayer != self.relayer or info.refunded or info.size == 0:
                     return None
                 with self._lock:
-                    book = self._books.setdefault(root, OpenBook(info.size, info.expiry, info.sender))
+                    book = self._books.setdefault(key, OpenBook(info.size, info.expiry, sender))
             else:
                 self.catch_up()
-                book = self._books.get(root)
+                book = self._books.get(key)
                 if book is None:
                     return None
         if book.tree is None and self.books_dir is not None:
-            saved = self.books_dir / f"{root.hex()}.json"
+            saved = self._saved_leaves(sender, root)
             if saved.exists():
                 try:
                     book.tree = KnownBook(root, [bytes.fromhex(x) for x in json.loads(saved.read_text())])
@@ -178,34 +215,50 @@ class BountyIndex:
                     pass
         return book
 
-    def announced_book(self, root_hex: str) -> OpenBook | None:
-        """The open book bound to this node with that root (lower-case hex) whose leaves its
-        sender has announced; None otherwise. A hit is one dict read (dm.relay.rules reads
+    def _saved_leaves(self, sender: str, root: bytes) -> Path:
+        return self.books_dir / f"{sender}-{root.hex()}.json"
+
+    def announced_book(self, root_hex: str, sender: str) -> OpenBook | None:
+        """`sender`'s open book bound to this node with that root (lower-case hex) whose leaves
+        the sender has announced; None otherwise. A hit is one dict read (dm.relay.rules reads
         books_by_hex itself first); a miss catches up with the chain's events."""
-        book = self.books_by_hex.get(root_hex)
+        key = (root_hex, sender)
+        book = self._announced.get(key)
         if book is None:
-            book = self.book(bytes.fromhex(root_hex))
+            book = self.book(sender, bytes.fromhex(root_hex))
             if book is None or book.tree is None:
                 return None
-            self.books_by_hex[root_hex] = book
+            self._announced[key] = book
+            self.books_by_hex.setdefault(root_hex, book)
         return book
 
-    def announce_book(self, root: bytes, leaves: list[bytes]) -> OpenBook | None:
-        """A sender tells us the leaf hashes of its book, so we can check codes
-        and build multiproofs ourselves. Returns None if no such book pays us."""
-        book = self.book(root)
+    def announce_book(self, sender: str, root: bytes, leaves: list[bytes]) -> OpenBook | None:
+        """`sender` tells us the leaf hashes of its book, so we can check codes and build
+        multiproofs ourselves. Returns None if no such book of `sender`'s pays us."""
+        book = self.book(sender, root)
         if book is None or len(leaves) != book.size:
             return None
         if book.tree is None:
             book.tree = KnownBook(root, leaves)  # raises ValueError when the leaves do not make the root
             if self.books_dir is not None:
                 self.books_dir.mkdir(parents=True, exist_ok=True)
-                tmp = self.books_dir / f"{root.hex()}.tmp"
+                saved = self._saved_leaves(sender, root)
+                tmp = saved.with_suffix(".tmp")
                 tmp.write_text(json.dumps([leaf.hex() for leaf in leaves]))
-                os.replace(tmp, self.books_dir / f"{root.hex()}.json")
+                os.replace(tmp, saved)
         return book
 
-    def forget(self, code_hash: bytes) -> None:
-        with self._lock:
-            self._bounties.pop(code_hash, None)
+    def still_open(self, sender: str, paid_by: tuple, now: float | None = None) -> bool:
+        """Whether the bounty `paid_by` (dm.wire.bounty_key) of `sender` is known to the index as
+        open and unexpired: a book not refunded, or a single bounty not redeemed or refunded."""
+        now = self.clock() if now is None else now
+        if paid_by[0] == "book":
+            book = self._books.get((sender, bytes.fromhex(paid_by[1])))
+            return book is not None and book.expiry >= now
+        expiry = self._bounties.get((sender, bytes.fromhex(paid_by[1])))
+        return expiry is not None and expiry >= now
 
+    def forget(self, sender: str, code_hash: bytes) -> None:
+        """The single bounty was redeemed: it pays no further message."""
+        with self._lock:
+            self._close_single((sender, code_hash))

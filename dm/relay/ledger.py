@@ -29,7 +29,9 @@ class DeliveryLedger:
     is a dict.setdefault and every removal checks that the entry is still the one it means,
     each atomic under the GIL, so two threads racing for one bounty or one msg_id see exactly
     one winner. `expiring` is appended by connection threads (deque.append is atomic) and
-    consumed only by forget_settled(), which only the watchdog thread calls.
+    consumed only by forget_settled(), which only the watchdog thread calls. `unjournaled` is
+    appended by connection threads and consumed only by the delivery log's writer thread
+    (dm.relay.journal.DeliveryLog, whose `feed` it is). restore() runs before any thread.
     """
 
     def __init__(self, claim_timeout: float):
@@ -38,6 +40,8 @@ class DeliveryLedger:
         # bounty -> the delivery it paid for, or just its msg_id once that is no longer pending
         self.used: dict[tuple, Delivery | str] = {}
         self.expiring: collections.deque[Delivery] = collections.deque()  # deliveries, oldest first
+        # Each burst's deliveries, for dm.relay.journal's writer thread to make durable.
+        self.unjournaled: collections.deque[tuple] = collections.deque()
 
     def reserve(self, delivery: Delivery) -> None:
         """Take the delivery's bounty and msg_id, or refuse if either is taken. A bounty already
@@ -61,8 +65,20 @@ class DeliveryLedger:
             self.pending.pop(msg_id, None)
 
     def delivered(self, deliveries: list[Delivery]) -> None:
-        """These reservations reached their recipients: their claim clock runs."""
+        """These reservations reached their recipients: their claim clock runs, and the
+        journal's writer thread records them (one tuple copy and one append per burst)."""
         self.expiring.extend(deliveries)
+        self.unjournaled.append(tuple(deliveries))
+
+    def restore(self, pending: list[Delivery], used: list) -> None:
+        """What a previous run left (dm.relay.journal.restore): deliveries still waiting for
+        their code, and bounties that carried a message. Before the node serves anyone."""
+        for paid_by in used:
+            self.used[paid_by] = SETTLED
+        for delivery in sorted(pending, key=lambda d: d[4]):
+            self.used[delivery[3]] = delivery
+            self.pending[delivery[0]] = delivery
+            self.expiring.append(delivery)
 
     def awaiting(self, msg_id: str, recipient: str) -> Delivery | None:
         """The delivery to `recipient` that waits for this code, if any."""

@@ -4,7 +4,8 @@
     channels   channel -> members, copy-on-write                 dm.relay.channels
     ledger     reservations, pending deliveries, claims, expiry  dm.relay.ledger
     index      which bounties and books pay this node            dm.relay.bounties
-    redeemer   the journal of returned codes, batched redemption dm.relay.redeemer
+    journal    deliveries and returned codes, durably          dm.relay.journal
+    redeemer   batched redemption, final after N confirmations  dm.relay.redeemer
     online     name -> the session that proved it                (here)
     presence   who hears of whom coming, going, joining, leaving dm.relay.presence
     server     sockets, threads, the watchdog                    dm.relay.server
@@ -27,7 +28,8 @@ from dm.relay.channels import ChannelRegistry
 from dm.relay.ledger import DeliveryLedger
 from dm.relay.pins import PinStore
 from dm.relay.presence import MAX_WATCHES, Presence
-from dm.relay.redeemer import Journal, Redeemed, Redeemer
+from dm.relay.journal import DeliveryLog, Journal, restore
+from dm.relay.redeemer import Redeemed, Redeemer
 from dm.relay.rules import make_send_rule
 from dm.relay.sealing import NodeLayer, load_secret
 from dm.relay.server import Server
@@ -56,6 +58,9 @@ class Node:
         self.channels = ChannelRegistry(node_dir / "channels.json")
         self.ledger = DeliveryLedger(claim_timeout)
         self.layer = NodeLayer(load_secret(node_dir))
+        self.clock = clock
+        self.delivery_log = DeliveryLog(node_dir / "deliveries.log")
+        self.delivery_log.feed = self.ledger.unjournaled  # the writer thread drains what the hot path appends
         self.redeemer = Redeemer(token, signer, index, Journal(node_dir / "journal.jsonl"),
                                  on_redeemed=self._on_redeemed, **(redeemer_options or {}))
         self.welcome = {"type": "welcome", "node_eth_address": signer.address,
@@ -74,6 +79,12 @@ class Node:
 
     def start(self) -> None:
         self.index.sync()
+        pending, used = restore(self.delivery_log, self.redeemer.journal, self.ledger, self.clock,
+                                self._still_payable)
+        if pending or used:
+            log.info("journal: %d delivery(ies) from an earlier run await their code; %d bounty(ies) stay used",
+                     pending, used)
+        self.delivery_log.start(self._stop)
         self.index.start_following(self._stop)
         self.redeemer.start()
         if self.faucet is not None:
@@ -90,6 +101,7 @@ class Node:
             self.faucet.stop()
         self.redeemer.stop(flush=True)
         self.redeemer.journal.close()
+        self.delivery_log.close()
         self.pins.close()
         self.channels.close()
         log.info("stopped; earned %d BTK this run", self.redeemer.earned)
@@ -145,6 +157,11 @@ class Node:
         return reply
 
     # --- getting paid ---------------------------------------------------------------------
+
+    def _still_payable(self, sender: str, paid_by: tuple) -> bool:
+        """Whether a bounty recorded in an earlier run could still pay (so must stay used)."""
+        pin = self.pins.get(sender)
+        return pin is not None and self.index.still_open(pin["eth_address"], paid_by)
 
     def _on_redeemed(self, result: Redeemed) -> None:
         log.info("redeemed %d code(s) in tx %s (gas %d): +%d BTK, %d BTK this run", result.paid,

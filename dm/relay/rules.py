@@ -39,11 +39,13 @@ def make_send_rule(pinned, channels, index, online: dict) -> Callable:
                 raise ProtocolError("not_a_member", f"both sender and recipient must be in {channel}", ref=msg_id)
         try:
             if paid_by[0] == "book":  # announced, the leaf in range, not about to expire
-                book = books_get(paid_by[1]) or announced_book(paid_by[1])
+                book = books_get(paid_by[1])
+                if book is None or book.sender != sender_address:  # books are keyed by (sender, root)
+                    book = announced_book(paid_by[1], sender_address) or book
                 payable = book is not None and paid_by[2] < book.size and book.expiry > chain_now + EXPIRY_MARGIN
                 payer = book.sender if payable else None
             else:
-                payer = single_payer(bytes.fromhex(paid_by[1]), chain_now)
+                payer = single_payer(sender_address, bytes.fromhex(paid_by[1]), chain_now)
         except (ethereum.ChainError, OSError) as exc:
             raise ProtocolError("unpaid", f"could not check the bounty: {exc}", ref=msg_id) from None
         if payer is None:

@@ -365,7 +365,7 @@ class Session:
         try:
             root = bytes.fromhex(message["root"].removeprefix("0x"))
             leaves = [bytes.fromhex(leaf.removeprefix("0x")) for leaf in message["leaves"]]
-            book = self.node.index.announce_book(root, leaves)
+            book = self.node.index.announce_book(self.eth_address, root, leaves)
         except (ValueError, TypeError, AttributeError):
             raise ProtocolError("bad_field", "book.leaves do not make book.root") from None
         if book is None:
@@ -380,19 +380,20 @@ class Session:
         if delivery is None:
             raise ProtocolError("unknown_message", ref=msg_id)
         _, sender, _, paid_by, _ = delivery
+        payer = node.pins.get(sender)["eth_address"]  # bounties are keyed by their sender's account
         try:
             code = bytes.fromhex(message["code"].removeprefix("0x"))
         except ValueError:
             code = b""
         if paid_by[0] == "single":
             valid = len(code) == 32 and keccak(code).hex() == paid_by[1]
-            claim = Claim(msg_id, sender, code)
+            claim = Claim(msg_id, sender, code, payer=payer)
         else:
             root = bytes.fromhex(paid_by[1])
-            book = node.index.book(root)
+            book = node.index.book(payer, root)
             valid = len(code) == 32 and book is not None and book.tree is not None and \
                 book.tree.check_code(paid_by[2], code)
-            claim = Claim(msg_id, sender, code, root, paid_by[2])
+            claim = Claim(msg_id, sender, code, root, paid_by[2], payer)
         if not valid:
             raise ProtocolError("bad_code", ref=msg_id)
         if not node.ledger.settle(delivery):

@@ -1,0 +1,299 @@
+"""Exactly-once payment across crashes, restarts and rollbacks, and registrations nobody can
+squat (issue 10, defects 3, 4 and 5).
+
+The first two tests run node.py as a real process on a real anvil, talk to it over raw
+sockets (alice sends on chosen leaves, bob returns chosen codes) and read the chain itself.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from conftest import cli_env, collecting_events, free_port, logged_in_sockets, make_users, wait_until
+from dm import datadir, wire
+from dm.chain import ethereum
+from dm.chain.books import BookSecrets
+from test_abuse import read_frame
+from test_relay_burst import send_frame
+
+pytestmark = pytest.mark.e2e
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def start_node(processes, env, port, *extra):
+    node = processes(["node.py", "--host", "127.0.0.1", "--port", str(port), *extra], env)
+    node.wait_for_line(lambda l: l.startswith("node ready"), timeout=60)
+    return node
+
+
+def address_of(data_dir, name: str) -> str:
+    """A user's account, or the node's (name "node")."""
+    path = data_dir / "node" / "node_ETH.key" if name == "node" else datadir.eth_key_path(data_dir, name)
+    return ethereum.address_of(datadir.read_secret(path))
+
+
+class Peer:
+    """One logged-in raw socket; frames the test did not ask for (`paid`, `deliver`) are kept."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.paid: list[str] = []
+        self.delivered: list[dict] = []
+
+    def next(self, timeout: float = 10) -> dict:
+        """The next frame that answers a request (not a `paid` notice, not a `deliver`)."""
+        while True:
+            frame = read_frame(self.sock, timeout=timeout)
+            assert frame is not None, "the node hung up"
+            if frame["type"] == "paid":
+                self.paid += frame["msg_ids"]
+            elif frame["type"] == "deliver":
+                self.delivered.append(frame)
+            else:
+                return frame
+
+    def send(self, to: str, msg_id: str, root: str, index: int) -> dict:
+        self.sock.sendall(send_frame(to, msg_id, root, index))
+        return self.next()
+
+    def claim(self, msg_id: str, code: bytes) -> None:
+        """Return a code; the node answers a good one with nothing, so a ping follows it."""
+        self.sock.sendall(wire.encode({"type": "claim", "msg_id": msg_id, "code": code.hex()}))
+        self.sock.sendall(wire.encode({"type": "ping"}))
+        assert self.next() == {"type": "pong"}, f"the claim of {msg_id} was refused"
+
+    def drain(self, seconds: float = 0.3) -> None:
+        try:
+            while True:
+                self.next(timeout=seconds)
+        except TimeoutError:
+            pass
+
+
+def open_book(token, data_dir, node_address, name: str, size: int) -> BookSecrets:
+    """`name` (funded by the node's faucet at first login) opens a book bound to the node."""
+    signer = ethereum.Signer(token.w3, datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    wait_until(lambda: token.balance_of(signer.address) >= size * ethereum.TOKEN
+               and token.w3.eth.get_balance(signer.address) > 0, message=f"{name} to be funded")
+    book = BookSecrets.generate(size)
+    now = token.w3.eth.get_block("latest")["timestamp"]
+    token.open_book(signer, book.root, size, node_address, now + 86_400)
+    return book
+
+
+def announce(peer: Peer, book: BookSecrets) -> None:
+    peer.sock.sendall(wire.encode({"type": "book", "root": book.root.hex(),
+                                   "leaves": [leaf.hex() for leaf in book.leaf_hashes]}))
+    assert peer.next() == {"type": "book", "root": book.root.hex(), "size": book.size}
+
+
+def rpc(w3, method: str, params: list):
+    response = w3.provider.make_request(method, params)
+    assert "error" not in response, response
+    return response["result"]
+
+
+# --- defect 4: a restart forgets which leaves were used -------------------------------------------
+
+
+def test_sigkill_and_restart_twice_no_leaf_serves_two_messages_and_every_claim_is_paid_once(
+        anvil_chain, processes):
+    """Before: across two restarts leaves 0-9 carried 30 deliveries and the node was paid 10, and
+    codes returned after a restart for deliveries made before it got `unknown_message`.
+    Now the node is SIGKILLed twice; after each restart every used leaf is refused, every
+    pre-restart delivery's code is accepted, and the chain pays each claimed leaf exactly once.
+    (Each kill comes 0.1 s after the last delivery: the delivery log is written within 5 ms.)"""
+    data_dir, url, token = anvil_chain["data_dir"], anvil_chain["url"], anvil_chain["token"]
+    env = cli_env(url, data_dir)
+    make_users(data_dir, "alice", "bob")
+    port = free_port()
+    # Run 1 holds its claims back (a long batch wait), so the kill leaves codes in the journal.
+    node = start_node(processes, env, port, "--batch-wait", "30", "--confirmations", "1")
+    node_address = address_of(data_dir, "node")
+    alice_address = address_of(data_dir, "alice")
+    before = token.balance_of(node_address)
+    carried = Counter()  # leaf -> deliveries bob received on it, over all three runs
+    by_leaf: dict[int, str] = {}  # leaf -> the msg_id that leaf carried
+
+    def receive(bob: Peer, count: int) -> None:
+        wait_until(lambda: bob.drain(0.05) or len(bob.delivered) >= count, timeout=10,
+                   message=f"{count} deliveries")
+        for frame in bob.delivered:
+            carried[frame["bounty"]["index"]] += 1
+            by_leaf[frame["bounty"]["index"]] = frame["msg_id"]
+        bob.delivered.clear()
+
+    def refused_everywhere(alice: Peer, leaves, root: str, run: int) -> None:
+        for leaf in leaves:
+            answer = alice.send("bob", f"again-{run}-{leaf}", root, leaf)
+            assert (answer["type"], answer["code"]) == ("error", "unpaid"), (leaf, answer)
+            assert "already paid for another message" in answer["message"]
+
+    with logged_in_sockets(port, data_dir, "alice", "bob") as socks:
+        alice, bob = Peer(socks["alice"]), Peer(socks["bob"])
+        book = open_book(token, data_dir, node_address, "alice", 8)
+        root = book.root.hex()
+        announce(alice, book)
+        for leaf in range(4):
+            assert alice.send("bob", f"m{leaf}", root, leaf)["status"] == "delivered"
+        receive(bob, 4)
+        for leaf in (0, 1):
+            bob.claim(by_leaf[leaf], book.codes[leaf])
+        time.sleep(0.1)
+        node.stop(signal.SIGKILL)
+    assert token.balance_of(node_address) == before  # nothing was redeemed: the codes sit in the journal
+
+    node = start_node(processes, env, port, "--batch-wait", "0.2", "--confirmations", "1")
+    with logged_in_sockets(port, data_dir, "alice", "bob") as socks:
+        alice, bob = Peer(socks["alice"]), Peer(socks["bob"])
+        refused_everywhere(alice, range(4), root, 2)
+        bob.claim(by_leaf[2], book.codes[2])  # a delivery made before the restart
+        for leaf in (4, 5):
+            assert alice.send("bob", f"m{leaf}", root, leaf)["status"] == "delivered"
+        receive(bob, 2)
+        bob.claim(by_leaf[4], book.codes[4])
+        time.sleep(0.1)
+        node.stop(signal.SIGKILL)
+
+    node = start_node(processes, env, port, "--batch-wait", "0.2", "--confirmations", "1")
+    with logged_in_sockets(port, data_dir, "alice", "bob") as socks:
+        alice, bob = Peer(socks["alice"]), Peer(socks["bob"])
+        refused_everywhere(alice, range(6), root, 3)
+        bob.claim(by_leaf[3], book.codes[3])  # made two restarts ago
+        bob.claim(by_leaf[5], book.codes[5])
+        wait_until(lambda: token.balance_of(node_address) - before == 6 * ethereum.TOKEN, timeout=30,
+                   message="the six claimed leaves to be redeemed")
+    node.stop()  # a clean stop redeems nothing twice
+    assert carried == {leaf: 1 for leaf in range(6)}  # no leaf carried two messages
+    assert token.balance_of(node_address) - before == 6 * ethereum.TOKEN
+    assert [token.is_leaf_spent(alice_address, book.root, i) for i in range(8)] == [True] * 6 + [False] * 2
+
+
+# --- defect 3: a rollback loses money the node already announced --------------------------------
+
+
+def test_a_rollback_after_a_mined_redemption_is_redeemed_again_paid_after_confirmation_and_the_nonce_recovers(
+        anvil_chain, processes):
+    """Before: a redemption mined in one block was final at once (the sender was told `paid`),
+    a chain that dropped that block left its codes unredeemed forever, and the node's nonce,
+    now ahead of the chain, stalled every later redemption until a restart. Now, with
+    --confirmations 3: the redemption is mined, nobody is told `paid`; anvil reverts to a
+    snapshot taken before it; the node redeems the codes again, tells `paid` only once they
+    are 3 blocks deep, and a later message is redeemed too, by the same node process."""
+    data_dir, url, token = anvil_chain["data_dir"], anvil_chain["url"], anvil_chain["token"]
+    w3 = token.w3
+    env = cli_env(url, data_dir)
+    make_users(data_dir, "alice", "bob")
+    port = free_port()
+    node = start_node(processes, env, port, "--batch-wait", "0.1", "--confirmations", "3")
+    node_address = address_of(data_dir, "node")
+    alice_address = address_of(data_dir, "alice")
+    before = token.balance_of(node_address)
+    with logged_in_sockets(port, data_dir, "alice", "bob") as socks:
+        alice, bob = Peer(socks["alice"]), Peer(socks["bob"])
+        book = open_book(token, data_dir, node_address, "alice", 4)
+        root = book.root.hex()
+        announce(alice, book)
+        for leaf in (0, 1):
+            assert alice.send("bob", f"r{leaf}", root, leaf)["status"] == "delivered"
+        wait_until(lambda: bob.drain(0.05) or len(bob.delivered) == 2, message="two deliveries")
+        snapshot = rpc(w3, "evm_snapshot", [])
+        for frame in bob.delivered:
+            bob.claim(frame["msg_id"], book.codes[frame["bounty"]["index"]])
+        wait_until(lambda: token.is_leaf_spent(alice_address, book.root, 1), timeout=20, interval=0.02,
+                   message="the redemption to be mined")
+        mined_at = w3.eth.block_number
+        assert rpc(w3, "evm_revert", [snapshot]) is True
+        assert alice.paid == [] and w3.eth.block_number < mined_at  # not final, so nobody was told
+        assert not token.is_leaf_spent(alice_address, book.root, 1)  # the redemption is gone
+
+        wait_until(lambda: alice.drain(0.1) or sorted(alice.paid) == ["r0", "r1"], timeout=40,
+                   message="the codes to be redeemed again and confirmed")
+        spent_in = w3.eth.block_number
+        assert token.balance_of(node_address) - before == 2 * ethereum.TOKEN
+        # The nonce recovered without a restart: one more message is paid by the same process.
+        assert alice.send("bob", "r2", root, 2)["status"] == "delivered"
+        wait_until(lambda: bob.drain(0.05) or bob.delivered[-1]["msg_id"] == "r2", message="the third delivery")
+        bob.claim("r2", book.codes[2])
+        wait_until(lambda: token.is_leaf_spent(alice_address, book.root, 2), timeout=40,
+                   message="the third redemption to be mined")
+        alice.drain(0.1)
+        assert sorted(alice.paid) == ["r0", "r1"]  # each told once, and r2 not before it is final
+        assert spent_in >= mined_at - 1
+    assert node.proc.poll() is None
+    node.stop()
+    assert token.balance_of(node_address) - before == 3 * ethereum.TOKEN
+    assert [token.is_leaf_spent(alice_address, book.root, i) for i in range(4)] == [True, True, True, False]
+
+
+# --- defect 5: front-running griefs a sender ---------------------------------------------------
+
+
+def test_a_squatted_root_neither_blocks_the_victim_nor_is_used_by_her_restarted_client(tester_node):
+    """Mallory copies Alice's root into her own openBook and has it mined first. Before, Alice's
+    openBook reverted BookExists and her restarted client went on spending the squatted book.
+    Now Alice's own openBook goes through; her restarted client resumes only a book the chain
+    holds as hers; and the node is paid from Alice's book, never from Mallory's copy."""
+    from dm.chain.faucet import faucet_signer, fund_user
+    from dm.client import payment
+
+    make_users(tester_node.data_dir, "alice", "bob", "mallory")
+    token, node = tester_node.node.token, tester_node.node
+    w3 = token.w3
+    alice_key = datadir.read_secret(datadir.eth_key_path(tester_node.data_dir, "alice"))
+    mallory = ethereum.Signer(w3, datadir.read_secret(datadir.eth_key_path(tester_node.data_dir, "mallory")))
+    alice = ethereum.Signer(w3, alice_key)
+    faucet = faucet_signer(w3, tester_node.data_dir)
+    for signer in (alice, mallory):
+        fund_user(token, faucet, signer.address)
+    books_dir = tester_node.data_dir / "clients" / "alice" / "books"
+    books_dir.mkdir(parents=True, exist_ok=True)
+    expiry = w3.eth.get_block("latest")["timestamp"] + 86_400
+
+    def saved_book(size: int) -> BookSecrets:
+        """A book alice's client saved (it saves before it opens), as BookPayer writes it."""
+        book = BookSecrets.generate(size)
+        writer = payment.BookPayer.__new__(payment.BookPayer)
+        writer.books_dir, writer.relayer = books_dir, node.signer.address
+        writer._save(book, 0, expiry)
+        return book
+
+    # 1. A root only Mallory opened: alice's openBook never went through (say it was squatted).
+    squatted = saved_book(4)
+    token.open_book(mallory, squatted.root, 4, node.signer.address, expiry)
+    # 2. A root Mallory copied first, and alice then opened too: no BookExists any more.
+    copied = saved_book(4)
+    token.open_book(mallory, copied.root, 4, node.signer.address, expiry)
+    assert token.open_book(alice, copied.root, 4, node.signer.address, expiry)["status"] == 1
+    json_path = books_dir / f"{copied.root.hex()}.json"
+    json_path.touch()  # the newest file: the one a restarted client resumes first
+
+    inbox, _, paid, events = collecting_events()
+    tester_node.client("bob", events)
+    client = tester_node.client("alice", collecting_events()[3], book_size=4)
+    assert client.payer._book.root == copied.root  # her own book, held on chain as hers
+    msg_id = client.send_text("bob", "on my own book")
+    assert inbox.get(timeout=10).text == "on my own book"
+    wait_until(lambda: token.book(alice.address, copied.root).spent == 1, message="alice's leaf to be redeemed")
+    assert token.book(mallory.address, copied.root).spent == 0  # Mallory's copy paid nobody
+    client.close()
+
+    # Her book file for the squatted root is never resumed, whatever Mallory holds on chain.
+    for path in books_dir.glob("*.json"):
+        if path.name != f"{squatted.root.hex()}.json":
+            record = json.loads(path.read_text())
+            record["cursor"] = record["size"]  # used up: only the squatted one is left to resume
+            path.write_text(json.dumps(record))
+    (books_dir / f"{squatted.root.hex()}.json").touch()
+    again = tester_node.client("alice", collecting_events()[3], book_size=4)
+    assert again.payer._book is None  # nothing to resume: the next message opens a fresh book
+    again.send_text("bob", "after a restart")
+    assert inbox.get(timeout=10).text == "after a restart"
+    assert again.payer._book.root not in (squatted.root, copied.root)
+    assert msg_id
