@@ -63,10 +63,10 @@ class Peer:
         return self.next()
 
     def claim(self, msg_id: str, code: bytes) -> None:
-        """Return a code; the node answers a good one with nothing, so a ping follows it."""
+        """Return a code; the node answers a good one with the key to its layer (`release`)."""
         self.sock.sendall(wire.encode({"type": "claim", "msg_id": msg_id, "code": code.hex()}))
-        self.sock.sendall(wire.encode({"type": "ping"}))
-        assert self.next() == {"type": "pong"}, f"the claim of {msg_id} was refused"
+        answer = self.next()
+        assert answer["type"] == "release" and answer["msg_id"] == msg_id, f"the claim of {msg_id} was refused"
 
     def drain(self, seconds: float = 0.3) -> None:
         try:

@@ -92,7 +92,8 @@ def test_a_recipient_that_never_claims_reads_nothing_and_every_message_read_is_p
     wait_until(lambda: token.balance_of(relayer) == 2 * ethereum.TOKEN, timeout=20, message="two redemptions")
     paid = read_frame(alice, timeout=10)
     assert paid["type"] == "paid" and sorted(paid["msg_ids"]) == ["m0", "m1"]
-    assert [token.is_leaf_spent(book.root, i) for i in range(3)] == [True, True, False]
+    alice_account = ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, "alice")))
+    assert [token.is_leaf_spent(alice_account, book.root, i) for i in range(3)] == [True, True, False]
 
 
 WIDER_CHANNELS = [  # (what the colluders change, what the refusal names)

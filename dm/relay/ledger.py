@@ -12,6 +12,7 @@ import collections
 from dm.wire import ProtocolError
 
 Delivery = tuple
+SETTLED = ("settled",)  # in `used`, restored from the delivery log: the bounty carried a message, msg_id unknown
 
 
 class AlreadyDelivered(ProtocolError):
