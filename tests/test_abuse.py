@@ -373,12 +373,8 @@ def test_more_than_max_errors_bad_frames_close_the_connection(tester_node):
         frames, elapsed = read_until_closed(attacker, timeout=3)
         assert codes(frames) == ["bad_frame"] * max_errors  # and not one answer more
         assert elapsed < 2
-        # max_errors counts errors in a row: one fewer, a good frame, and again, is tolerated
-        patient = connect(tester_node.port, stack)
-        for _ in range(2):
-            patient.sendall(raw_frame(b"[1,2]") * (max_errors - 1))
-            assert codes([read_frame(patient) for _ in range(max_errors - 1)]) == ["bad_frame"] * (max_errors - 1)
-            assert_ping_works(patient)
+        # refusals count over a sliding window, so a ping between runs no longer resets them:
+        # tests/test_bounds.py::test_a_ping_every_19_errors_no_longer_keeps_a_connection_alive
     assert_node_serves_a_pair(tester_node)
 
 

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from dm import datadir
+from dm import datadir, wire
 from dm.chain import ethereum
 from dm.client.core import ClientError
 from dm.client.terminal import check_channel, run
@@ -25,7 +25,7 @@ def parse_args(argv=None):
                         help="your own connection to the chain (default: $DM_RPC_URL or %(default)s)")
     parser.add_argument("--pay", choices=["book", "single"], default="book",
                         help="book: prepay codes in bulk (default); single: one registerBounty per message")
-    parser.add_argument("--book-size", type=int, default=100, help="codes per prepaid book (default: 100)")
+    parser.add_argument("--book-size", type=int, default=100, help=f"codes per prepaid book, at most {wire.MAX_BOOK_LEAVES} (default: 100)")
     return parser.parse_args(argv)
 
 
@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     try:
         datadir.check_name(args.me)
         check_channel(args.peer) if args.peer.startswith("#") else datadir.check_name(args.peer)
-        if args.book_size < 1:
-            raise ClientError("--book-size must be at least 1")
+        if not 1 <= args.book_size <= wire.MAX_BOOK_LEAVES:  # a node takes at most this many leaves per book
+            raise ClientError(f"--book-size must be 1 to {wire.MAX_BOOK_LEAVES}")
         return run(args)
     except (ClientError, datadir.DataError, ethereum.ChainError) as exc:
         print(f"client: {exc}", file=sys.stderr)

@@ -14,8 +14,11 @@ import threading
 from dm import datadir
 from dm.chain import devchain, ethereum
 from dm.chain.faucet import Faucet, faucet_signer, fund_user
+from dm import wire
 from dm.relay.bounties import LOOKUPS_PER_SECOND, BountyIndex
-from dm.relay.node import Node
+from dm.relay.channels import MAX_CHANNELS_PER_USER, MAX_MEMBERS
+from dm.relay.ledger import MAX_UNCLAIMED
+from dm.relay.node import ERROR_WINDOW, MAX_BOOKS_PER_USER, Node
 
 
 def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
@@ -33,11 +36,28 @@ def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
                             from_block=deployment.deploy_block, lookups_per_second=args.lookups)
         node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=dev_faucet,
                     host=args.host, port=args.port, max_connections=args.max_connections,
+                    claim_timeout=args.claim_timeout, max_unclaimed=args.max_unclaimed,
+                    max_errors=args.max_errors, error_window=args.error_window, max_books=args.max_books,
+                    max_book_leaves=args.max_book_leaves, max_channels=args.max_channels,
+                    max_members=args.max_members,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait})
     except BaseException:
         devchain.stop_on_exit(anvil)
         raise
     return node, anvil
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def parse_args(argv=None):
@@ -56,6 +76,30 @@ def parse_args(argv=None):
     parser.add_argument("--lookups", type=float, default=LOOKUPS_PER_SECOND, metavar="N",
                         help="direct chain lookups per second of bounties the node has not seen yet; past it, "
                              "unknown bounties wait for the event index (default: %(default)g)")
+    limits = parser.add_argument_group("limits per user (each refusal says which limit it hit)")
+    limits.add_argument("--claim-timeout", type=_positive(float), default=3600, metavar="SECONDS",
+                        help="how long a delivered message waits for its code before the node forgets it "
+                             "(default: %(default)g)")
+    limits.add_argument("--max-unclaimed", type=_positive(int), default=MAX_UNCLAIMED, metavar="N",
+                        help="delivered messages a user may have waiting for their codes at once, as sender and "
+                             "as recipient; past it sends are refused with unclaimed_limit. Honest clients return "
+                             "codes within seconds, so %(default)d is minutes of traffic, and it bounds what a "
+                             "recipient that never pays (or a colluding pair) gets for free (default: %(default)d)")
+    limits.add_argument("--max-errors", type=_positive(int), default=20, metavar="N",
+                        help="refusals within --error-window that close a connection (default: %(default)d)")
+    limits.add_argument("--error-window", type=_positive(float), default=ERROR_WINDOW, metavar="SECONDS",
+                        help="the sliding window --max-errors counts over; answered frames in between do not "
+                             "reset it (default: %(default)g)")
+    limits.add_argument("--max-books", type=_positive(int), default=MAX_BOOKS_PER_USER, metavar="N",
+                        help="unexpired books a user may have announced at once (default: %(default)d)")
+    limits.add_argument("--max-book-leaves", type=_positive(int), default=wire.MAX_BOOK_LEAVES, metavar="N",
+                        help="leaves in one `book` frame; the reference client makes books of at most "
+                             f"{wire.MAX_BOOK_LEAVES} (default: %(default)d)")
+    limits.add_argument("--max-channels", type=_positive(int), default=MAX_CHANNELS_PER_USER, metavar="N",
+                        help="channels a user may be in at once (default: %(default)d)")
+    limits.add_argument("--max-members", type=_positive(int), default=MAX_MEMBERS, metavar="N",
+                        help="members of one channel; each channel line is one paid copy per member "
+                             "(default: %(default)d)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 

@@ -6,6 +6,7 @@ steady state; a miss falls back to one direct lookup.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -46,7 +47,10 @@ class BountyIndex:
     also guards the lookup budget; readers take single dict reads without it.
     `books_by_hex` (announced books, for the hot path) is written by connection threads with
     one dict assignment and read without a lock: a root always maps to the same OpenBook
-    object (book() hands out the one in `_books`), whose `tree` is set once."""
+    object (book() hands out the one in `_books`), whose `tree` is set once.
+    `_expiring` (a heap of what the index holds, by expiry) and `announced_by` (sender -> the
+    roots it announced) are written under `_lock`; forget_expired() drops what has expired
+    from every table and from disk (the watchdog thread)."""
 
     def __init__(self, token: ethereum.BountyToken, relayer: str, books_dir: Path | None = None,
                  clock: Callable[[], float] = time.time, from_block: int = 0,
@@ -66,6 +70,8 @@ class BountyIndex:
         self.lookups_per_second = lookups_per_second
         self._budget, self._budget_at = lookups_per_second, time.monotonic()  # a token bucket, under _lock
         self.books_by_hex: dict[str, OpenBook] = {}  # announced books by root hex, for the hot path
+        self._expiring: list[tuple[int, bytes]] = []  # heap of (expiry, code hash or root) held above
+        self.announced_by: dict[str, set[bytes]] = {}  # book sender's address -> roots it announced
 
     def sync(self) -> None:
         """Apply events from the blocks not seen yet."""
@@ -85,13 +91,16 @@ class BountyIndex:
             argument_filters=topics, from_block=self._next_block, to_block=latest)
         with self._lock:
             for event in registered:
-                self._bounties[bytes(event["args"]["codeHash"])] = (event["args"]["expiry"], event["args"]["sender"])
+                code_hash, expiry = bytes(event["args"]["codeHash"]), event["args"]["expiry"]
+                self._bounties[code_hash] = (expiry, event["args"]["sender"])
+                heapq.heappush(self._expiring, (expiry, code_hash))
             for event in opened:
                 args = event["args"]
                 root = bytes(args["root"])
                 book = self._books.get(root)
                 if book is None:
                     self._books[root] = OpenBook(args["size"], args["expiry"], args["sender"])
+                    heapq.heappush(self._expiring, (args["expiry"], root))
         self._next_block = latest + 1
 
     def _may_look_up(self) -> bool:
@@ -142,6 +151,7 @@ class BountyIndex:
                 known = (info.expiry, info.sender)
                 with self._lock:
                     self._bounties[code_hash] = known
+                    heapq.heappush(self._expiring, (info.expiry, code_hash))
             else:
                 self.catch_up()
                 known = self._bounties.get(code_hash)
@@ -160,7 +170,10 @@ class BountyIndex:
                 if info.relayer != self.relayer or info.refunded or info.size == 0:
                     return None
                 with self._lock:
-                    book = self._books.setdefault(root, OpenBook(info.size, info.expiry, info.sender))
+                    book = self._books.get(root)
+                    if book is None:
+                        self._books[root] = book = OpenBook(info.size, info.expiry, info.sender)
+                        heapq.heappush(self._expiring, (info.expiry, root))
             else:
                 self.catch_up()
                 book = self._books.get(root)
@@ -195,6 +208,8 @@ class BountyIndex:
             return None
         if book.tree is None:
             book.tree = KnownBook(root, leaves)  # raises ValueError when the leaves do not make the root
+            with self._lock:
+                self.announced_by.setdefault(book.sender, set()).add(root)
             if self.books_dir is not None:
                 self.books_dir.mkdir(parents=True, exist_ok=True)
                 tmp = self.books_dir / f"{root.hex()}.tmp"
@@ -205,4 +220,43 @@ class BountyIndex:
     def forget(self, code_hash: bytes) -> None:
         with self._lock:
             self._bounties.pop(code_hash, None)
+
+    def bounty_expiry(self, paid_by: tuple) -> int | None:
+        """The chain expiry of a bounty key (dm.wire.bounty_key), None when the index no longer
+        holds it (then it has expired, or was redeemed or refunded)."""
+        if paid_by[0] == "book":
+            book = self.books_by_hex.get(paid_by[1])
+            return book.expiry if book is not None else None
+        known = self._bounties.get(bytes.fromhex(paid_by[1]))
+        return known[0] if known is not None else None
+
+    def open_books_announced(self, sender: str, chain_now: float) -> int:
+        """How many books `sender` announced that have not expired by `chain_now`."""
+        with self._lock:
+            roots = self.announced_by.get(sender, ())
+            return sum(1 for root in roots if (book := self._books.get(root)) is not None and book.expiry > chain_now)
+
+    def forget_expired(self, chain_now: float) -> int:
+        """Drop every bounty and book that expired before `chain_now`, from memory and its
+        leaves from disk: nothing can pay with it any more, and a code for it can no longer be
+        redeemed (the contract refuses an expired bounty). Returns how many books were dropped."""
+        dropped = []
+        with self._lock:
+            expiring = self._expiring
+            while expiring and expiring[0][0] < chain_now:
+                _, key = heapq.heappop(expiring)
+                self._bounties.pop(key, None)
+                book = self._books.pop(key, None)
+                if book is not None:
+                    self.books_by_hex.pop(key.hex(), None)
+                    roots = self.announced_by.get(book.sender)
+                    if roots is not None:
+                        roots.discard(key)
+                        if not roots:
+                            del self.announced_by[book.sender]
+                    dropped.append(key)
+        if self.books_dir is not None:
+            for root in dropped:
+                (self.books_dir / f"{root.hex()}.json").unlink(missing_ok=True)
+        return len(dropped)
 

@@ -21,14 +21,17 @@ from dm import datadir, wire
 from dm.chain import ethereum
 from dm.chain.faucet import Faucet
 from dm.relay.bounties import BountyIndex
-from dm.relay.channels import ChannelRegistry
-from dm.relay.ledger import DeliveryLedger
+from dm.relay.channels import CHANNELS_PAGE, MAX_CHANNELS_PER_USER, MAX_MEMBERS, ChannelRegistry
+from dm.relay.ledger import MAX_UNCLAIMED, DeliveryLedger
 from dm.relay.pins import PinStore
 from dm.relay.redeemer import Journal, Redeemed, Redeemer
 from dm.relay.rules import make_send_rule
 from dm.relay.server import Server
 
 log = logging.getLogger("node")
+MAX_BOOKS_PER_USER = 64  # open books one user may have announced at once (node.py --max-books)
+ERROR_WINDOW = 10.0  # seconds: max_errors refusals within this window close a connection
+EXPIRED_SWEEP_SECONDS = 5.0  # how often expired bounties and books are dropped
 
 
 class Node:
@@ -42,14 +45,19 @@ class Node:
                  index: BountyIndex, redeemer_options: dict | None = None, faucet: Faucet | None = None,
                  host: str = "localhost", port: int = 12345, max_connections: int = 10_000,
                  handshake_timeout: float = 10, frame_timeout: float = 10, idle_timeout: float = 600,
-                 max_errors: int = 20, claim_timeout: float = 3600, clock=time.monotonic):
+                 max_errors: int = 20, error_window: float = ERROR_WINDOW, claim_timeout: float = 3600,
+                 max_unclaimed: int = MAX_UNCLAIMED, max_books: int = MAX_BOOKS_PER_USER,
+                 max_book_leaves: int = wire.MAX_BOOK_LEAVES, max_channels: int = MAX_CHANNELS_PER_USER,
+                 max_members: int = MAX_MEMBERS, clock=time.monotonic):
         self.token, self.signer, self.index, self.faucet = token, signer, index, faucet
-        self.max_errors = max_errors
+        self.max_errors, self.error_window = max_errors, error_window
+        self.max_books, self.max_book_leaves = max_books, max_book_leaves
         node_dir = data_dir / "node"
         self.node_id = datadir.ensure_secret(node_dir / "node_id", lambda: secrets.token_hex(16))
         self.pins = PinStore(node_dir / "pins.json")
-        self.channels = ChannelRegistry(node_dir / "channels.json")
-        self.ledger = DeliveryLedger(claim_timeout)
+        self.channels = ChannelRegistry(node_dir / "channels.json", max_channels, max_members)
+        self.ledger = DeliveryLedger(claim_timeout, max_unclaimed, index.bounty_expiry)
+        self._swept_at = float("-inf")
         self.redeemer = Redeemer(token, signer, index, Journal(node_dir / "journal.jsonl"),
                                  on_redeemed=self._on_redeemed, **(redeemer_options or {}))
         self.welcome = {"type": "welcome", "node_eth_address": signer.address,
@@ -118,11 +126,28 @@ class Node:
     def online_names(self) -> list[str]:
         return sorted(list(self.online))
 
-    def channel_reply(self, name: str, channel: str | None = None) -> dict:
-        reply = {"type": "channels", "joined": self.channels.joined_by(name), "all": self.channels.sizes()}
+    def channel_reply(self, name: str, channel: str | None = None, after: str | None = None) -> dict:
+        """The asker's channels, and one page of every channel (CHANNELS_PAGE, after `after`)."""
+        page, more = self.channels.page(after, CHANNELS_PAGE)
+        reply = {"type": "channels", "joined": self.channels.joined_by(name), "all": page}
+        if more:
+            reply["more"] = True
         if channel:
             reply["channel"] = channel  # the one just joined or left
         return reply
+
+    # --- keeping memory and disk bounded -------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """The watchdog's tick: forget settled and timed-out deliveries, then, every
+        EXPIRED_SWEEP_SECONDS, the bounties and books that expired on chain."""
+        chain_now = self.index.clock()
+        self.ledger.forget_settled(now, chain_now)
+        if now - self._swept_at >= EXPIRED_SWEEP_SECONDS:
+            self._swept_at = now
+            dropped = self.index.forget_expired(chain_now)
+            if dropped:
+                log.info("dropped %d expired book(s)", dropped)
 
     # --- getting paid ---------------------------------------------------------------------
 

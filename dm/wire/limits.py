@@ -6,3 +6,6 @@ MAX_MSG_ID = 64
 # limit to 100000, so deep nesting would overflow a thread's C stack. Real
 # frames have a handful of containers; refuse absurd counts before parsing.
 MAX_CONTAINERS = 1000
+# Leaves in one `book` frame: 10,000 leaves are a 670 KB frame and about 12 ms of hashing;
+# the reference client makes books of at most this size (client.py --book-size).
+MAX_BOOK_LEAVES = 10_000
