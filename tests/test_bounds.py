@@ -24,6 +24,8 @@ from dm.chain.books import BookSecrets
 from dm.chain.faucet import faucet_signer
 from dm.cli import node as node_cli
 from dm.relay import node as relay_node
+from dm.relay import snapshot_log
+from dm.relay.channels import ChannelRegistry
 from dm.relay.session import Session
 from helpers import Transport, start_node
 from test_abuse import assert_ping_works, codes, read_frame, read_until_closed
@@ -310,3 +312,21 @@ def test_a_connection_that_burns_cpu_on_big_books_is_paused_and_an_honest_one_is
     honest.name, honest.phase = "alice", "ready"
     honest.receive(b"".join(wire.encode({"type": "ping"}) for _ in range(100)), 1.0)
     assert honest.pause_needed(1.0) == 0.0
+
+
+def test_join_and_leave_churn_keeps_the_channel_files_small(tmp_path, monkeypatch):
+    """Every join and leave appends a line; without compaction a join/leave loop grows
+    channels.jsonl for as long as the node runs."""
+    monkeypatch.setattr(snapshot_log, "COMPACT_AFTER", 20)
+    registry = ChannelRegistry(tmp_path / "channels.json")
+    registry.join("#keep", "alice")
+    for i in range(100):
+        assert registry.join(f"#churn{i % 7}", "mallory") == "joined"
+        assert registry.leave(f"#churn{i % 7}", "mallory")
+    log_lines = (tmp_path / "channels.jsonl").read_text().count("\n")
+    assert log_lines < 20, log_lines
+    registry.join("#keep", "bob")
+    registry.close()
+    reopened = ChannelRegistry(tmp_path / "channels.json")
+    assert reopened.members == {"#keep": frozenset({"alice", "bob"})}
+    reopened.close()

@@ -75,6 +75,7 @@ class ChannelRegistry:
             self._joined.setdefault(name, set()).add(channel)
             if not members:
                 self._names.add(channel)
+            self._compact_if_due()
             return "joined"
 
     def leave(self, channel: str, name: str) -> bool:
@@ -93,7 +94,12 @@ class ChannelRegistry:
             joined.discard(channel)
             if not joined:
                 del self._joined[name]
+            self._compact_if_due()
             return True
+
+    def _compact_if_due(self) -> None:  # with _lock held
+        if self._store.needs_compaction(len(self.members)):
+            self._store.compact({c: sorted(m) for c, m in self.members.items()})
 
     def joined_by(self, name: str) -> list[str]:
         with self._lock:
