@@ -330,3 +330,18 @@ def test_join_and_leave_churn_keeps_the_channel_files_small(tmp_path, monkeypatc
     reopened = ChannelRegistry(tmp_path / "channels.json")
     assert reopened.members == {"#keep": frozenset({"alice", "bob"})}
     reopened.close()
+
+
+def test_a_frame_over_1_mib_that_is_not_a_send_is_refused_unparsed(tester_node):
+    """An 8 MB `book` frame (124k leaves) held the GIL for 145 ms while it was parsed and
+    hashed; the CPU share can only pause its sender afterwards. Now only a `send` may exceed
+    MAX_OTHER_FRAME, and only one that says so up front; the rest are refused unparsed."""
+    node = tester_node.node
+    with logged_in_sockets(node.port, tester_node.data_dir, "mallory") as socks:
+        mallory = socks["mallory"]
+        book = {"type": "book", "root": "00" * 32, "leaves": ["11" * 32] * 124_000}
+        refusal = request(mallory, book)
+        assert refusal["code"] == "frame_too_large" and "only a send" in refusal["message"], refusal
+        late_type = {"leaves": ["11" * 32] * 124_000, "root": "00" * 32, "type": "book"}
+        assert request(mallory, late_type)["code"] == "frame_too_large"
+        assert_ping_works(mallory)

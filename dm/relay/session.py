@@ -241,6 +241,9 @@ class Session:
             self.cpu_spent += time.thread_time() - started
 
     def _handle_general(self, payload: bytes) -> tuple | None:
+        if len(payload) > wire.MAX_OTHER_FRAME and not payload.startswith(wire.SEND_TYPE_PREFIX):
+            raise ProtocolError("frame_too_large", f"only a send may be larger than {wire.MAX_OTHER_FRAME} bytes, "
+                                'and it must begin with {"type":"send"')
         message = wire.parse(payload)
         self._req = req = wire.request_id(message)
         try:
