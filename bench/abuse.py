@@ -10,7 +10,8 @@ for `--seconds`, beside a quiet baseline:
     quiet       nothing else
     unpaid      sends backed by made-up bounties, pipelined; reconnecting whenever closed
     handshake   hello + a forged auth, over and over, on fresh connections
-    big-book    8 MB `book` frames (124k leaves), reconnecting whenever closed
+    big-book    8 MB `book` frames (124k leaves) and 10,000-leaf ones (the largest the node
+                parses), for books that do not exist; reconnecting whenever closed
     join        join and leave channels as fast as the node answers (each one an fsync)
 
 The table prints p50/p99/max per phase (ms) and how many hostile frames the node answered.
@@ -116,7 +117,9 @@ def handshake_flood(port, key_path, name, eth_address, until, results):
 
 def big_book_flood(port, key_path, name, eth_address, until, results):
     leaves = [secrets.token_hex(32) for _ in range(124_000)]
-    frame = _frame({"type": "book", "root": secrets.token_hex(32), "leaves": leaves})  # ~8 MB
+    frame = b"".join([  # the 8 MB frame of the issue, and the largest `book` the node parses (10,000 leaves)
+        _frame({"type": "book", "root": secrets.token_hex(32), "leaves": leaves}),
+        _frame({"type": "book", "root": secrets.token_hex(32), "leaves": leaves[:10_000]})])
     answered = 0
     while time.time() < until:
         try:
