@@ -229,13 +229,14 @@ def test_every_limit_is_a_node_py_flag(data_dir):
     args = node_cli.parse_args(["--rpc-url", ethereum.TESTER_URL, "--data-dir", str(data_dir), "--port", "0",
                                 "--host", "127.0.0.1", "--claim-timeout", "7", "--max-unclaimed", "11",
                                 "--max-errors", "13", "--error-window", "2.5", "--max-books", "17",
-                                "--max-book-leaves", "19", "--max-channels", "23", "--max-members", "29"])
+                                "--max-book-leaves", "19", "--max-channels", "23", "--max-members", "29",
+                                "--cpu-share", "0.5"])
     node, anvil = node_cli.build_node(args)
     try:
         assert anvil is None
         assert (node.ledger.claim_timeout, node.ledger.max_unclaimed) == (7, 11)
         assert (node.max_errors, node.error_window, node.max_books, node.max_book_leaves) == (13, 2.5, 17, 19)
-        assert (node.channels.max_channels, node.channels.max_members) == (23, 29)
+        assert (node.channels.max_channels, node.channels.max_members, node.cpu_share) == (23, 29, 0.5)
     finally:
         node.server.listener.close()
         node.stop()

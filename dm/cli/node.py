@@ -19,6 +19,7 @@ from dm.relay.bounties import LOOKUPS_PER_SECOND, BountyIndex
 from dm.relay.channels import MAX_CHANNELS_PER_USER, MAX_MEMBERS
 from dm.relay.ledger import MAX_UNCLAIMED
 from dm.relay.node import ERROR_WINDOW, MAX_BOOKS_PER_USER, Node
+from dm.relay.session import CPU_SHARE
 
 
 def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
@@ -39,7 +40,7 @@ def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
                     claim_timeout=args.claim_timeout, max_unclaimed=args.max_unclaimed,
                     max_errors=args.max_errors, error_window=args.error_window, max_books=args.max_books,
                     max_book_leaves=args.max_book_leaves, max_channels=args.max_channels,
-                    max_members=args.max_members,
+                    max_members=args.max_members, cpu_share=args.cpu_share,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait})
     except BaseException:
         devchain.stop_on_exit(anvil)
@@ -47,14 +48,14 @@ def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
     return node, anvil
 
 
-def _positive(kind):
+def _positive(kind, zero: bool = False):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        if not (value >= 0 if zero else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'above 0'}, not {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -100,6 +101,10 @@ def parse_args(argv=None):
     limits.add_argument("--max-members", type=_positive(int), default=MAX_MEMBERS, metavar="N",
                         help="members of one channel; each channel line is one paid copy per member "
                              "(default: %(default)d)")
+    limits.add_argument("--cpu-share", type=_positive(float, zero=True), default=CPU_SHARE, metavar="FRACTION",
+                        help="CPU one connection may use on frames other than plain sends (handshakes, books, "
+                             "lookups), as a share of a core; past it the connection waits, so others go first. "
+                             "0 turns pacing off (default: %(default)g)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 

@@ -25,6 +25,7 @@ from dm.relay.channels import CHANNELS_PAGE, MAX_CHANNELS_PER_USER, MAX_MEMBERS,
 from dm.relay.ledger import MAX_UNCLAIMED, DeliveryLedger
 from dm.relay.pins import PinStore
 from dm.relay.redeemer import Journal, Redeemed, Redeemer
+from dm.relay.session import CPU_SHARE
 from dm.relay.rules import make_send_rule
 from dm.relay.server import Server
 
@@ -48,10 +49,13 @@ class Node:
                  max_errors: int = 20, error_window: float = ERROR_WINDOW, claim_timeout: float = 3600,
                  max_unclaimed: int = MAX_UNCLAIMED, max_books: int = MAX_BOOKS_PER_USER,
                  max_book_leaves: int = wire.MAX_BOOK_LEAVES, max_channels: int = MAX_CHANNELS_PER_USER,
-                 max_members: int = MAX_MEMBERS, clock=time.monotonic):
+                 max_members: int = MAX_MEMBERS, cpu_share: float = CPU_SHARE, clock=time.monotonic):
         self.token, self.signer, self.index, self.faucet = token, signer, index, faucet
         self.max_errors, self.error_window = max_errors, error_window
         self.max_books, self.max_book_leaves = max_books, max_book_leaves
+        # only a send may be larger (dm.wire.MAX_OTHER_FRAME), unless books may be: 67 bytes a leaf
+        self.max_other_frame = max(wire.MAX_OTHER_FRAME, 70 * max_book_leaves + 1024)
+        self.cpu_share = cpu_share  # of a core, per connection, for general-path frames; 0: unpaced
         node_dir = data_dir / "node"
         self.node_id = datadir.ensure_secret(node_dir / "node_id", lambda: secrets.token_hex(16))
         self.pins = PinStore(node_dir / "pins.json")

@@ -38,7 +38,7 @@ _BACKSLASH = 92
 # is paused (its thread sleeps, the GIL free) until its share has paid the debt back, so one
 # hostile connection cannot keep other connections' messages waiting. An honest client's
 # handshake, books and requests cost a few ms now and then and never come near it.
-CPU_SHARE = 0.02  # seconds of CPU per second
+CPU_SHARE = 0.02  # seconds of CPU per second (node.py --cpu-share)
 CPU_BURST = 0.1  # seconds of CPU a quiet connection may spend at once
 
 
@@ -222,13 +222,16 @@ class Session:
     def pause_needed(self, now: float) -> float:
         """Seconds this connection must wait before its next read to stay within CPU_SHARE
         (0 when within it). When it is not 0, an unfinished frame's clock waits too."""
-        budget = min(CPU_BURST, self._cpu_budget + (now - self._cpu_budget_at) * CPU_SHARE) - self.cpu_spent
+        share = self.node.cpu_share
+        if not share:
+            return 0.0
+        budget = min(CPU_BURST, self._cpu_budget + (now - self._cpu_budget_at) * share) - self.cpu_spent
         self._cpu_budget, self._cpu_budget_at, self.cpu_spent = budget, now, 0.0
         if budget >= 0:
             return 0.0
         if self.decoder.mid_frame:  # the node's pause never counts against the client's frame timeout
             self.frame_started_at, self._frame_clock_waits = None, True
-        return -budget / CPU_SHARE
+        return -budget / share
 
     def _handle(self, payload: bytes) -> tuple | None:
         """A frame the fast reader did not take. Returns (header, deliver body) for a send,
@@ -241,9 +244,9 @@ class Session:
             self.cpu_spent += time.thread_time() - started
 
     def _handle_general(self, payload: bytes) -> tuple | None:
-        if len(payload) > wire.MAX_OTHER_FRAME and not payload.startswith(wire.SEND_TYPE_PREFIX):
-            raise ProtocolError("frame_too_large", f"only a send may be larger than {wire.MAX_OTHER_FRAME} bytes, "
-                                'and it must begin with {"type":"send"')
+        if len(payload) > self.node.max_other_frame and not payload.startswith(wire.SEND_TYPE_PREFIX):
+            raise ProtocolError("frame_too_large", f"only a send may be larger than {self.node.max_other_frame} "
+                                'bytes, and it must begin with {"type":"send"')
         message = wire.parse(payload)
         self._req = req = wire.request_id(message)
         try:
