@@ -39,7 +39,7 @@ _BACKSLASH = 92
 # hostile connection cannot keep other connections' messages waiting. An honest client's
 # handshake, books and requests cost a few ms now and then and never come near it.
 CPU_SHARE = 0.02  # seconds of CPU per second (node.py --cpu-share)
-CPU_BURST = 0.1  # seconds of CPU a quiet connection may spend at once
+CPU_BURST = 0.25  # seconds of CPU a quiet connection may spend at once (a 10,000-leaf book is ~0.1 s)
 
 
 def _confusable(name: str, look_alike: str) -> ProtocolError:
