@@ -346,3 +346,16 @@ def test_a_frame_over_1_mib_that_is_not_a_send_is_refused_unparsed(tester_node):
         late_type = {"leaves": ["11" * 32] * 124_000, "root": "00" * 32, "type": "book"}
         assert request(mallory, late_type)["code"] == "frame_too_large"
         assert_ping_works(mallory)
+
+
+def test_unclaimed_limit_refusals_do_not_close_an_honest_burst(extra_nodes, data_dir):
+    """A sender far ahead of its recipient's codes is refused past the cap, message by
+    message, but it made no mistake: those refusals do not count toward --max-errors."""
+    node = extra_nodes("burst", handshake_timeout=20, max_unclaimed=2, max_errors=3)
+    with logged_in_sockets(node.port, data_dir, "alice", "bob") as socks:
+        alice = socks["alice"]
+        root = open_announced_book(node, data_dir, alice, "alice", 10).root.hex()
+        alice.sendall(b"".join(send_frame("bob", f"b{i}", root, i) for i in range(10)))
+        answers = in_order(read_frames(alice, 10))
+        assert [status for _, status in answers] == ["delivered"] * 2 + ["unclaimed_limit"] * 8
+        assert_ping_works(alice)

@@ -206,7 +206,8 @@ class Session:
         self._write_held(burst.outbox)
         self.errors += 1
         refusals = self._refusal_times
-        refusals.append(self._now)
+        if exc.code != "unclaimed_limit":  # back-pressure on an honest burst, not a client's mistake
+            refusals.append(self._now)
         refusal = exc.to_message()
         if exc.req is not None:
             refusal["req"] = exc.req
