@@ -148,6 +148,8 @@ class Session:
         ledger = node.ledger
         rule, reserve, max_unclaimed = node.send_rule, ledger.reserve, ledger.max_unclaimed
         sent_waiting, received_waiting = ledger.sent_waiting.get, ledger.received_waiting.get
+        # how many more deliveries this sender may have waiting: the ledger's count, less this burst's
+        sent_left = max_unclaimed - sent_waiting(self.name, 0)
         held, in_order, receipts = self._held, self._held_deliveries, self._held_receipts
         try:
             for payload in payloads:
@@ -159,7 +161,8 @@ class Session:
                         body, plain_id = self._deliver_prefix + payload[_SEND_PREFIX_LENGTH:], True
                     else:
                         send = self._handle(payload)
-                        if send is None:
+                        if send is None:  # an auth, a claim, ...: the sender's count may have changed
+                            sent_left = max_unclaimed - sent_waiting(self.name, 0) - len(in_order)
                             continue
                         (header, body), plain_id = send, False
                     # One relay step for a send, whichever reader read it: the rule set, the
@@ -173,11 +176,12 @@ class Session:
                         delivery = (msg_id, self.name, header[0], header[2], now)
                         frames = held.get(recipient)
                         # at most max_unclaimed deliveries wait for their code, per sender and per
-                        # recipient: the ledger's counts plus this burst's (in_order, frames)
-                        if sent_waiting(self.name, 0) + len(in_order) >= max_unclaimed or \
+                        # recipient: the ledger's counts plus this burst's (sent_left, frames)
+                        if sent_left <= 0 or \
                                 received_waiting(header[0], 0) + (len(frames) >> 1 if frames else 0) >= max_unclaimed:
                             raise unclaimed_limit(ledger, delivery)
                         reserve(delivery)
+                        sent_left -= 1
                         if frames is None:
                             held[recipient] = frames = []
                         frames += (_FRAME_LENGTH(len(body)), body)
