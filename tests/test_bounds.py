@@ -276,7 +276,9 @@ def test_a_join_costs_the_same_at_10_and_10000_channels_and_the_reply_is_paged(t
             times, last = _join_times(node, data_dir)
             medians[count] = statistics.median(times)
         print(f"join: median {medians[10] * 1e3:.2f} ms at 10 channels, {medians[10_000] * 1e3:.2f} ms at 10,000")
-        assert medians[10_000] < 3 * medians[10] + 0.002, medians
+        # each join is an fsync, noisy on a shared disk: the slack is wide, the old cost (232 ms
+        # against 3 ms here, and growing with the count) far wider
+        assert medians[10_000] < 3 * medians[10] + 0.010, medians
         assert len(last["all"]) == relay_node.CHANNELS_PAGE and last["more"] is True
         assert len(wire.encode(last)) < 4096
         # paging: `after` the last name of a page gives the next one, up to the end
