@@ -499,7 +499,8 @@ def test_a_client_that_stops_reading_does_not_stall_the_watchdog(extra_nodes, da
     SO_SNDTIMEO = 10 s) holding that connection's send lock. When the hog then goes idle, the one
     watchdog thread must not wait behind that lock: other connections still get timed out."""
     ensure_users(data_dir, "hog")
-    node = extra_nodes("watchdog", handshake_timeout=1, idle_timeout=2)
+    # cpu_share=0: the hog's lookups must block the node's write, not have it pace the hog (sleep)
+    node = extra_nodes("watchdog", handshake_timeout=1, idle_timeout=2, cpu_share=0)
     lookup = wire.encode({"type": "lookup", "name": "hog"})  # ~40 bytes in, ~540 bytes back
     with contextlib.ExitStack() as stack:
         hog = socket.socket()
