@@ -373,12 +373,8 @@ def test_more_than_max_errors_bad_frames_close_the_connection(tester_node):
         frames, elapsed = read_until_closed(attacker, timeout=3)
         assert codes(frames) == ["bad_frame"] * max_errors  # and not one answer more
         assert elapsed < 2
-        # max_errors counts errors in a row: one fewer, a good frame, and again, is tolerated
-        patient = connect(tester_node.port, stack)
-        for _ in range(2):
-            patient.sendall(raw_frame(b"[1,2]") * (max_errors - 1))
-            assert codes([read_frame(patient) for _ in range(max_errors - 1)]) == ["bad_frame"] * (max_errors - 1)
-            assert_ping_works(patient)
+        # refusals count over a sliding window, so a ping between runs no longer resets them:
+        # tests/test_bounds.py::test_a_ping_every_19_errors_no_longer_keeps_a_connection_alive
     assert_node_serves_a_pair(tester_node)
 
 
@@ -503,7 +499,8 @@ def test_a_client_that_stops_reading_does_not_stall_the_watchdog(extra_nodes, da
     SO_SNDTIMEO = 10 s) holding that connection's send lock. When the hog then goes idle, the one
     watchdog thread must not wait behind that lock: other connections still get timed out."""
     ensure_users(data_dir, "hog")
-    node = extra_nodes("watchdog", handshake_timeout=1, idle_timeout=2)
+    # cpu_share=0: the hog's lookups must block the node's write, not have it pace the hog (sleep)
+    node = extra_nodes("watchdog", handshake_timeout=1, idle_timeout=2, cpu_share=0)
     lookup = wire.encode({"type": "lookup", "name": "hog"})  # ~40 bytes in, ~540 bytes back
     with contextlib.ExitStack() as stack:
         hog = socket.socket()

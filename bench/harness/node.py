@@ -67,7 +67,8 @@ class NodeProcess:
 
     def __init__(self, data: Path, rpc_url: str, *, label: str = "node", log_level: str = "warning",
                  batch_size: int | None = None, batch_wait: float | None = None,
-                 max_connections: int | None = None, cpus: set[int] | None = None,
+                 max_connections: int | None = None, extra_args: list[str] | None = None,
+                 cpus: set[int] | None = None,
                  profile: Path | None = None, profile_clock: str = "cpu"):
         self.label, self.data, self.profile = label, data, profile
         self.port = free_port(HOST)
@@ -77,6 +78,7 @@ class NodeProcess:
                             ("--max-connections", max_connections)):
             if value is not None:
                 args += [flag, str(value)]
+        args += extra_args or []
         if profile is not None:
             profile.parent.mkdir(parents=True, exist_ok=True)
             profile.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 
-from dm import datadir
+from dm import datadir, wire
 from dm.chain import DEFAULT_RPC_URL
 from dm.client.commands import check_target
 from dm.client.connection import RECONNECT_FOR, RECONNECT_MAX_DELAY, RELEASE_TIMEOUT
@@ -40,7 +40,8 @@ def parse_args(argv=None):
                                           f"chain in the data directory's deployment.json, else {DEFAULT_RPC_URL})")
     parser.add_argument("--pay", choices=["book", "single"], default="book",
                         help="book: prepay codes in bulk (default); single: one registerBounty per message")
-    parser.add_argument("--book-size", type=int, default=100, help="codes per prepaid book (default: 100)")
+    parser.add_argument("--book-size", type=int, default=100,
+                        help=f"codes per prepaid book, at most {wire.MAX_BOOK_LEAVES} (default: 100)")
     parser.add_argument("--release-timeout", type=float, default=RELEASE_TIMEOUT,
                         help="seconds to wait for the node's key after returning a code before telling you "
                              "the node kept it (default: %(default)g)")
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
     try:
         datadir.check_name(args.me)
         args.peer = check_target(args.peer)
-        if args.book_size < 1:
-            raise ClientError("--book-size must be at least 1")
+        if not 1 <= args.book_size <= wire.MAX_BOOK_LEAVES:  # a node takes at most this many leaves per book
+            raise ClientError(f"--book-size must be 1 to {wire.MAX_BOOK_LEAVES}")
         if args.reconnect_for < 0 or args.reconnect_max_delay <= 0:
             raise ClientError("--reconnect-for must be 0 or more, --reconnect-max-delay more than 0")
         if not args.release_timeout > 0:

@@ -13,9 +13,12 @@ import socket
 import sys
 import threading
 
-from dm import datadir
+from dm import datadir, wire
 from dm.chain import DEFAULT_RPC_URL
-from dm.relay import DEV_CONFIRMATIONS, LOOKUPS_PER_SECOND, REAL_CONFIRMATIONS, TESTER_CONFIRMATIONS
+from dm.relay import (CPU_SHARE, DEV_CONFIRMATIONS, ERROR_WINDOW, LOOKUPS_PER_SECOND, MAX_BOOKS_PER_USER,
+                      REAL_CONFIRMATIONS, TESTER_CONFIRMATIONS)
+from dm.relay.channels import MAX_CHANNELS_PER_USER, MAX_MEMBERS
+from dm.relay.ledger import MAX_UNCLAIMED
 from dm.relay.presence import MAX_WATCHES
 
 # web3 and the node are imported inside the functions below, so that --help answers at once.
@@ -43,6 +46,10 @@ def build_node(args):
         node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=dev_faucet,
                     host=args.host, port=args.port, max_connections=args.max_connections,
                     max_watches=args.max_watches,
+                    claim_timeout=args.claim_timeout, max_unclaimed=args.max_unclaimed,
+                    max_errors=args.max_errors, error_window=args.error_window, max_books=args.max_books,
+                    max_book_leaves=args.max_book_leaves, max_channels=args.max_channels,
+                    max_members=args.max_members, cpu_share=args.cpu_share,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait,
                                       "confirmations": args.confirmations})
     except BaseException:
@@ -59,6 +66,19 @@ def _at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of blocks, 1 or more (got {text!r})")
     return value
+
+
+def _positive(kind, zero: bool = False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value >= 0 if zero else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'above 0'}, not {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def parse_args(argv=None):
@@ -84,6 +104,34 @@ def parse_args(argv=None):
     parser.add_argument("--max-watches", type=int, default=MAX_WATCHES, metavar="N",
                         help="names one user may watch for presence at a time; past it `watch` is refused "
                              "with watch_limit (default: %(default)d)")
+    limits = parser.add_argument_group("limits per user (each refusal says which limit it hit)")
+    limits.add_argument("--claim-timeout", type=_positive(float), default=3600, metavar="SECONDS",
+                        help="how long a delivered message waits for its code before the node forgets it "
+                             "(default: %(default)g)")
+    limits.add_argument("--max-unclaimed", type=_positive(int), default=MAX_UNCLAIMED, metavar="N",
+                        help="delivered messages a user may have waiting for their codes at once, as sender and "
+                             "as recipient; past it sends are refused with unclaimed_limit. Honest clients return "
+                             "codes within seconds, so %(default)d is minutes of traffic, and it bounds what a "
+                             "recipient that never pays (or a colluding pair) gets for free (default: %(default)d)")
+    limits.add_argument("--max-errors", type=_positive(int), default=20, metavar="N",
+                        help="refusals within --error-window that close a connection (default: %(default)d)")
+    limits.add_argument("--error-window", type=_positive(float), default=ERROR_WINDOW, metavar="SECONDS",
+                        help="the sliding window --max-errors counts over; answered frames in between do not "
+                             "reset it (default: %(default)g)")
+    limits.add_argument("--max-books", type=_positive(int), default=MAX_BOOKS_PER_USER, metavar="N",
+                        help="unexpired books a user may have announced at once (default: %(default)d)")
+    limits.add_argument("--max-book-leaves", type=_positive(int), default=wire.MAX_BOOK_LEAVES, metavar="N",
+                        help="leaves in one `book` frame; the reference client makes books of at most "
+                             f"{wire.MAX_BOOK_LEAVES} (default: %(default)d)")
+    limits.add_argument("--max-channels", type=_positive(int), default=MAX_CHANNELS_PER_USER, metavar="N",
+                        help="channels a user may be in at once (default: %(default)d)")
+    limits.add_argument("--max-members", type=_positive(int), default=MAX_MEMBERS, metavar="N",
+                        help="members of one channel; each channel line is one paid copy per member "
+                             "(default: %(default)d)")
+    limits.add_argument("--cpu-share", type=_positive(float, zero=True), default=CPU_SHARE, metavar="FRACTION",
+                        help="CPU one connection may use on frames other than plain sends (handshakes, books, "
+                             "lookups), as a share of a core; past it the connection waits, so others go first. "
+                             "0 turns pacing off (default: %(default)g)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 

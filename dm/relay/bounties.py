@@ -12,6 +12,7 @@ node does not take a bounty it already redeemed for open).
 """
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -55,7 +56,10 @@ class BountyIndex:
     without it. `books_by_hex` (the first announced book per root, for the hot path) and
     `_announced` are written by connection threads with one dict operation each and read
     without a lock: a (sender, root) always maps to the same OpenBook object (book() hands out
-    the one in `_books`), whose `tree` is set once."""
+    the one in `_books`), whose `tree` is set once. `_expiring` (a heap of what the index
+    holds, by expiry) and `announced_by` (sender -> the roots it announced) are written under
+    `_lock`; forget_expired() drops what has expired from every table and from disk (the
+    watchdog thread)."""
 
     def __init__(self, token: ethereum.BountyToken, relayer: str, books_dir: Path | None = None,
                  clock: Callable[[], float] = time.time, from_block: int = 0,
@@ -78,6 +82,8 @@ class BountyIndex:
         self._budget, self._budget_at = lookups_per_second, time.monotonic()  # a token bucket, under _lock
         self.books_by_hex: dict[str, OpenBook] = {}  # the first announced book per root hex, for the hot path
         self._announced: dict[tuple[str, str], OpenBook] = {}  # (root hex, sender) -> announced book
+        self._expiring: list[tuple[int, tuple[str, bytes]]] = []  # heap of (expiry, key) of what is held above
+        self.announced_by: dict[str, set[bytes]] = {}  # book sender's address -> roots it announced
 
     def sync(self) -> None:
         """Apply events from the blocks not seen yet."""
@@ -105,11 +111,13 @@ class BountyIndex:
                 if key not in self._closed:
                     self._bounties[key] = args["expiry"]
                     self._single_senders[key[1]] = key[0]
+                    heapq.heappush(self._expiring, (args["expiry"], key))
             for event in opened:
                 args = event["args"]
                 key = (args["sender"], bytes(args["root"]))
                 if key not in self._books and key not in self._closed:
                     self._books[key] = OpenBook(args["size"], args["expiry"], args["sender"])
+                    heapq.heappush(self._expiring, (args["expiry"], key))
             # A (sender, hash) is registered at most once ever, so closing after opening is safe
             # whatever the order of the events within this span.
             for event in [*redeemed, *refunded]:
@@ -180,6 +188,7 @@ class BountyIndex:
                     with self._lock:
                         self._bounties[key] = expiry
                         self._single_senders.setdefault(code_hash, sender)
+                        heapq.heappush(self._expiring, (expiry, key))
             else:
                 self.catch_up()
                 expiry = self._bounties.get(key)
@@ -200,7 +209,10 @@ class BountyIndex:
                 if info.relayer != self.relayer or info.refunded or info.size == 0:
                     return None
                 with self._lock:
-                    book = self._books.setdefault(key, OpenBook(info.size, info.expiry, sender))
+                    book = self._books.get(key)
+                    if book is None:
+                        self._books[key] = book = OpenBook(info.size, info.expiry, sender)
+                        heapq.heappush(self._expiring, (info.expiry, key))
             else:
                 self.catch_up()
                 book = self._books.get(key)
@@ -246,6 +258,8 @@ class BountyIndex:
                 tmp = saved.with_suffix(".tmp")
                 tmp.write_text(json.dumps([leaf.hex() for leaf in leaves]))
                 os.replace(tmp, saved)
+            with self._lock:
+                self.announced_by.setdefault(sender, set()).add(root)
         return book
 
     def still_open(self, sender: str, paid_by: tuple, now: float | None = None) -> bool:
@@ -262,3 +276,51 @@ class BountyIndex:
         """The single bounty was redeemed: it pays no further message."""
         with self._lock:
             self._close_single((sender, code_hash))
+
+    def bounty_expiry(self, paid_by: tuple) -> int | None:
+        """The chain expiry of a bounty key (dm.wire.bounty_key), None when the index no longer
+        holds it (then it has expired, or was redeemed or refunded)."""
+        if paid_by[0] == "book":
+            book = self.books_by_hex.get(paid_by[1])
+            return book.expiry if book is not None else None
+        code_hash = bytes.fromhex(paid_by[1])
+        sender = self._single_senders.get(code_hash)
+        return None if sender is None else self._bounties.get((sender, code_hash))
+
+    def open_books_announced(self, sender: str, chain_now: float) -> int:
+        """How many books `sender` announced that have not expired by `chain_now`."""
+        with self._lock:
+            roots = self.announced_by.get(sender, ())
+            return sum(1 for root in roots
+                       if (book := self._books.get((sender, root))) is not None and book.expiry > chain_now)
+
+    def forget_expired(self, chain_now: float) -> int:
+        """Drop every bounty and book that expired before `chain_now`, from memory and its
+        leaves from disk: nothing can pay with it any more, and a code for it can no longer be
+        redeemed (the contract refuses an expired bounty). Returns how many books were dropped."""
+        dropped = []
+        with self._lock:
+            expiring = self._expiring
+            while expiring and expiring[0][0] < chain_now:
+                _, key = heapq.heappop(expiring)
+                self._closed.discard(key)  # an expired key can never be opened again: no need to remember it
+                if self._bounties.pop(key, None) is not None:
+                    if self._single_senders.get(key[1]) == key[0]:
+                        del self._single_senders[key[1]]
+                book = self._books.pop(key, None)
+                if book is not None:
+                    sender, root = key
+                    root_hex = root.hex()
+                    if self.books_by_hex.get(root_hex) is book:
+                        del self.books_by_hex[root_hex]
+                    self._announced.pop((root_hex, sender), None)
+                    roots = self.announced_by.get(sender)
+                    if roots is not None:
+                        roots.discard(root)
+                        if not roots:
+                            del self.announced_by[sender]
+                    dropped.append(key)
+        if self.books_dir is not None:
+            for sender, root in dropped:
+                self._saved_leaves(sender, root).unlink(missing_ok=True)
+        return len(dropped)

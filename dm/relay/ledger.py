@@ -4,10 +4,18 @@ A delivery is a plain tuple, `Delivery = (msg_id, sender, recipient, paid_by, de
 with paid_by from dm.wire.bounty_key. Plain tuples on purpose: millions can be pending, and
 CPython's collector stops tracking tuples of plain values but rescans every class instance on
 each full collection, which doubled the relay's cost per message.
+
+Everything here is bounded: a delivery leaves `pending` when its code comes back or its claim
+timeout passes, and its bounty leaves `used` once the bounty (or its book) has expired on chain,
+after which no message can carry it anyway. `max_unclaimed` caps how many deliveries one user
+may have waiting for their code, as sender and as recipient (issue 10 part 2).
 """
 from __future__ import annotations
 
 import collections
+import heapq
+import threading
+from typing import Callable
 
 from dm.wire import ProtocolError
 
@@ -23,26 +31,43 @@ class AlreadyDelivered(ProtocolError):
         super().__init__("duplicate", "already delivered", ref=msg_id)
 
 
+# A recipient of many users, or a sender to many, gets its deliveries' codes back within
+# seconds; 1,000 waiting at once is minutes of honest traffic, and bounds what a colluding pair
+# (or a recipient that never claims) gets without paying to 1,000 messages.
+MAX_UNCLAIMED = 1000
+
+
 class DeliveryLedger:
-    """Reservations (bounty -> delivery, msg_id -> delivery), claims and expiry.
+    """Reservations (bounty -> delivery, msg_id -> delivery), claims, expiry and the per-user
+    counts of deliveries waiting for their code.
 
     Thread-safety: connection threads reserve, release and claim without a lock. Every insert
     is a dict.setdefault and every removal checks that the entry is still the one it means,
     each atomic under the GIL, so two threads racing for one bounty or one msg_id see exactly
     one winner. `expiring` is appended by connection threads (deque.append is atomic) and
-    consumed only by forget_settled(), which only the watchdog thread calls. `unjournaled` is
-    appended by connection threads and consumed only by the delivery log's writer thread
-    (dm.relay.journal.DeliveryLog, whose `feed` it is). restore() runs before any thread.
+    consumed only by forget_settled(), which only the watchdog thread calls; so is
+    `_used_until`. `unjournaled` is appended by connection threads and consumed only by the
+    delivery log's writer thread (dm.relay.journal.DeliveryLog, whose `feed` it is).
+    restore() runs before any thread. The waiting counts (`sent_waiting`, `received_waiting`)
+    are written only under `_count_lock` (once per burst, per claim, per watchdog tick), and read without it
+    by the burst loop: a read sees the count before or after a change, never a torn one.
     """
 
-    def __init__(self, claim_timeout: float):
+    def __init__(self, claim_timeout: float, max_unclaimed: int = MAX_UNCLAIMED,
+                 bounty_expiry: Callable[[tuple], float | None] = lambda paid_by: None):
         self.claim_timeout = claim_timeout
+        self.max_unclaimed = max_unclaimed
+        self.bounty_expiry = bounty_expiry  # paid_by -> its chain expiry, None when unknown
         self.pending: dict[str, Delivery] = {}  # msg_id -> delivery awaiting its code
         # bounty -> the delivery it paid for, or just its msg_id once that is no longer pending
         self.used: dict[tuple, Delivery | str] = {}
         self.expiring: collections.deque[Delivery] = collections.deque()  # deliveries, oldest first
         # Each burst's deliveries, for dm.relay.journal's writer thread to make durable.
         self.unjournaled: collections.deque[tuple] = collections.deque()
+        self.sent_waiting: dict[str, int] = {}  # sender -> its deliveries waiting for a code
+        self.received_waiting: dict[str, int] = {}  # recipient -> the same
+        self._count_lock = threading.Lock()
+        self._used_until: list[tuple[float, tuple]] = []  # heap of (bounty expiry, bounty) no longer pending
 
     def reserve(self, delivery: Delivery) -> None:
         """Take the delivery's bounty and msg_id, or refuse if either is taken. A bounty already
@@ -65,21 +90,43 @@ class DeliveryLedger:
         if self.pending.get(msg_id) is delivery:
             self.pending.pop(msg_id, None)
 
-    def delivered(self, deliveries: list[Delivery]) -> None:
-        """These reservations reached their recipients: their claim clock runs, and the
-        journal's writer thread records them (one tuple copy and one append per burst)."""
+    def delivered(self, deliveries: list[Delivery], per_recipient: dict[str, int] | None = None) -> None:
+        """These reservations, all from one sender, reached their recipients: their claim clock
+        runs, and they count as waiting. `per_recipient` (name -> how many) spares a count."""
+        if not deliveries:
+            return
         self.expiring.extend(deliveries)
-        self.unjournaled.append(tuple(deliveries))
+        self.unjournaled.append(tuple(deliveries))  # for the journal's writer thread: one copy per burst
+        if per_recipient is None:
+            per_recipient = collections.Counter(d[2] for d in deliveries)
+        sender, sent, received = deliveries[0][1], self.sent_waiting, self.received_waiting
+        with self._count_lock:
+            sent[sender] = sent.get(sender, 0) + len(deliveries)
+            for recipient, count in per_recipient.items():
+                received[recipient] = received.get(recipient, 0) + count
+
+    def _drop_waiting(self, sender: str, recipient: str) -> None:  # with _count_lock held
+        for counts, name in ((self.sent_waiting, sender), (self.received_waiting, recipient)):
+            left = counts.get(name, 0) - 1
+            if left > 0:
+                counts[name] = left
+            else:
+                counts.pop(name, None)  # a user with nothing waiting costs no entry
 
     def restore(self, pending: list[Delivery], used: list) -> None:
         """What a previous run left (dm.relay.journal.restore): deliveries still waiting for
-        their code, and bounties that carried a message. Before the node serves anyone."""
+        their code, and bounties that carried a message (kept for this run: the journal's
+        restore already dropped those that can no longer pay). Before the node serves anyone."""
         for paid_by in used:
             self.used[paid_by] = SETTLED
         for delivery in sorted(pending, key=lambda d: d[4]):
             self.used[delivery[3]] = delivery
             self.pending[delivery[0]] = delivery
             self.expiring.append(delivery)
+        with self._count_lock:
+            for delivery in pending:
+                self.sent_waiting[delivery[1]] = self.sent_waiting.get(delivery[1], 0) + 1
+                self.received_waiting[delivery[2]] = self.received_waiting.get(delivery[2], 0) + 1
 
     def awaiting(self, msg_id: str, recipient: str) -> Delivery | None:
         """The delivery to `recipient` that waits for this code, if any."""
@@ -90,19 +137,35 @@ class DeliveryLedger:
         """Its code came back: True for the one caller that settles it."""
         if self.pending.get(delivery[0]) is not delivery:
             return False
-        return self.pending.pop(delivery[0], None) is delivery
+        if self.pending.pop(delivery[0], None) is not delivery:
+            return False
+        with self._count_lock:
+            self._drop_waiting(delivery[1], delivery[2])
+        return True
 
-    def forget_settled(self, now: float) -> None:
+    def forget_settled(self, now: float, chain_now: float | None = None) -> None:
         """Drop deliveries whose code came back, and those that waited longer than the claim
-        timeout (their bounty stays used). Oldest first, so the queue stays short while
-        recipients answer. The watchdog thread only."""
+        timeout (their bounty stays used until it expires on chain). Oldest first, so the queue
+        stays short while recipients answer. Then drop the used bounties that have expired by
+        `chain_now`. The watchdog thread only."""
         expiring, pending, used = self.expiring, self.pending, self.used
+        used_until, expiry_of = self._used_until, self.bounty_expiry
         while expiring:
-            msg_id, _, _, paid_by, delivered_at = delivery = expiring[0]
+            msg_id, sender, recipient, paid_by, delivered_at = delivery = expiring[0]
             if pending.get(msg_id) is delivery:
                 if now - delivered_at <= self.claim_timeout:
                     break
-                pending.pop(msg_id, None)
+                if pending.pop(msg_id, None) is delivery:
+                    with self._count_lock:
+                        self._drop_waiting(sender, recipient)
             if used.get(paid_by) is delivery:
                 used[paid_by] = msg_id  # keep the bounty used (and resends answered), free the rest
+                expiry = expiry_of(paid_by)
+                # unknown expiry (a book forgotten already): it expired, drop at the next sweep
+                heapq.heappush(used_until, (expiry if expiry is not None else float("-inf"), paid_by))
             expiring.popleft()
+        if chain_now is not None:
+            while used_until and used_until[0][0] < chain_now:
+                _, paid_by = heapq.heappop(used_until)
+                if type(used.get(paid_by)) is str:  # an expired bounty pays for nothing: no need to remember it
+                    del used[paid_by]

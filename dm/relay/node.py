@@ -23,9 +23,10 @@ from pathlib import Path
 from dm import datadir, wire
 from dm.chain import ethereum
 from dm.chain.faucet import Faucet
+from dm.relay import CPU_SHARE, ERROR_WINDOW, MAX_BOOKS_PER_USER
 from dm.relay.bounties import BountyIndex
-from dm.relay.channels import ChannelRegistry
-from dm.relay.ledger import DeliveryLedger
+from dm.relay.channels import CHANNELS_PAGE, MAX_CHANNELS_PER_USER, MAX_MEMBERS, ChannelRegistry
+from dm.relay.ledger import MAX_UNCLAIMED, DeliveryLedger
 from dm.relay.pins import PinStore
 from dm.relay.presence import MAX_WATCHES, Presence
 from dm.relay.journal import DeliveryLog, Journal, restore
@@ -35,6 +36,7 @@ from dm.relay.sealing import NodeLayer, load_secret
 from dm.relay.server import Server
 
 log = logging.getLogger("node")
+EXPIRED_SWEEP_SECONDS = 5.0  # how often expired bounties and books are dropped
 
 
 class Node:
@@ -48,15 +50,23 @@ class Node:
                  index: BountyIndex, redeemer_options: dict | None = None, faucet: Faucet | None = None,
                  host: str = "localhost", port: int = 12345, max_connections: int = 10_000,
                  handshake_timeout: float = 10, frame_timeout: float = 10, idle_timeout: float = 600,
-                 max_errors: int = 20, claim_timeout: float = 3600, max_watches: int = MAX_WATCHES,
+                 max_errors: int = 20, error_window: float = ERROR_WINDOW, claim_timeout: float = 3600,
+                 max_unclaimed: int = MAX_UNCLAIMED, max_books: int = MAX_BOOKS_PER_USER,
+                 max_book_leaves: int = wire.MAX_BOOK_LEAVES, max_channels: int = MAX_CHANNELS_PER_USER,
+                 max_members: int = MAX_MEMBERS, cpu_share: float = CPU_SHARE, max_watches: int = MAX_WATCHES,
                  clock=time.monotonic):
         self.token, self.signer, self.index, self.faucet = token, signer, index, faucet
-        self.max_errors = max_errors
+        self.max_errors, self.error_window = max_errors, error_window
+        self.max_books, self.max_book_leaves = max_books, max_book_leaves
+        # only a send may be larger (dm.wire.MAX_OTHER_FRAME), unless books may be: 67 bytes a leaf
+        self.max_other_frame = max(wire.MAX_OTHER_FRAME, 70 * max_book_leaves + 1024)
+        self.cpu_share = cpu_share  # of a core, per connection, for general-path frames; 0: unpaced
         node_dir = data_dir / "node"
         self.node_id = datadir.ensure_secret(node_dir / "node_id", lambda: secrets.token_hex(16))
         self.pins = PinStore(node_dir / "pins.json")
-        self.channels = ChannelRegistry(node_dir / "channels.json")
-        self.ledger = DeliveryLedger(claim_timeout)
+        self.channels = ChannelRegistry(node_dir / "channels.json", max_channels, max_members)
+        self.ledger = DeliveryLedger(claim_timeout, max_unclaimed, index.bounty_expiry)
+        self._swept_at = float("-inf")
         self.layer = NodeLayer(load_secret(node_dir))
         self.clock = clock
         self.delivery_log = DeliveryLog(node_dir / "deliveries.log")
@@ -150,11 +160,28 @@ class Node:
     def _channels_of(self, name: str) -> list[frozenset]:
         return [members for members in list(self.channels.members.values()) if name in members]
 
-    def channel_reply(self, name: str, channel: str | None = None) -> dict:
-        reply = {"type": "channels", "joined": self.channels.joined_by(name), "all": self.channels.sizes()}
+    def channel_reply(self, name: str, channel: str | None = None, after: str | None = None) -> dict:
+        """The asker's channels, and one page of every channel (CHANNELS_PAGE, after `after`)."""
+        page, more = self.channels.page(after, CHANNELS_PAGE)
+        reply = {"type": "channels", "joined": self.channels.joined_by(name), "all": page}
+        if more:
+            reply["more"] = True
         if channel:
             reply["channel"] = channel  # the one just joined or left
         return reply
+
+    # --- keeping memory and disk bounded -------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """The watchdog's tick: forget settled and timed-out deliveries, then, every
+        EXPIRED_SWEEP_SECONDS, the bounties and books that expired on chain."""
+        chain_now = self.index.clock()
+        self.ledger.forget_settled(now, chain_now)
+        if now - self._swept_at >= EXPIRED_SWEEP_SECONDS:
+            self._swept_at = now
+            dropped = self.index.forget_expired(chain_now)
+            if dropped:
+                log.info("dropped %d expired book(s)", dropped)
 
     # --- getting paid ---------------------------------------------------------------------
 

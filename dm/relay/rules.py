@@ -8,7 +8,11 @@ The checks, in this order (docs/PROTOCOL.md lists the same order):
      and it was paid for by the sender's own account         -> unpaid
   4. the `deliver` fits in one frame                         -> frame_too_large
   5. the recipient is online                                 -> receipt "offline" (not an error)
-The reservation of the bounty and the msg_id (dm.relay.ledger) comes after these.
+  6. neither the sender nor the recipient already has
+     --max-unclaimed deliveries waiting for their code        -> unclaimed_limit
+The reservation of the bounty and the msg_id (dm.relay.ledger) comes after these. Check 6
+counts the burst's own deliveries too, so the burst loop (dm.relay.session) makes it, with the
+ledger's counts, and raises unclaimed_limit() below.
 """
 from __future__ import annotations
 
@@ -61,3 +65,16 @@ def make_send_rule(pinned, channels, index, online: dict) -> Callable:
         return None if recipient is None or recipient.transport.closed else recipient
 
     return rule_on_send
+
+
+def unclaimed_limit(ledger, delivery: tuple) -> ProtocolError:
+    """Check 6's refusal: `delivery` (dm.relay.ledger.Delivery) would put its sender or its
+    recipient past ledger.max_unclaimed deliveries waiting for their code."""
+    msg_id, sender, recipient = delivery[0], delivery[1], delivery[2]
+    cap = ledger.max_unclaimed
+    if ledger.received_waiting.get(recipient, 0) >= cap > ledger.sent_waiting.get(sender, 0):
+        who = f"{recipient} has {cap} messages"
+    else:
+        who = f"you have {cap} sent messages"
+    return ProtocolError("unclaimed_limit", f"{who} waiting for their codes (the node's --max-unclaimed): send "
+                         "again once codes come back, or after the claim timeout", ref=msg_id)

@@ -115,6 +115,9 @@ class Server:
                 if not data:
                     break
                 session.receive(data, clock())
+                pause = session.pause_needed(clock())
+                if pause:  # over its CPU share (dm.relay.session.CPU_SHARE): others go first
+                    time.sleep(pause)
                 session.answered(clock())
         finally:
             transport.close()
@@ -134,7 +137,7 @@ class Server:
         reported, next_report = self.relayed, self.clock() + RELAY_REPORT_SECONDS
         while not self._stop.wait(WATCHDOG_SECONDS):
             now = self.clock()
-            self.node.ledger.forget_settled(now)
+            self.node.sweep(now)
             if now >= next_report:
                 relayed = self.relayed
                 if relayed != reported:

@@ -11,16 +11,20 @@ the node's own layer (dm.relay.sealing), whose key it releases for the message's
 from __future__ import annotations
 
 import base64
+import collections
 import logging
 import secrets
+import time
 
 from eth_utils import keccak
 from web3 import Web3
 
 from dm import crypto, datadir, wire
+from dm.relay import CPU_SHARE
 from dm.relay.connection import burst
 from dm.relay.ledger import AlreadyDelivered
 from dm.relay.redeemer import Claim
+from dm.relay.rules import unclaimed_limit
 from dm.wire import ProtocolError
 from dm.wire.send import deliver_prefix, encode_deliver, read_send, send_header, splice_deliver
 
@@ -31,6 +35,12 @@ _RECEIPT_HEAD = b'{"type":"receipt","msg_id":"'
 _RECEIPT_DELIVERED = b'","status":"delivered"}'
 _RECEIPT_FIXED = len(_RECEIPT_HEAD) + len(_RECEIPT_DELIVERED)
 _BACKSLASH = 92
+# CPU a connection may spend on frames the fast reader does not take (handshakes, `book`
+# hashing, parsing, lookups): a share of one core, with a burst allowance. A connection past it
+# is paused (its thread sleeps, the GIL free) until its share has paid the debt back, so one
+# hostile connection cannot keep other connections' messages waiting. An honest client's
+# handshake, books and requests cost a few ms now and then and never come near it.
+CPU_BURST = 0.25  # seconds of CPU a quiet connection may spend at once (a 10,000-leaf book is ~0.1 s)
 
 
 def _confusable(name: str, look_alike: str) -> ProtocolError:
@@ -66,7 +76,13 @@ class Session:
         self.proved = False
         self.connected_at = self.last_frame_at = now
         self.frame_started_at: float | None = None
-        self.errors = 0  # refusals in a row
+        self.errors = 0  # refusals this session
+        # The times of the last max_errors refusals: that many within error_window closes the
+        # connection, whatever was answered in between (a ping no longer wipes the slate).
+        self._refusal_times: collections.deque[float] = collections.deque(maxlen=max(1, node.max_errors))
+        self._now = now  # the time of the read being handled
+        self.cpu_spent = 0.0  # CPU time of general-path frames not yet set against the budget
+        self._cpu_budget, self._cpu_budget_at = CPU_BURST, now
         self.relayed = 0  # messages this session sent that reached their recipient
         self._deliver_prefix = b""
         # A burst's deliveries, held until the burst ends or something else must be written
@@ -89,6 +105,7 @@ class Session:
         # One check per read instead of one per frame: frames made only of plain bytes (ASCII,
         # no backslash) spare the fast reader its own check.
         plain = self._plain_buffer and _BACKSLASH not in data and data.isascii()
+        self._now = now
         try:
             payloads = self.decoder.feed(data)
         except ProtocolError as exc:
@@ -129,7 +146,11 @@ class Session:
         burst.outbox = outbox = set()
         node, transport = self.node, self.transport
         chain_now = node.index.clock()  # one clock read per burst for bounty expiry
-        rule, reserve, seal = node.send_rule, node.ledger.reserve, node.layer.seal
+        ledger = node.ledger
+        rule, reserve, seal, max_unclaimed = node.send_rule, ledger.reserve, node.layer.seal, ledger.max_unclaimed
+        sent_waiting, received_waiting = ledger.sent_waiting.get, ledger.received_waiting.get
+        # how many more deliveries this sender may have waiting: the ledger's count, less this burst's
+        sent_left = max_unclaimed - sent_waiting(self.name, 0)
         held, in_order, receipts = self._held, self._held_deliveries, self._held_receipts
         try:
             for payload in payloads:
@@ -142,8 +163,8 @@ class Session:
                         plain_id = True
                     else:
                         send = self._handle(payload)
-                        if send is None:
-                            self.errors = 0
+                        if send is None:  # an auth, a claim, ...: the sender's count may have changed
+                            sent_left = max_unclaimed - sent_waiting(self.name, 0) - len(in_order)
                             continue
                         (header, body), plain_id = send, False
                     # One relay step for a send, whichever reader read it: the rule set, the
@@ -156,8 +177,14 @@ class Session:
                         node.presence.subscribe(self.name, [header[0]], strict=False)  # told when they come
                     else:
                         delivery = (msg_id, self.name, header[0], header[2], now)
-                        reserve(delivery)
                         frames = held.get(recipient)
+                        # at most max_unclaimed deliveries wait for their code, per sender and per
+                        # recipient: the ledger's counts plus this burst's (sent_left, frames)
+                        if sent_left <= 0 or \
+                                received_waiting(header[0], 0) + (len(frames) >> 1 if frames else 0) >= max_unclaimed:
+                            raise unclaimed_limit(ledger, delivery)
+                        reserve(delivery)
+                        sent_left -= 1
                         if frames is None:
                             held[recipient] = frames = []
                         frames += (_FRAME_LENGTH(len(body)), body)
@@ -168,7 +195,6 @@ class Session:
                                          _RECEIPT_DELIVERED)
                         else:
                             receipts.append(receipt(msg_id, "delivered"))
-                    self.errors = 0
                 except AlreadyDelivered:  # a client's resend after a reconnect: the original outcome again
                     self._write_held(outbox)
                     transport.send_bytes(receipt(msg_id, "delivered"))
@@ -189,6 +215,9 @@ class Session:
     def _refuse(self, exc: ProtocolError) -> None:
         self._write_held(burst.outbox)
         self.errors += 1
+        refusals = self._refusal_times
+        if exc.code != "unclaimed_limit":  # back-pressure on an honest burst, not a client's mistake
+            refusals.append(self._now)
         refusal = exc.to_message()
         if exc.req is not None:
             refusal["req"] = exc.req
@@ -196,14 +225,39 @@ class Session:
             self.transport.send(refusal)
         except (ProtocolError, ValueError):  # an unencodable ref: answer without it
             self.transport.send(wire.error(exc.code, exc.message))
-        if exc.fatal or self.errors >= self.node.max_errors:
+        if exc.fatal or (len(refusals) == refusals.maxlen and self._now - refusals[0] <= self.node.error_window):
             self.transport.close()
 
     # --- the general path: parse, check, dispatch ------------------------------------
 
+    def pause_needed(self, now: float) -> float:
+        """Seconds this connection must wait before its next read to stay within CPU_SHARE
+        (0 when within it). When it is not 0, an unfinished frame's clock waits too."""
+        share = self.node.cpu_share
+        if not share:
+            return 0.0
+        budget = min(CPU_BURST, self._cpu_budget + (now - self._cpu_budget_at) * share) - self.cpu_spent
+        self._cpu_budget, self._cpu_budget_at, self.cpu_spent = budget, now, 0.0
+        if budget >= 0:
+            return 0.0
+        if self.decoder.mid_frame:  # the node's pause never counts against the client's frame timeout
+            self.frame_started_at, self._frame_clock_waits = None, True
+        return -budget / share
+
     def _handle(self, payload: bytes) -> tuple | None:
         """A frame the fast reader did not take. Returns (header, deliver body) for a send,
-        for the burst loop to relay; answers anything else itself."""
+        for the burst loop to relay; answers anything else itself. Its CPU time counts
+        against the connection's budget (pause_needed)."""
+        started = time.thread_time()
+        try:
+            return self._handle_general(payload)
+        finally:
+            self.cpu_spent += time.thread_time() - started
+
+    def _handle_general(self, payload: bytes) -> tuple | None:
+        if len(payload) > self.node.max_other_frame and not payload.startswith(wire.SEND_TYPE_PREFIX):
+            raise ProtocolError("frame_too_large", f"only a send may be larger than {self.node.max_other_frame} "
+                                'bytes, and it must begin with {"type":"send"')
         message = wire.parse(payload)
         self._req = req = wire.request_id(message)
         try:
@@ -241,7 +295,7 @@ class Session:
         ledger = self.node.ledger
         try:
             if not gone:
-                ledger.delivered(in_order)
+                ledger.delivered(in_order, {recipient.name: len(frames) >> 1 for recipient, frames in held.items()})
                 self.relayed += len(in_order)
                 self.transport.queue(receipts, outbox)
             else:
@@ -330,10 +384,12 @@ class Session:
         if outcome == "new":
             log.info("pinned %s to key %s", name, crypto.fingerprint(public_key)[:27])
         if node.faucet is not None:
+            funding_started = time.thread_time()  # the dev chain's gift is the node's choice: not billed
             if outcome == "same":  # a returning user: top up in the background, don't hold the handshake
                 node.faucet.top_up_later(name, hello["eth_address"])
             else:  # a new account must be able to pay right after welcome
                 node.faucet.fund_now(name, hello["eth_address"])
+            self.cpu_spent -= time.thread_time() - funding_started
         self.name, self.eth_address = name, hello["eth_address"]
         self._deliver_prefix = deliver_prefix(name)
         self.phase = "ready"
@@ -362,10 +418,27 @@ class Session:
         return {"type": "peers", "names": self.node.online_names()}
 
     def on_book(self, message: dict) -> dict:
+        node, index = self.node, self.node.index
+        if len(message["leaves"]) > node.max_book_leaves:  # before any hashing
+            raise ProtocolError("limit_reached", f"a book may have at most {node.max_book_leaves} leaves on this "
+                                "node (its --max-book-leaves): open smaller books")
         try:
             root = bytes.fromhex(message["root"].removeprefix("0x"))
+        except ValueError:
+            raise ProtocolError("bad_field", "book.root is not hex") from None
+        book = index.book(self.eth_address, root) if len(root) == 32 else None
+        if book is None or len(message["leaves"]) != book.size:
+            raise ProtocolError("unpaid", "no open book with that root and size is bound to this node")
+        if book.tree is None:
+            if book.sender != self.eth_address:
+                raise ProtocolError("unpaid", f"that book was opened by {book.sender}, not by your account "
+                                    f"{self.eth_address}: announce your own books")
+            if index.open_books_announced(self.eth_address, index.clock()) >= node.max_books:
+                raise ProtocolError("limit_reached", f"you have {node.max_books} open books announced on this node "
+                                    "(its --max-books): use them up, or wait until one expires")
+        try:
             leaves = [bytes.fromhex(leaf.removeprefix("0x")) for leaf in message["leaves"]]
-            book = self.node.index.announce_book(self.eth_address, root, leaves)
+            book = index.announce_book(self.eth_address, root, leaves)
         except (ValueError, TypeError, AttributeError):
             raise ProtocolError("bad_field", "book.leaves do not make book.root") from None
         if book is None:
@@ -403,8 +476,15 @@ class Session:
 
     def on_join(self, message: dict) -> dict:
         channel, channels = message["channel"].lower(), self.node.channels  # names are case-insensitive
-        if channels.join(channel, self.name):
-            log.info("%s joined %s", self.name, channel)
+        outcome = channels.join(channel, self.name)
+        if outcome == "too_many_channels":
+            raise ProtocolError("limit_reached", f"you are in {channels.max_channels} channels, the most this node "
+                                "allows (its --max-channels): leave one first", ref=channel)
+        if outcome == "full":
+            raise ProtocolError("limit_reached", f"{channel} has {channels.max_members} members, the most this node "
+                                "allows (its --max-members): try another channel", ref=channel)
+        if outcome == "joined":
+            log.debug("%s joined %s", self.name, channel)
             self.node.presence.publish_joined(channel, self.name, channels.members.get(channel, frozenset()))
         return self.node.channel_reply(self.name, channel)
 
@@ -412,7 +492,7 @@ class Session:
         channel, channels = message["channel"].lower(), self.node.channels  # names are case-insensitive
         if not channels.leave(channel, self.name):
             raise ProtocolError("not_a_member", f"you are not in {channel}", ref=channel)
-        log.info("%s left %s", self.name, channel)
+        log.debug("%s left %s", self.name, channel)
         self.node.presence.publish_left(channel, self.name, channels.members.get(channel, frozenset()))
         return self.node.channel_reply(self.name, channel)
 
@@ -432,7 +512,10 @@ class Session:
         return {"type": "unwatch", "names": names}
 
     def on_channels(self, message: dict) -> dict:
-        return self.node.channel_reply(self.name)
+        after = message.get("after")
+        if after is not None and not (isinstance(after, str) and wire.is_channel(after)):
+            raise ProtocolError("bad_channel", "channels.after must be a channel name (the last one of the page before)")
+        return self.node.channel_reply(self.name, after=after)
 
     def on_members(self, message: dict) -> dict:
         channel = message["channel"].lower()  # channel names are case-insensitive

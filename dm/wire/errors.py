@@ -30,6 +30,8 @@ ERRORS = {
     "bad_channel": "channel names are '#' and 1-31 letters, digits, '_', '-' or '.'",
     "not_a_member": "join the channel first (or the recipient is not in it)",
     "watch_limit": "you watch as many names as this node allows: unwatch some first",
+    "unclaimed_limit": "too many delivered messages wait for their codes: send again once codes come back",
+    "limit_reached": "a per-user limit of this node was reached",
     "timeout": "the connection was idle or too slow",
     "busy": "the node has too many connections",
     "internal": "the node failed to handle the message",

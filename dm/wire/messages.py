@@ -53,7 +53,7 @@ NODE_MESSAGES = {
 
 # Members a message may carry besides its required fields. Anything else is refused, so that a
 # relayed message can never smuggle a second `from` or other members past the node.
-OPTIONAL_FIELDS = {"send": {"channel": str}}
+OPTIONAL_FIELDS = {"send": {"channel": str}, "channels": {"after": str}}
 ANY_MESSAGE_OPTIONAL = ("type", "req")  # `req`: a request id, echoed in the reply
 
 # The order rules, all in one place: what a client may send in each phase.
