@@ -124,7 +124,7 @@ def test_memory_returns_to_its_baseline_after_100k_unclaimed_deliveries_expire(
         roots = []
         for _ in range(BURST // BOOK):  # announced in-process: the wire's CPU share would pace ten big books
             book = open_book_on_chain(node, data_dir, "alice", BOOK)
-            assert node.index.announce_book(book.root, book.leaf_hashes) is not None
+            assert node.index.announce_book(alice_address, book.root, book.leaf_hashes) is not None
             roots.append(book.root.hex())
         books_dir = node.index.books_dir
         assert len(list(books_dir.glob("*.json"))) == len(roots)

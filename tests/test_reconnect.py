@@ -118,7 +118,7 @@ def test_a_node_restart_costs_a_moment_and_a_line_sent_meanwhile_arrives_once_pa
         assert receipts[during] == "delivered" and alice.queue() == []
         with pytest.raises(queue.Empty):
             bob_inbox.get(timeout=0.5)  # exactly once
-        book = token.book(alice.payer._book.root)
+        book = token.book(alice.eth_address, alice.payer._book.root)
         assert book.spent == 2  # "before" and the one sent meanwhile: each paid once
         for states in (alice_states, bob_states):  # each told once, then back by itself
             assert [s[0] for s in states if s[0] != "presence"] == ["lost", "reconnecting", "reconnected"], states
@@ -147,7 +147,7 @@ def test_a_message_to_an_offline_peer_waits_on_disk_across_a_client_restart_and_
         (1, msg_id, "bob", "for when you are back"), (2, dropped, "bob", "never mind this one")]
     assert all(e.waiting and e.since > time.time() - 60 for e in listing)
     assert alice.drop(2) and not alice.drop(2) and not alice.drop(0)
-    assert token.bounty(code_hash).state == "open"  # the dropped one: never spent
+    assert token.bounty(alice.eth_address, code_hash).state == "open"  # the dropped one: never spent
 
     alice.close()  # a client restart: the outbox is a 0600 file under the client's data dir
     outbox = tester_node.data_dir / "clients" / "alice" / "outbox.journal"
@@ -157,7 +157,7 @@ def test_a_message_to_an_offline_peer_waits_on_disk_across_a_client_restart_and_
     assert [(e.msg_id, e.text) for e in alice.queue()] == [(msg_id, "for when you are back")]
     wait_until(lambda: queued == [(msg_id, "bob")], timeout=10, message="the restarted client to find bob offline")
     bounty_hash = bytes.fromhex(json.loads(alice.queue()[0].frame[4:])["bounty"]["code_hash"])
-    assert token.bounty(bounty_hash).state == "open"  # nothing spent while bob is away
+    assert token.bounty(alice.eth_address, bounty_hash).state == "open"  # nothing spent while bob is away
 
     bob_inbox, _, _, bob_events = collecting_events()
     tester_node.client("bob", bob_events)  # bob connects: the node tells alice, alice sends
@@ -165,8 +165,8 @@ def test_a_message_to_an_offline_peer_waits_on_disk_across_a_client_restart_and_
     assert (incoming.sender, incoming.msg_id, incoming.text) == ("alice", msg_id, "for when you are back")
     wait_until(lambda: msg_id in paid, timeout=15, message="the delivery to be paid")
     assert receipts[msg_id] == "delivered" and alice.queue() == [] and ("presence", "bob", True) in states
-    assert token.bounty(bounty_hash).state == "redeemed"
-    assert token.bounty(code_hash).state == "open"
+    assert token.bounty(alice.eth_address, bounty_hash).state == "redeemed"
+    assert token.bounty(alice.eth_address, code_hash).state == "open"
     with pytest.raises(queue.Empty):
         bob_inbox.get(timeout=0.3)
 

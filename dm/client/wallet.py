@@ -46,7 +46,7 @@ class Wallet:
                 root = datadir.read_json(path, {}).get("root", "").removeprefix("0x")
                 if not root or root in self._finished:
                     continue
-                book = self.token.book(bytes.fromhex(root))
+                book = self.token.book(self.address, bytes.fromhex(root))
                 unspent = book.size - book.spent
                 if book.refunded or unspent <= 0:
                     self._finished.add(root)
