@@ -1,6 +1,7 @@
 """The node's command line: build a Node from flags, run it until Ctrl-C or SIGTERM.
 
     python3 node.py [--host localhost] [--port 12345] [--rpc-url URL] [--data-dir DIR]
+                    [--cluster nats://HOST:PORT[,...]]
 """
 from __future__ import annotations
 
@@ -33,11 +34,20 @@ def build_node(args) -> tuple[Node, "devchain.Anvil | None"]:
                             from_block=deployment.deploy_block, lookups_per_second=args.lookups)
         node = Node(token=token, signer=signer, data_dir=data_dir, index=index, faucet=dev_faucet,
                     host=args.host, port=args.port, max_connections=args.max_connections,
-                    redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait})
+                    redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait},
+                    cluster_options=cluster_options(args))
     except BaseException:
         devchain.stop_on_exit(anvil)
         raise
     return node, anvil
+
+
+def cluster_options(args) -> dict | None:
+    """--cluster nats://HOST:PORT[,...]: join the network of nodes on those NATS servers."""
+    if not args.cluster:
+        return None
+    servers = [url.strip() for url in args.cluster.split(",") if url.strip()]
+    return {"servers": servers, "replicas": args.cluster_replicas, "timeout": args.cluster_timeout}
 
 
 def parse_args(argv=None):
@@ -56,6 +66,15 @@ def parse_args(argv=None):
     parser.add_argument("--lookups", type=float, default=LOOKUPS_PER_SECOND, metavar="N",
                         help="direct chain lookups per second of bounties the node has not seen yet; past it, "
                              "unknown bounties wait for the event index (default: %(default)g)")
+    parser.add_argument("--cluster", metavar="nats://HOST:PORT[,...]",
+                        help="join a network of nodes over these NATS servers (JetStream on); without it the "
+                             "node works alone")
+    parser.add_argument("--cluster-replicas", type=int, default=None, metavar="N",
+                        help="JetStream replicas of the shared pins, channels and forwarded codes (default: "
+                             "the number of NATS servers, at most 3)")
+    parser.add_argument("--cluster-timeout", type=float, default=2.0, metavar="SECONDS",
+                        help="how long to wait for another node or NATS before a message counts as offline "
+                             "(default: %(default)g)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -71,7 +90,15 @@ def main(argv=None) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    node.start()
+    try:
+        node.start()
+    except Exception as exc:
+        if type(exc).__name__ != "ClusterUnavailable":  # dm.cluster is imported only with --cluster
+            raise
+        print(f"node: {exc}", file=sys.stderr)
+        node.stop()
+        devchain.stop_on_exit(anvil)
+        return 1
     print(f"node ready on {args.host}:{node.port}", flush=True)
     done.wait()
     node.stop()

@@ -8,6 +8,7 @@
     online     name -> the session that proved it                (here)
     server     sockets, threads, the watchdog                    dm.relay.server
     send_rule  the one rule set for a send                       dm.relay.rules
+    cluster    with --cluster: the other nodes, over NATS         dm.cluster (None when alone)
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class Node:
                  index: BountyIndex, redeemer_options: dict | None = None, faucet: Faucet | None = None,
                  host: str = "localhost", port: int = 12345, max_connections: int = 10_000,
                  handshake_timeout: float = 10, frame_timeout: float = 10, idle_timeout: float = 600,
-                 max_errors: int = 20, claim_timeout: float = 3600, clock=time.monotonic):
+                 max_errors: int = 20, claim_timeout: float = 3600, clock=time.monotonic,
+                 cluster_options: dict | None = None):
         self.token, self.signer, self.index, self.faucet = token, signer, index, faucet
         self.max_errors = max_errors
         node_dir = data_dir / "node"
@@ -57,7 +59,12 @@ class Node:
         self.online: dict[str, object] = {}
         self._online_lock = threading.Lock()
         self._stop = threading.Event()
-        self.send_rule = make_send_rule(self.pins.names, self.channels, index, self.online)
+        self.cluster = None
+        if cluster_options is not None:  # imported only here: a node alone never loads nats
+            from dm.cluster.cluster import Cluster
+            self.cluster = Cluster(self, **cluster_options)
+        self.send_rule = make_send_rule(self.pins.names, self.channels, index, self.online,
+                                        resolve=self.cluster.resolve if self.cluster is not None else None)
         self.server = Server(self, host, port, max_connections=max_connections,
                              handshake_timeout=handshake_timeout, frame_timeout=frame_timeout,
                              idle_timeout=idle_timeout, clock=clock)
@@ -71,6 +78,8 @@ class Node:
         self.redeemer.start()
         if self.faucet is not None:
             self.faucet.start()
+        if self.cluster is not None:
+            self.cluster.start()
         self.server.start()
         log.info("node %s listening on port %d; paid to %s on chain %s, contract %s", self.node_id[:8],
                  self.port, self.signer.address, self.welcome["chain_id"], self.token.address)
@@ -79,6 +88,8 @@ class Node:
         """Stop accepting, close every connection, and redeem what is queued."""
         self._stop.set()
         self.server.stop()
+        if self.cluster is not None:  # before the journal closes: forwarded codes are journaled
+            self.cluster.stop()
         if self.faucet is not None:
             self.faucet.stop()
         self.redeemer.stop(flush=True)
@@ -101,6 +112,8 @@ class Node:
         if previous is not None and previous is not session:
             previous.transport.send(wire.error("name_in_use", f"{session.name} connected again from elsewhere"))
             previous.transport.close()
+        if self.cluster is not None:
+            self.cluster.user_online(session.name)
         log.info("+ %s connected from %s", session.name, session.transport.address[0])
 
     def go_offline(self, session) -> None:
@@ -110,13 +123,19 @@ class Node:
             if self.online.get(session.name) is not session:
                 return
             del self.online[session.name]
+        if self.cluster is not None:
+            self.cluster.user_offline(session.name)
         log.info("- %s disconnected", session.name)
 
     def is_online(self, name: str) -> bool:
-        return name in self.online
+        """Here, or (with --cluster) on another node of the network."""
+        return name in self.online or (self.cluster is not None and self.cluster.is_online_elsewhere(name))
 
     def online_names(self) -> list[str]:
-        return sorted(list(self.online))
+        names = set(self.online)
+        if self.cluster is not None:
+            names |= self.cluster.remote_names()
+        return sorted(names)
 
     def channel_reply(self, name: str, channel: str | None = None) -> dict:
         reply = {"type": "channels", "joined": self.channels.joined_by(name), "all": self.channels.sizes()}

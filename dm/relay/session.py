@@ -150,7 +150,14 @@ class Session:
                     msg_id = header[1]
                     if recipient is None:
                         self._write_held(outbox)
-                        transport.send_bytes(receipt(msg_id, "offline"))
+                        if node.cluster is not None and header[0] not in node.online:
+                            # Not connected here: another node of the network may have them;
+                            # the receipt follows that node's answer (dm.cluster.routing).
+                            delivery = (msg_id, self.name, header[0], header[2], now)
+                            reserve(delivery)
+                            node.cluster.route(transport, delivery, body)
+                        else:
+                            transport.send_bytes(receipt(msg_id, "offline"))
                     else:
                         delivery = (msg_id, self.name, header[0], header[2], now)
                         reserve(delivery)
@@ -298,6 +305,8 @@ class Session:
         if look_alike is not None:
             log.warning("! refused %s from %s: it looks like the pinned name %s", name, self.label, look_alike)
             raise _confusable(name, look_alike)
+        if self.node.cluster is not None:  # the network's pins, not only this node's
+            self.node.cluster.check_name(name, message["public_key"])
         self.hello = message
         self.nonce = base64.b64encode(secrets.token_bytes(32)).decode()
         self.phase = "challenged"
@@ -316,6 +325,8 @@ class Session:
             log.warning("! failed proof for %s from %s", name, self.label)
             raise ProtocolError("auth_failed", fatal=True)
         self.proved = True  # the handshake clock stops: funding a new user may take a while
+        if node.cluster is not None:  # pinned network-wide (create-only) before here
+            node.cluster.claim_name(name, hello["public_key"], hello["eth_address"])
         outcome = node.pins.pin(name, hello["public_key"], hello["eth_address"])
         if outcome == "conflict":  # another key won the name between our hello and auth
             raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key on this node", fatal=True)
@@ -340,6 +351,8 @@ class Session:
 
     def on_lookup(self, message: dict) -> dict:
         pinned = self.node.pins.get(message["name"])
+        if not pinned and self.node.cluster is not None:  # pinned on another node of the network
+            pinned = self.node.cluster.resolve(message["name"])
         if not pinned:
             raise ProtocolError("unknown_peer", f"no user {message['name'][:40]!r} is known to this node",
                                 ref=message["name"][:64])
@@ -371,6 +384,9 @@ class Session:
         if delivery is None:
             raise ProtocolError("unknown_message", ref=msg_id)
         _, sender, _, paid_by, _ = delivery
+        if paid_by[0] == "remote":  # relayed by another node: its code goes there (dm.cluster.claims)
+            node.cluster.forward_claim(delivery, message["code"])
+            return None
         try:
             code = bytes.fromhex(message["code"].removeprefix("0x"))
         except ValueError:
@@ -393,13 +409,18 @@ class Session:
 
     def on_join(self, message: dict) -> dict:
         channel = message["channel"]
+        if self.node.cluster is not None:  # network-wide membership, mirrored into the registry
+            self.node.cluster.change_membership(channel, self.name, True)
         self.node.channels.join(channel, self.name)
         log.info("%s joined %s", self.name, channel)
         return self.node.channel_reply(self.name, channel)
 
     def on_leave(self, message: dict) -> dict:
         channel = message["channel"]
-        if not self.node.channels.leave(channel, self.name):
+        cluster = self.node.cluster
+        left = cluster.change_membership(channel, self.name, False) if cluster is not None else \
+            self.node.channels.leave(channel, self.name)
+        if not left:
             raise ProtocolError("not_a_member", f"you are not in {channel}", ref=channel)
         log.info("%s left %s", self.name, channel)
         return self.node.channel_reply(self.name, channel)

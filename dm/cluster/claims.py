@@ -1,0 +1,169 @@
+"""Codes returned at one node for a message another node relayed, forwarded exactly once.
+
+The sender paid its own node (its book's relayer), so only that node can redeem the code. The
+recipient's node checks the code against the bounty (the sender's node sent the leaf hash
+along with the message), then publishes it to the JetStream stream DM_CLAIMS on
+`dm.claims.<sender's node id>`, with `Nats-Msg-Id` set so that a retried publish is stored
+once. The sender's node reads its subject through a durable consumer and acknowledges a code
+only after its redeemer journaled it (fsynced). So a code survives the restart of either node
+or of one NATS server: unacknowledged, it is delivered again, and the journal key plus the
+contract's spent-leaf check keep the payment to one.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+
+from eth_utils import keccak
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
+from nats.js.errors import NotFoundError
+
+from dm.chain.books import leaf_hash
+from dm.relay.redeemer import Claim
+from dm.wire import ProtocolError
+
+log = logging.getLogger("node")
+STREAM = "DM_CLAIMS"
+SEEN_KEYS = 100_000  # claim keys remembered per run, so a redelivered code is not queued twice
+DEDUPE_WINDOW = 3600  # seconds JetStream drops a second publish of the same claim
+
+
+def claims_subject(node_id: str) -> str:
+    return f"dm.claims.{node_id}"
+
+
+def code_matches(paid_by: tuple, code: bytes) -> bool:
+    """Whether `code` opens a remote delivery's bounty; paid_by is
+    ("remote", origin, "book", root hex, leaf index, leaf hash hex) or ("remote", origin, "single", code hash hex, "")."""
+    if len(code) != 32:
+        return False
+    if paid_by[2] == "single":
+        return keccak(code).hex() == paid_by[3]
+    return leaf_hash(paid_by[4], code).hex() == paid_by[5]
+
+
+class ClaimForwarder:
+    """Publishes codes for other nodes; consumes the codes other nodes forward to this one.
+
+    Thread-safety: the stream and consumer are used only on the bridge's loop. forward() runs
+    on connection threads and waits for the publish through bridge.call. accept() runs on the
+    bridge's pool, one at a time (the consumer loop awaits each), and alone touches `_seen`."""
+
+    def __init__(self, bridge, node, node_id: str, replicas: int, timeout: float):
+        self.bridge, self.node, self.node_id, self.replicas, self.timeout = bridge, node, node_id, replicas, timeout
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict(
+            (key, None) for key in node.redeemer.journal.pending)
+        self._task = None
+        self.accepted = 0  # forwarded codes journaled by this node this run
+
+    async def start(self) -> None:
+        js = self.bridge.js
+        config = StreamConfig(name=STREAM, subjects=["dm.claims.>"], retention=RetentionPolicy.WORK_QUEUE,
+                              num_replicas=self.replicas, duplicate_window=DEDUPE_WINDOW)
+        try:
+            await js.stream_info(STREAM)
+        except NotFoundError:
+            await js.add_stream(config)
+        durable = f"claims-{self.node_id}"
+        self._subscription = await js.pull_subscribe(
+            claims_subject(self.node_id), durable=durable, stream=STREAM,
+            config=ConsumerConfig(durable_name=durable, ack_wait=30, max_ack_pending=1000))
+        self._task = asyncio.get_running_loop().create_task(self._consume())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    # --- the recipient's node: forward --------------------------------------------------
+
+    def forward(self, delivery: tuple, code_hex: str) -> None:
+        """A code for a remote delivery, from the recipient's connection thread. Raises
+        ProtocolError (bad_code, unknown_message, unavailable) like a local claim."""
+        msg_id, sender, recipient, paid_by, _ = delivery
+        try:
+            code = bytes.fromhex(code_hex.removeprefix("0x"))
+        except ValueError:
+            code = b""
+        if not code_matches(paid_by, code):
+            raise ProtocolError("bad_code", ref=msg_id)
+        ledger = self.node.ledger
+        if not ledger.settle(delivery):
+            raise ProtocolError("unknown_message", ref=msg_id)
+        origin = paid_by[1]
+        claim = {"msg_id": msg_id, "sender": sender, "recipient": recipient, "code": code.hex(),
+                 "paid_by": list(paid_by[2:5])}
+        try:
+            self.bridge.call(self.bridge.js.publish(
+                claims_subject(origin), json.dumps(claim).encode(), timeout=self.timeout,
+                headers={"Nats-Msg-Id": f"{origin}:{sender}:{msg_id}"}), self.timeout + 1)
+        except Exception as exc:  # not stored: the recipient keeps the code and may claim again
+            ledger.pending.setdefault(msg_id, delivery)
+            log.warning("cluster: could not forward the code for %s: %s", msg_id, exc)
+            raise ProtocolError("unavailable", "the network of nodes did not take the code just now: "
+                                "claim again in a moment", ref=msg_id) from None
+
+    # --- the sender's node: consume -------------------------------------------------------
+
+    async def _consume(self) -> None:
+        while True:
+            try:
+                messages = await self._subscription.fetch(batch=100, timeout=1)
+            except NatsTimeout:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a NATS server going away: the client reconnects
+                log.debug("cluster: fetching claims: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for message in messages:
+                try:
+                    await self.bridge.offload(self.accept, message.data)
+                except Exception:  # not journaled: no ack, JetStream delivers it again
+                    log.exception("cluster: a forwarded code could not be journaled")
+                    continue
+                try:
+                    await message.ack()
+                except Exception as exc:  # delivered again later; accept() sees it was journaled
+                    log.debug("cluster: ack failed: %s", exc)
+
+    def accept(self, data: bytes) -> None:
+        """A code forwarded to this node: check it against our own bounty, settle our ledger's
+        delivery if we still hold it, and journal it (fsynced) for the redeemer."""
+        try:
+            entry = json.loads(data)
+            msg_id, sender, recipient, code = entry["msg_id"], entry["sender"], entry["recipient"], \
+                bytes.fromhex(entry["code"])
+            kind, ref, index = entry["paid_by"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("cluster: dropped a malformed forwarded code")
+            return
+        node = self.node
+        if kind == "single":
+            valid = len(code) == 32 and keccak(code).hex() == ref
+            claim = Claim(msg_id, sender, code)
+        else:
+            root = bytes.fromhex(ref)
+            book = node.index.book(root)
+            valid = book is not None and book.tree is not None and book.tree.check_code(index, code)
+            claim = Claim(msg_id, sender, code, root, index)
+        if not valid:
+            log.warning("cluster: dropped a forwarded code for %s that does not open our bounty", msg_id)
+            return
+        delivery = node.ledger.awaiting(msg_id, recipient)
+        if delivery is not None:
+            node.ledger.settle(delivery)
+        if claim.key in self._seen:
+            return
+        node.redeemer.submit(claim, sync=True)
+        self._seen[claim.key] = None
+        if len(self._seen) > SEEN_KEYS:
+            self._seen.popitem(last=False)
+        self.accepted += 1

@@ -1,0 +1,168 @@
+"""The network's shared records in JetStream key-value buckets.
+
+    dm_pins      name -> {public_key, eth_address}   created once: a name is pinned network-wide
+    dm_names     skeleton -> name                    created once: a look-alike is refused network-wide
+    dm_channels  channel -> sorted member list       updated by compare-and-set
+
+Keys are hex (names and channels may hold characters NATS keys do not allow). Each node keeps
+its on-disk pins (dm.relay.pins) as a cache and as the record for running alone, and mirrors
+channel membership into its ChannelRegistry, which the send rule reads without a round trip.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+
+from dm.relay.names import skeleton
+
+log = logging.getLogger("node")
+PINS, NAMES, CHANNELS = "dm_pins", "dm_names", "dm_channels"
+
+
+def _key(text: str) -> str:
+    return text.encode().hex()
+
+
+async def open_bucket(js, bucket: str, replicas: int):
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(bucket=bucket, history=1, replicas=replicas)
+
+
+class Directory:
+    """Pins and channels shared by every node.
+
+    Thread-safety: the buckets are used only by coroutines on the bridge's loop; connection
+    threads reach them through the blocking methods here (bridge.call). The channel mirror's
+    `_revisions` (channel -> last KV revision applied to the local registry) and the apply
+    itself are under `_mirror_lock`, which only this class takes: the watcher (on the pool)
+    and a connection thread that just joined may both apply, the newer revision wins."""
+
+    def __init__(self, bridge, node, replicas: int, timeout: float):
+        self.bridge, self.node, self.replicas, self.timeout = bridge, node, replicas, timeout
+        self.pins = self.names = self.channels = None
+        self._revisions: dict[str, int] = {}
+        self._mirror_lock = threading.Lock()
+        self._watcher = None
+        self._watch_task = None
+
+    async def start(self) -> None:
+        js = self.bridge.js
+        self.pins = await open_bucket(js, PINS, self.replicas)
+        self.names = await open_bucket(js, NAMES, self.replicas)
+        self.channels = await open_bucket(js, CHANNELS, self.replicas)
+        self._watcher = await self.channels.watchall()
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_channels())
+
+    async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+
+    # --- pins ---------------------------------------------------------------------------
+
+    async def _get_json(self, bucket, key: str):
+        try:
+            entry = await bucket.get(key)
+        except KeyNotFoundError:
+            return None, None
+        if entry.value is None:
+            return None, entry.revision
+        return json.loads(entry.value), entry.revision
+
+    def pin_of(self, name: str) -> dict | None:
+        """The network's pin for `name`, None when nobody has it."""
+        return self.bridge.call(self._get_json(self.pins, _key(name)), self.timeout)[0]
+
+    def name_like(self, name: str) -> str | None:
+        """The pinned name that `name` looks like (its skeleton's owner), if it is not `name`."""
+        owner = self.bridge.call(self._get_json(self.names, _key(skeleton(name))), self.timeout)[0]
+        return owner if owner is not None and owner != name else None
+
+    def claim(self, name: str, public_key: str, eth_address: str) -> str:
+        """Pin `name` network-wide: "new", "same", "moved", "conflict" or "confusable"."""
+        return self.bridge.call(self._claim(name, public_key, eth_address), self.timeout)
+
+    async def _claim(self, name: str, public_key: str, eth_address: str) -> str:
+        skeleton_key = _key(skeleton(name))
+        try:
+            await self.names.create(skeleton_key, json.dumps(name).encode())
+        except KeyWrongLastSequenceError:
+            owner, _ = await self._get_json(self.names, skeleton_key)
+            if owner != name:
+                return "confusable"
+        record = {"public_key": public_key, "eth_address": eth_address}
+        key = _key(name)
+        try:
+            await self.pins.create(key, json.dumps(record).encode())
+            return "new"
+        except KeyWrongLastSequenceError:
+            pinned, revision = await self._get_json(self.pins, key)
+        if pinned is None or pinned["public_key"].strip() != public_key.strip():
+            return "conflict"
+        if pinned["eth_address"] == eth_address:
+            return "same"
+        try:  # same key, new Ethereum account: the key holder may move its pin
+            await self.pins.update(key, json.dumps(record).encode(), last=revision)
+        except KeyWrongLastSequenceError:
+            pass  # moved concurrently by the same key holder; either account is theirs
+        return "moved"
+
+    # --- channels -------------------------------------------------------------------------
+
+    def change_membership(self, channel: str, name: str, join: bool) -> bool:
+        """Join or leave network-wide, then mirror locally. False when nothing changed
+        (already a member, or not one)."""
+        changed, members, revision = self.bridge.call(self._change(channel, name, join), self.timeout)
+        if changed:
+            self._mirror(channel, members, revision)
+        return changed
+
+    async def _change(self, channel: str, name: str, join: bool):
+        key = _key(channel)
+        while True:
+            members, revision = await self._get_json(self.channels, key)
+            members = set(members or [])
+            if (name in members) == join:
+                return False, members, revision
+            members = members | {name} if join else members - {name}
+            value = json.dumps(sorted(members)).encode()
+            try:
+                if revision is None:
+                    revision = await self.channels.create(key, value)
+                else:
+                    revision = await self.channels.update(key, value, last=revision)
+                return True, members, revision
+            except KeyWrongLastSequenceError:
+                continue  # someone else changed it first: read again
+
+    async def _watch_channels(self) -> None:
+        async for entry in self._watcher:
+            if entry is None or entry.value is None:
+                continue  # the end of the initial values, or a delete
+            try:
+                channel = bytes.fromhex(entry.key).decode()
+                members = set(json.loads(entry.value))
+            except (ValueError, TypeError):
+                continue
+            try:
+                await self.bridge.offload(self._mirror, channel, members, entry.revision)
+            except Exception:
+                log.exception("cluster: mirroring %s failed", channel)
+
+    def _mirror(self, channel: str, members: set, revision: int) -> None:
+        """Make the local registry hold the network's members of `channel` (fsync inside)."""
+        registry = self.node.channels
+        with self._mirror_lock:
+            if revision <= self._revisions.get(channel, 0):
+                return
+            self._revisions[channel] = revision
+            local = registry.members.get(channel, frozenset())
+            for name in sorted(members - local):
+                registry.join(channel, name)
+            for name in sorted(local - members):
+                registry.leave(channel, name)

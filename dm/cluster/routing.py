@@ -1,0 +1,137 @@
+"""Deliveries between nodes: one NATS subject per connected user.
+
+A node subscribes to `dm.u.<name in hex>` while that user is connected to it. A send whose
+recipient is not connected here becomes a NATS request on that subject; the recipient's node
+writes the `deliver` to its client and answers "delivered". NATS answers "no responders" at
+once when no node has the user: the sender gets the usual `offline` receipt.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+
+from dm import wire
+from dm.relay.session import receipt
+from dm.wire import ProtocolError
+
+log = logging.getLogger("node")
+_FRAME_LENGTH = wire.HEADER.pack
+
+
+def user_subject(name: str) -> str:
+    """Names may hold '.', which NATS reads as a token separator: subjects carry them in hex."""
+    return "dm.u." + name.encode().hex()
+
+
+class Router:
+    """Subscriptions for the users connected here, and requests for the users who are not.
+
+    Thread-safety: `_subscriptions` (name -> NATS subscription) is touched only on the bridge's
+    loop thread. route() is called by connection threads and only hands a coroutine to the loop.
+    Writes to client sockets and ledger updates run on the bridge's pool (offload), never on the
+    loop, so one slow client cannot stall the loop."""
+
+    def __init__(self, bridge, node, node_id: str, request_timeout: float):
+        self.bridge, self.node, self.node_id, self.request_timeout = bridge, node, node_id, request_timeout
+        self._subscriptions: dict[str, object] = {}
+        self.forwarded = 0  # cross-node deliveries answered "delivered" (loop thread only)
+
+    # --- the recipient's node -----------------------------------------------------------
+
+    async def subscribe(self, name: str) -> None:
+        nc = self.bridge.nc
+        subject = user_subject(name)
+        # Whoever still has this user elsewhere lets that session go (the user moved here).
+        await nc.publish(subject, b"", headers={"Dm-Kind": "kick", "Dm-Origin": self.node_id})
+        old = self._subscriptions.pop(name, None)
+        if old is not None:
+            await old.unsubscribe()
+        self._subscriptions[name] = await nc.subscribe(subject, cb=self._on_message)
+        await nc.flush()
+
+    async def unsubscribe(self, name: str) -> None:
+        subscription = self._subscriptions.pop(name, None)
+        if subscription is not None:
+            await subscription.unsubscribe()
+
+    async def _on_message(self, msg) -> None:
+        headers = msg.headers or {}
+        name = bytes.fromhex(msg.subject.rsplit(".", 1)[1]).decode()
+        if headers.get("Dm-Kind") == "kick":
+            if headers.get("Dm-Origin") != self.node_id:
+                await self.bridge.offload(self._kick, name)
+            return
+        try:
+            status = await self.bridge.offload(self._deliver_here, name, headers, msg.data)
+        except Exception:  # a bug costs this delivery, never the subscription
+            log.exception("cluster: delivering to %s failed", name)
+            status = "offline"
+        if msg.reply:
+            await msg.respond(status.encode())
+
+    def _kick(self, name: str) -> None:
+        session = self.node.online.get(name)
+        if session is not None:
+            session.transport.send(wire.error("name_in_use", f"{name} connected again on another node"))
+            session.transport.close()
+
+    def _deliver_here(self, name: str, headers: dict, body: bytes) -> str:
+        """Write the deliver to the local client and hold the delivery in this node's ledger
+        until its code comes back (the pool). paid_by records the sender's node and bounty."""
+        session = self.node.online.get(name)
+        if session is None or session.transport.closed:
+            return "offline"
+        pay = json.loads(headers["Dm-Pay"])
+        paid_by = ("remote", headers["Dm-Origin"], *pay)
+        delivery = (headers["Dm-Msg"], headers["Dm-From"], name, paid_by, self.node.server.clock())
+        ledger = self.node.ledger
+        try:
+            ledger.reserve(delivery)
+        except ProtocolError:  # the same msg_id is already waiting here
+            return "offline"
+        if not session.transport.send_bytes(_FRAME_LENGTH(len(body)) + body):
+            ledger.release(delivery)
+            return "offline"
+        ledger.delivered([delivery])
+        return "delivered"
+
+    # --- the sender's node --------------------------------------------------------------
+
+    def route(self, transport, delivery: tuple, body: bytes, check: str) -> None:
+        """From a connection thread: relay a reserved delivery to another node; the receipt
+        follows when that node answers."""
+        self.bridge.loop.call_soon_threadsafe(self._start_forward, transport, delivery, body, check)
+
+    def _start_forward(self, transport, delivery, body, check) -> None:
+        self.bridge.loop.create_task(self._forward(transport, delivery, body, check))
+
+    async def _forward(self, transport, delivery: tuple, body: bytes, check: str) -> None:
+        msg_id, sender, to, paid_by, _ = delivery
+        headers = {"Dm-Msg": msg_id, "Dm-From": sender, "Dm-Origin": self.node_id,
+                   "Dm-Pay": json.dumps([*paid_by, check])}
+        try:
+            reply = await self.bridge.nc.request(user_subject(to), body, timeout=self.request_timeout,
+                                                 headers=headers)
+            status = "delivered" if reply.data == b"delivered" else "offline"
+        except NoRespondersError:
+            status = "offline"
+        except NatsTimeout:
+            log.warning("cluster: the node of %s did not answer within %gs; told the sender offline",
+                        to, self.request_timeout)
+            status = "offline"
+        except Exception as exc:  # NATS is gone for now: the sender may try again
+            log.warning("cluster: could not relay to %s: %s", to, exc)
+            status = "offline"
+        if status == "delivered":
+            self.forwarded += 1
+        await self.bridge.offload(self._answer_sender, transport, delivery, status)
+
+    def _answer_sender(self, transport, delivery: tuple, status: str) -> None:
+        ledger = self.node.ledger
+        if status == "delivered":
+            ledger.delivered([delivery])
+        else:
+            ledger.release(delivery)
+        transport.send_bytes(receipt(delivery[0], status))
