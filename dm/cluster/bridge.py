@@ -24,8 +24,9 @@ class Bridge:
     Blocking work the loop must not do (a socket write to a slow client, an fsync) goes to
     `pool`, a small thread pool, through offload()."""
 
-    def __init__(self, servers: list[str], name: str, connect_timeout: float = 10):
+    def __init__(self, servers: list[str], name: str, connect_timeout: float = 10, request_timeout: float = 2):
         self.servers, self.name, self.connect_timeout = servers, name, connect_timeout
+        self.request_timeout = request_timeout  # JetStream API calls (KV reads and writes, publishes)
         self.loop = asyncio.new_event_loop()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cluster-io")
         self.nc = None
@@ -58,7 +59,7 @@ class Bridge:
         except Exception as exc:
             raise ClusterUnavailable(f"cannot reach NATS at {','.join(self.servers)} ({exc}): start "
                                      "nats-server, or check the --cluster addresses") from None
-        self.js = self.nc.jetstream(timeout=5)
+        self.js = self.nc.jetstream(timeout=self.request_timeout)
 
     def call(self, coroutine: Awaitable, timeout: float = 5):
         """Run a coroutine on the loop and wait for its result (from any thread but the loop's)."""

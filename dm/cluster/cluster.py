@@ -24,7 +24,7 @@ class Cluster:
                  presence_interval: float = 1.0):
         self.node, self.servers, self.timeout = node, servers, timeout
         self.node_id = node.node_id
-        self.bridge = Bridge(servers, name=f"dm-node-{self.node_id[:8]}")
+        self.bridge = Bridge(servers, name=f"dm-node-{self.node_id[:8]}", request_timeout=timeout)
         self._replicas = replicas
         self.router = Router(self.bridge, node, self.node_id, timeout)
         self.presence = Presence(self.bridge, node, self.node_id, presence_interval)
@@ -48,6 +48,7 @@ class Cluster:
                 await self.claims.start()
                 break
             except Exception as exc:
+                log.debug("cluster: JetStream not ready yet: %r", exc)
                 if time.monotonic() > deadline:
                     raise ClusterUnavailable(f"JetStream is not ready on {','.join(self.servers)} ({exc}): "
                                              "start nats-server with -js, in a cluster of at least "
