@@ -68,7 +68,7 @@ class NodeProcess:
     def __init__(self, data: Path, rpc_url: str, *, label: str = "node", log_level: str = "warning",
                  batch_size: int | None = None, batch_wait: float | None = None,
                  max_connections: int | None = None, cpus: set[int] | None = None,
-                 profile: Path | None = None, profile_clock: str = "cpu"):
+                 profile: Path | None = None, profile_clock: str = "cpu", extra_args: tuple[str, ...] = ()):
         self.label, self.data, self.profile = label, data, profile
         self.port = free_port(HOST)
         args = ["--host", HOST, "--port", str(self.port), "--rpc-url", rpc_url, "--data-dir", str(data),
@@ -77,6 +77,7 @@ class NodeProcess:
                             ("--max-connections", max_connections)):
             if value is not None:
                 args += [flag, str(value)]
+        args += list(extra_args)  # e.g. --cluster nats://... (bench/cluster.py)
         if profile is not None:
             profile.parent.mkdir(parents=True, exist_ok=True)
             profile.unlink(missing_ok=True)

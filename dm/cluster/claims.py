@@ -8,6 +8,10 @@ once. The sender's node reads its subject through a durable consumer and acknowl
 only after its redeemer journaled it (fsynced). So a code survives the restart of either node
 or of one NATS server: unacknowledged, it is delivered again, and the journal key plus the
 contract's spent-leaf check keep the payment to one.
+
+Known limit: between the recipient's claim and JetStream's acknowledgement the code is only in
+the recipient node's memory (milliseconds); a crash of that node in that window loses it,
+exactly as a local claim not yet fsynced would be.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from dm.wire import ProtocolError
 
 log = logging.getLogger("node")
 STREAM = "DM_CLAIMS"
+PUBLISH_ATTEMPTS = 5  # tries to store a code in the stream before the recipient is asked to claim again
 SEEN_KEYS = 100_000  # claim keys remembered per run, so a redelivered code is not queued twice
 DEDUPE_WINDOW = 3600  # seconds JetStream drops a second publish of the same claim
 
@@ -49,8 +54,8 @@ class ClaimForwarder:
     """Publishes codes for other nodes; consumes the codes other nodes forward to this one.
 
     Thread-safety: the stream and consumer are used only on the bridge's loop. forward() runs
-    on connection threads and waits for the publish through bridge.call. accept() runs on the
-    bridge's pool, one at a time (the consumer loop awaits each), and alone touches `_seen`."""
+    on connection threads and hands the publish to the loop. accept_batch() runs on the
+    bridge's pool, one batch at a time (the consumer loop awaits each), and alone touches `_seen`."""
 
     def __init__(self, bridge, node, node_id: str, replicas: int, timeout: float):
         self.bridge, self.node, self.node_id, self.replicas, self.timeout = bridge, node, node_id, replicas, timeout
@@ -83,9 +88,10 @@ class ClaimForwarder:
 
     # --- the recipient's node: forward --------------------------------------------------
 
-    def forward(self, delivery: tuple, code_hex: str) -> None:
+    def forward(self, delivery: tuple, code_hex: str, transport) -> None:
         """A code for a remote delivery, from the recipient's connection thread. Raises
-        ProtocolError (bad_code, unknown_message, unavailable) like a local claim."""
+        ProtocolError (bad_code, unknown_message) like a local claim; `transport` (the
+        recipient's) hears `unavailable` later if the code could not be stored."""
         msg_id, sender, recipient, paid_by, _ = delivery
         try:
             code = bytes.fromhex(code_hex.removeprefix("0x"))
@@ -99,15 +105,29 @@ class ClaimForwarder:
         origin = paid_by[1]
         claim = {"msg_id": msg_id, "sender": sender, "recipient": recipient, "code": code.hex(),
                  "paid_by": list(paid_by[2:5])}
-        try:
-            self.bridge.call(self.bridge.js.publish(
-                claims_subject(origin), json.dumps(claim).encode(), timeout=self.timeout,
-                headers={"Nats-Msg-Id": f"{origin}:{sender}:{msg_id}"}), self.timeout + 1)
-        except Exception as exc:  # not stored: the recipient keeps the code and may claim again
-            ledger.pending.setdefault(msg_id, delivery)
-            log.warning("cluster: could not forward the code for %s: %s", msg_id, exc)
-            raise ProtocolError("unavailable", "the network of nodes did not take the code just now: "
-                                "claim again in a moment", ref=msg_id) from None
+        self.bridge.submit(self._publish(origin, claim, delivery, transport))
+
+    async def _publish(self, origin: str, claim: dict, delivery: tuple, transport) -> None:
+        """Store the code in the stream; publishes of many codes run at once (one task each),
+        so a recipient's claims do not wait for each other's JetStream acknowledgement. A
+        publish that keeps failing gives the delivery back to the ledger and tells the
+        recipient to claim again."""
+        data = json.dumps(claim).encode()
+        headers = {"Nats-Msg-Id": f"{origin}:{claim['sender']}:{claim['msg_id']}"}
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                await self.bridge.js.publish(claims_subject(origin), data, timeout=self.timeout, headers=headers)
+                return
+            except Exception as exc:  # a NATS server going away: the client reconnects meanwhile
+                log.warning("cluster: storing the code for %s failed (%s), attempt %d of %d", claim["msg_id"], exc,
+                            attempt + 1, PUBLISH_ATTEMPTS)
+                await asyncio.sleep(0.5 * (attempt + 1))
+        await self.bridge.offload(self._give_back, delivery, transport)
+
+    def _give_back(self, delivery: tuple, transport) -> None:
+        self.node.ledger.pending.setdefault(delivery[0], delivery)
+        transport.send(ProtocolError("unavailable", "the network of nodes did not take your code: claim again "
+                                     "in a moment", ref=delivery[0]).to_message())
 
     # --- the sender's node: consume -------------------------------------------------------
 
@@ -123,20 +143,34 @@ class ClaimForwarder:
                 log.debug("cluster: fetching claims: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            try:  # one fsync for the batch, then the acks
+                await self.bridge.offload(self.accept_batch, [message.data for message in messages])
+            except Exception:  # not journaled: no ack, JetStream delivers them again
+                log.exception("cluster: forwarded codes could not be journaled")
+                await asyncio.sleep(1)
+                continue
             for message in messages:
-                try:
-                    await self.bridge.offload(self.accept, message.data)
-                except Exception:  # not journaled: no ack, JetStream delivers it again
-                    log.exception("cluster: a forwarded code could not be journaled")
-                    continue
                 try:
                     await message.ack()
                 except Exception as exc:  # delivered again later; accept() sees it was journaled
                     log.debug("cluster: ack failed: %s", exc)
 
-    def accept(self, data: bytes) -> None:
+    def accept_batch(self, batch: list[bytes]) -> None:
+        keys = [key for key in map(self.accept, batch) if key is not None]
+        try:
+            self.node.redeemer.journal.sync()
+        except OSError:  # not durable: no ack, so JetStream delivers these again; accept them then
+            for key in keys:
+                self._seen.pop(key, None)
+            raise
+        while len(self._seen) > SEEN_KEYS:
+            self._seen.popitem(last=False)
+        self.accepted += len(keys)
+
+    def accept(self, data: bytes) -> str | None:
         """A code forwarded to this node: check it against our own bounty, settle our ledger's
-        delivery if we still hold it, and journal it (fsynced) for the redeemer."""
+        delivery if we still hold it, and journal it for the redeemer (accept_batch fsyncs).
+        Returns the claim's key when it was journaled now."""
         try:
             entry = json.loads(data)
             msg_id, sender, recipient, code = entry["msg_id"], entry["sender"], entry["recipient"], \
@@ -144,7 +178,7 @@ class ClaimForwarder:
             kind, ref, index = entry["paid_by"]
         except (ValueError, KeyError, TypeError):
             log.warning("cluster: dropped a malformed forwarded code")
-            return
+            return None
         node = self.node
         if kind == "single":
             valid = len(code) == 32 and keccak(code).hex() == ref
@@ -156,14 +190,12 @@ class ClaimForwarder:
             claim = Claim(msg_id, sender, code, root, index)
         if not valid:
             log.warning("cluster: dropped a forwarded code for %s that does not open our bounty", msg_id)
-            return
+            return None
         delivery = node.ledger.awaiting(msg_id, recipient)
         if delivery is not None:
             node.ledger.settle(delivery)
         if claim.key in self._seen:
-            return
-        node.redeemer.submit(claim, sync=True)
+            return None
+        node.redeemer.submit(claim, sync=False)
         self._seen[claim.key] = None
-        if len(self._seen) > SEEN_KEYS:
-            self._seen.popitem(last=False)
-        self.accepted += 1
+        return claim.key

@@ -112,8 +112,8 @@ class Cluster:
             paid_by = (*paid_by, "")
         self.router.route(transport, (*delivery[:3], paid_by, delivery[4]), body, check)
 
-    def forward_claim(self, delivery: tuple, code_hex: str) -> None:
-        self.claims.forward(delivery, code_hex)
+    def forward_claim(self, delivery: tuple, code_hex: str, transport) -> None:
+        self.claims.forward(delivery, code_hex, transport)
 
     # --- pins and channels --------------------------------------------------------------------
 

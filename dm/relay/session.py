@@ -385,7 +385,7 @@ class Session:
             raise ProtocolError("unknown_message", ref=msg_id)
         _, sender, _, paid_by, _ = delivery
         if paid_by[0] == "remote":  # relayed by another node: its code goes there (dm.cluster.claims)
-            node.cluster.forward_claim(delivery, message["code"])
+            node.cluster.forward_claim(delivery, message["code"], self.transport)
             return None
         try:
             code = bytes.fromhex(message["code"].removeprefix("0x"))
