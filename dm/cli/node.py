@@ -47,7 +47,8 @@ def cluster_options(args) -> dict | None:
     if not args.cluster:
         return None
     servers = [url.strip() for url in args.cluster.split(",") if url.strip()]
-    return {"servers": servers, "replicas": args.cluster_replicas, "timeout": args.cluster_timeout}
+    return {"servers": servers, "replicas": args.cluster_replicas, "timeout": args.cluster_timeout,
+            "max_in_flight": args.cluster_max_in_flight}
 
 
 def parse_args(argv=None):
@@ -75,6 +76,9 @@ def parse_args(argv=None):
     parser.add_argument("--cluster-timeout", type=float, default=2.0, metavar="SECONDS",
                         help="how long to wait for another node or NATS before a message counts as offline "
                              "(default: %(default)g)")
+    parser.add_argument("--cluster-max-in-flight", type=int, default=10_000, metavar="N",
+                        help="messages to users on other nodes that may wait for an answer at once; past it the "
+                             "sender waits, up to --cluster-timeout (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 

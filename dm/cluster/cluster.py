@@ -21,12 +21,12 @@ class Cluster:
     (connection threads, the node); each part states its own thread-safety rule."""
 
     def __init__(self, node, servers: list[str], *, replicas: int | None = None, timeout: float = 2.0,
-                 presence_interval: float = 1.0):
+                 max_in_flight: int = 10_000, presence_interval: float = 1.0):
         self.node, self.servers, self.timeout = node, servers, timeout
         self.node_id = node.node_id
         self.bridge = Bridge(servers, name=f"dm-node-{self.node_id[:8]}", request_timeout=timeout)
         self._replicas = replicas
-        self.router = Router(self.bridge, node, self.node_id, timeout)
+        self.router = Router(self.bridge, node, self.node_id, timeout, max_in_flight)
         self.presence = Presence(self.bridge, node, self.node_id, presence_interval)
         self.directory: Directory | None = None
         self.claims: ClaimForwarder | None = None
@@ -102,43 +102,43 @@ class Cluster:
     # --- routing and claims -----------------------------------------------------------------
 
     def route(self, transport, delivery: tuple, body: bytes) -> None:
-        """A reserved delivery for a user not connected here (a connection thread)."""
+        """A reserved delivery for a user not connected here (a connection thread). The ledger
+        knows `delivery` by identity: the router releases or confirms that very tuple."""
         paid_by = delivery[3]
-        check = ""
         if paid_by[0] == "book":  # the leaf hash lets the recipient's node check the code
             book = self.node.index.books_by_hex.get(paid_by[1])
-            check = book.tree.tree.leaf(paid_by[2]).hex()
-        elif len(paid_by) == 2:
-            paid_by = (*paid_by, "")
-        self.router.route(transport, (*delivery[:3], paid_by, delivery[4]), body, check)
+            pay = [*paid_by, book.tree.tree.leaf(paid_by[2]).hex()]
+        else:
+            pay = [*paid_by, "", ""]
+        self.router.route(transport, delivery, body, pay)
 
     def forward_claim(self, delivery: tuple, code_hex: str, transport) -> None:
         self.claims.forward(delivery, code_hex, transport)
 
     # --- pins and channels --------------------------------------------------------------------
 
-    def _directory_call(self, function, *args):
+    def _directory_call(self, function, *args, fatal: bool = False):
         try:
             return function(*args)
         except ClusterUnavailable as exc:
-            raise ProtocolError("unavailable", f"{exc}: try again in a moment") from None
+            raise ProtocolError("unavailable", f"{exc}: try again in a moment", fatal=fatal) from None
 
     def check_name(self, name: str, public_key: str) -> None:
         """At hello: refuse a name pinned elsewhere in the network to another key, or one that
         looks like a name pinned elsewhere."""
-        pinned = self._directory_call(self.directory.pin_of, name)
+        pinned = self._directory_call(self.directory.pin_of, name, fatal=True)
         if pinned is not None and pinned["public_key"].strip() != public_key.strip():
             raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key in this network of "
                                 "nodes: use your original keys, or another name", fatal=True)
         if pinned is None:
-            look_alike = self._directory_call(self.directory.name_like, name)
+            look_alike = self._directory_call(self.directory.name_like, name, fatal=True)
             if look_alike is not None:
                 raise ProtocolError("name_confusable", f"the name {name!r} looks like {look_alike!r}, already "
                                     "pinned in this network of nodes: choose a clearly different name", fatal=True)
 
     def claim_name(self, name: str, public_key: str, eth_address: str) -> None:
         """At auth, after the proof: pin network-wide (create-only) before pinning here."""
-        outcome = self._directory_call(self.directory.claim, name, public_key, eth_address)
+        outcome = self._directory_call(self.directory.claim, name, public_key, eth_address, fatal=True)
         if outcome == "conflict":
             raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key in this network of "
                                 "nodes: use your original keys, or another name", fatal=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
@@ -29,12 +30,14 @@ class Router:
     """Subscriptions for the users connected here, and requests for the users who are not.
 
     Thread-safety: `_subscriptions` (name -> NATS subscription) is touched only on the bridge's
-    loop thread. route() is called by connection threads and only hands a coroutine to the loop.
+    loop thread. route() is called by connection threads and only hands a coroutine to the loop;
+    `_in_flight` is a semaphore (its own lock) taken there and released on the loop.
     Writes to client sockets and ledger updates run on the bridge's pool (offload), never on the
     loop, so one slow client cannot stall the loop."""
 
-    def __init__(self, bridge, node, node_id: str, request_timeout: float):
+    def __init__(self, bridge, node, node_id: str, request_timeout: float, max_in_flight: int):
         self.bridge, self.node, self.node_id, self.request_timeout = bridge, node, node_id, request_timeout
+        self._in_flight = threading.BoundedSemaphore(max_in_flight)  # unanswered cross-node deliveries
         self._subscriptions: dict[str, object] = {}
         self.forwarded = 0  # cross-node deliveries answered "delivered" (loop thread only)
 
@@ -99,18 +102,32 @@ class Router:
 
     # --- the sender's node --------------------------------------------------------------
 
-    def route(self, transport, delivery: tuple, body: bytes, check: str) -> None:
+    def route(self, transport, delivery: tuple, body: bytes, pay: list) -> None:
         """From a connection thread: relay a reserved delivery to another node; the receipt
-        follows when that node answers."""
-        self.bridge.loop.call_soon_threadsafe(self._start_forward, transport, delivery, body, check)
+        follows when that node answers. `pay` is the bounty as the recipient's node needs it
+        (docs/PROTOCOL.md §10.1). Waits while `max_in_flight` deliveries are unanswered (the
+        sender's reads stop, as when a local recipient reads slowly); past the timeout the
+        message counts as offline."""
+        if not self._in_flight.acquire(timeout=self.request_timeout):
+            self._answer_sender(transport, delivery, "offline")
+            return
+        self.bridge.loop.call_soon_threadsafe(self._start_forward, transport, delivery, body, pay)
 
-    def _start_forward(self, transport, delivery, body, check) -> None:
-        self.bridge.loop.create_task(self._forward(transport, delivery, body, check))
+    def _start_forward(self, transport, delivery, body, pay) -> None:
+        self.bridge.loop.create_task(self._forward(transport, delivery, body, pay))
 
-    async def _forward(self, transport, delivery: tuple, body: bytes, check: str) -> None:
-        msg_id, sender, to, paid_by, _ = delivery
-        headers = {"Dm-Msg": msg_id, "Dm-From": sender, "Dm-Origin": self.node_id,
-                   "Dm-Pay": json.dumps([*paid_by, check])}
+    async def _forward(self, transport, delivery: tuple, body: bytes, pay: list) -> None:
+        try:
+            status = await self._request(delivery, body, pay)
+        finally:
+            self._in_flight.release()
+        if status == "delivered":
+            self.forwarded += 1
+        await self.bridge.offload(self._answer_sender, transport, delivery, status)
+
+    async def _request(self, delivery: tuple, body: bytes, pay: list) -> str:
+        msg_id, sender, to, _, _ = delivery
+        headers = {"Dm-Msg": msg_id, "Dm-From": sender, "Dm-Origin": self.node_id, "Dm-Pay": json.dumps(pay)}
         try:
             reply = await self.bridge.nc.request(user_subject(to), body, timeout=self.request_timeout,
                                                  headers=headers)
@@ -124,9 +141,7 @@ class Router:
         except Exception as exc:  # NATS is gone for now: the sender may try again
             log.warning("cluster: could not relay to %s: %s", to, exc)
             status = "offline"
-        if status == "delivered":
-            self.forwarded += 1
-        await self.bridge.offload(self._answer_sender, transport, delivery, status)
+        return status
 
     def _answer_sender(self, transport, delivery: tuple, status: str) -> None:
         ledger = self.node.ledger
