@@ -208,19 +208,28 @@ def test_codes_claimed_while_the_senders_node_is_killed_are_paid_once_it_is_back
 
 
 def test_the_network_survives_one_nats_server_stopping(network, chat):
-    """Nodes reconnect to the other two servers; JetStream (three replicas) keeps a quorum."""
+    """The NATS server bob's node is connected to stops: that node reconnects to another one,
+    and JetStream (three replicas) keeps a quorum on the two left."""
     bob, bob_inbox, bob_receipts, bob_paid = chat["bob"]
     carol, carol_inbox, _, _ = chat["carol"]
     before = network.earned(1)
-    network.nats.servers[0].stop()
+    bobs_node = "dm-node-" + (network.nodes[1].data_dir / "node" / "node_id").read_text().strip()[:8]
+    server = next(s for s in network.nats.servers if bobs_node in s.client_names())
+    server.stop()
     msg_id = wait_until(lambda: _delivered(bob, bob_receipts, "carol"), 20, message="a delivery after the stop")
     assert carol_inbox.get(timeout=10).text == "after the stop"
+    assert any("lost the NATS server" in line for line in network.nodes[1].lines)
     wait_until(lambda: msg_id in bob_paid, 20, message="carol's code to pay bob's node")
     assert network.earned(1) - before == 1
-    # a new name is still pinned network-wide (JetStream KV with two of three servers)
+    # a new name is still pinned network-wide (JetStream KV with two of three servers), and
+    # channel membership still reaches every node
     make_users(network.users, "erin")
     erin = network.client(2, "erin")[0]
     assert erin.welcome["name"] == "erin"
+    erin.join("#after")
+    bob.join("#after")
+    wait_until(lambda: set(bob._connection.request({"type": "members", "channel": "#after"})["online"])
+               == {"bob", "erin"}, 10, message="membership after the stop")
 
 
 def _delivered(client, receipts, to):

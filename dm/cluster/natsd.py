@@ -2,11 +2,13 @@
 the virtualenv's bin/), for the tests, the cluster demo and the benchmark."""
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from dm.net import free_port
@@ -32,6 +34,7 @@ class NatsServer:
     def __init__(self, name: str, port: int, cluster_port: int, routes: list[int], store: Path, log: Path):
         self.name, self.port, self.cluster_port, self.routes = name, port, cluster_port, routes
         self.store, self.log_path = store, log
+        self.monitor_port = free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -40,7 +43,7 @@ class NatsServer:
 
     def start(self) -> None:
         args = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store),
-                "--server_name", self.name, "-l", str(self.log_path)]
+                "--server_name", self.name, "-l", str(self.log_path), "-m", str(self.monitor_port)]
         if self.routes:
             args += ["--cluster_name", "dm", "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
                      "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
@@ -58,6 +61,11 @@ class NatsServer:
             except OSError:
                 time.sleep(0.05)
         raise NatsError(f"nats-server {self.name} did not listen on {self.port} within {timeout}s")
+
+    def client_names(self) -> list[str]:
+        """The names of the clients connected to this server (its monitoring endpoint /connz)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/connz?limit=1024", timeout=5) as reply:
+            return [c.get("name", "") for c in json.load(reply).get("connections", [])]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
