@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 import time
 
 from dm.cluster.bridge import Bridge, ClusterUnavailable
@@ -18,7 +20,8 @@ SETUP_SECONDS = 30  # a cluster that just started elects its JetStream leader fi
 
 class Cluster:
     """One node's membership of the network. Every method here is for the relay's threads
-    (connection threads, the node); each part states its own thread-safety rule."""
+    (connection threads, the node); each part states its own thread-safety rule. Its own
+    `_resolving` (pins being fetched) is read and written only under `_resolving_lock`."""
 
     def __init__(self, node, servers: list[str], *, replicas: int | None = None, timeout: float = 2.0,
                  max_in_flight: int = 10_000, presence_interval: float = 1.0):
@@ -30,6 +33,9 @@ class Cluster:
         self.presence = Presence(self.bridge, node, self.node_id, presence_interval)
         self.directory: Directory | None = None
         self.claims: ClaimForwarder | None = None
+        # name -> the fetch of its pin under way (resolve); entries live only while one runs
+        self._resolving: dict[str, concurrent.futures.Future] = {}
+        self._resolving_lock = threading.Lock()
 
     def start(self) -> None:
         self.bridge.start()
@@ -147,13 +153,30 @@ class Cluster:
                                 "network of nodes: choose a clearly different name", fatal=True)
 
     def resolve(self, name: str) -> dict | None:
-        """A user pinned on another node: fetch the network's pin and cache it here."""
+        """A user pinned on another node: fetch the network's pin and cache it here. When many
+        connections ask for the same new name at once (a channel's members looking up its
+        sender), one of them fetches and the others wait for it."""
+        with self._resolving_lock:
+            fetch = self._resolving.get(name)
+            mine = fetch is None
+            if mine:
+                self._resolving[name] = fetch = concurrent.futures.Future()
+        if not mine:
+            try:
+                return fetch.result(self.timeout + 1)
+            except concurrent.futures.TimeoutError:
+                return None
+        pinned = None
         try:
             pinned = self.directory.pin_of(name)
+            if pinned is not None:
+                self.node.pins.pin(name, pinned["public_key"], pinned["eth_address"])
         except ClusterUnavailable:
-            return None
-        if pinned is not None:
-            self.node.pins.pin(name, pinned["public_key"], pinned["eth_address"])
+            pass
+        finally:
+            with self._resolving_lock:
+                del self._resolving[name]
+            fetch.set_result(pinned)
         return pinned
 
     def change_membership(self, channel: str, name: str, join: bool) -> bool:
