@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -135,15 +136,30 @@ def test_presence_covers_the_network_and_offline_is_reported(network, chat):
 
 def test_a_name_pinned_on_one_node_cannot_be_taken_on_another(network, chat, tmp_path):
     make_users(network.users, "ellie")
-    network.client(0, "ellie")[0].close()  # pinned on node 0 only: node 1 has never heard of her
+    network.client(0, "ellie")[0].close()  # pinned on node 0
     other = tmp_path / "other"
     other.mkdir(mode=0o700)
-    make_users(other, "ellie", "eIIie")  # another key for "ellie", and a look-alike name
+    make_users(other, "ellie", "eIIie", "zed")  # another key for "ellie", a look-alike name, and a rival "zed"
     for name, code in (("ellie", "name_taken"), ("eIIie", "name_confusable")):
         with socket.create_connection(("127.0.0.1", network.nodes[1].port), timeout=10) as sock:
             answer = login(sock, other, name)
         assert (answer["type"], answer["code"]) == ("error", code), answer
-        assert "network of nodes" in answer["message"]
+    # Two keys claim the new name "zed" on two nodes at the same moment: the network's
+    # create-only pin lets exactly one of them have it.
+    make_users(network.users, "zed")
+    answers = {}
+
+    def claim(node, keys_dir):
+        with socket.create_connection(("127.0.0.1", network.nodes[node].port), timeout=10) as sock:
+            answers[node] = login(sock, keys_dir, "zed")
+
+    threads = [threading.Thread(target=claim, args=(1, network.users)), threading.Thread(target=claim, args=(2, other))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    kinds = sorted(a.get("code", a["type"]) for a in answers.values())
+    assert kinds == ["name_taken", "welcome"], answers
 
 
 def _raw_recipient(network, node: int, name: str):

@@ -68,6 +68,7 @@ class Cluster:
         except Exception:  # NATS may be gone already
             pass
         self.bridge.stop()
+        self.router.writers.stop()
 
     async def _teardown(self) -> None:
         await self.presence.stop()

@@ -5,8 +5,9 @@
     dm_channels  channel -> sorted member list       updated by compare-and-set
 
 Keys are hex (names and channels may hold characters NATS keys do not allow). Each node keeps
-its on-disk pins (dm.relay.pins) as a cache and as the record for running alone, and mirrors
-channel membership into its ChannelRegistry, which the send rule reads without a round trip.
+its on-disk pins (dm.relay.pins) as a cache, filled by watching `dm_pins`, and as the record for
+running alone, and mirrors channel membership into its ChannelRegistry: the send rule and
+lookups read both without a round trip.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ class Directory:
         self.pins = self.names = self.channels = None
         self._revisions: dict[str, int] = {}
         self._mirror_lock = threading.Lock()
-        self._watcher = None
-        self._watch_task = None
+        self._watcher = self._pin_watcher = None
+        self._watch_tasks: list = []
 
     async def start(self) -> None:
         js = self.bridge.js
@@ -57,11 +58,13 @@ class Directory:
         self.names = await open_bucket(js, NAMES, self.replicas)
         self.channels = await open_bucket(js, CHANNELS, self.replicas)
         self._watcher = await self.channels.watchall()
-        self._watch_task = asyncio.get_running_loop().create_task(self._watch_channels())
+        self._pin_watcher = await self.pins.watchall()
+        loop = asyncio.get_running_loop()
+        self._watch_tasks = [loop.create_task(self._watch_channels()), loop.create_task(self._watch_pins())]
 
     async def stop(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in self._watch_tasks:
+            task.cancel()
 
     # --- pins ---------------------------------------------------------------------------
 
@@ -73,6 +76,24 @@ class Directory:
         if entry.value is None:
             return None, entry.revision
         return json.loads(entry.value), entry.revision
+
+    async def _watch_pins(self) -> None:
+        """Every pin made anywhere is cached in this node's PinStore as it appears, so lookups
+        and the send rule find it here without a round trip."""
+        async for entry in self._pin_watcher:
+            if entry is None or not entry.value:
+                continue
+            try:
+                name = bytes.fromhex(entry.key).decode()
+                record = json.loads(entry.value)
+                await self.bridge.offload(self.cache_pin, name, record)
+            except Exception:  # one bad record must not end the watch
+                log.exception("cluster: caching the pin %s failed", entry.key)
+
+    def cache_pin(self, name: str, record: dict) -> None:
+        if self.node.pins.pin(name, record["public_key"], record["eth_address"]) == "conflict":
+            log.warning("cluster: %s is pinned to another key here than in the network; this node keeps its own "
+                        "pin (it ran alone before joining)", name)
 
     def pin_of(self, name: str) -> dict | None:
         """The network's pin for `name`, None when nobody has it."""

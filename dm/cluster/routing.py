@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
+import zlib
 
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
@@ -19,6 +21,44 @@ from dm.wire import ProtocolError
 
 log = logging.getLogger("node")
 _FRAME_LENGTH = wire.HEADER.pack
+
+
+WRITER_THREADS = 4  # socket writes for cross-node traffic; a user's writes always go to the same one
+
+
+class Writers:
+    """A few threads that run blocking work (socket writes, ledger updates) in order per key.
+
+    Thread-safety: submit() from any thread puts on a SimpleQueue (thread-safe); each queue has
+    exactly one consumer thread. crc32 (not hash()) picks the shard, so the choice is stable."""
+
+    def __init__(self, count: int):
+        self._queues = [queue.SimpleQueue() for _ in range(count)]
+        self._threads = [threading.Thread(target=self._run, args=(q,), name=f"cluster-writer-{i}", daemon=True)
+                         for i, q in enumerate(self._queues)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, key: str, function, *args) -> None:
+        self._queues[zlib.crc32(key.encode()) % len(self._queues)].put((function, args))
+
+    @staticmethod
+    def _run(work: queue.SimpleQueue) -> None:
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            function, args = item
+            try:
+                function(*args)
+            except Exception:  # one failed write must not end the writer
+                log.exception("cluster: a write failed")
+
+    def stop(self) -> None:
+        for work in self._queues:
+            work.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
 
 def user_subject(name: str) -> str:
@@ -32,13 +72,15 @@ class Router:
     Thread-safety: `_subscriptions` (name -> NATS subscription) is touched only on the bridge's
     loop thread. route() is called by connection threads and only hands a coroutine to the loop;
     `_in_flight` is a semaphore (its own lock) taken there and released on the loop.
-    Writes to client sockets and ledger updates run on the bridge's pool (offload), never on the
-    loop, so one slow client cannot stall the loop."""
+    Writes to client sockets and ledger updates run on `writers` (threads sharded by user name,
+    so each user's deliveries and receipts keep their order), never on the loop, so one slow
+    client cannot stall the loop."""
 
     def __init__(self, bridge, node, node_id: str, request_timeout: float, max_in_flight: int):
         self.bridge, self.node, self.node_id, self.request_timeout = bridge, node, node_id, request_timeout
         self._in_flight = threading.BoundedSemaphore(max_in_flight)  # unanswered cross-node deliveries
         self._subscriptions: dict[str, object] = {}
+        self.writers = Writers(WRITER_THREADS)
         self.forwarded = 0  # cross-node deliveries answered "delivered" (loop thread only)
 
     # --- the recipient's node -----------------------------------------------------------
@@ -60,19 +102,27 @@ class Router:
             await subscription.unsubscribe()
 
     async def _on_message(self, msg) -> None:
+        """On the loop: hand the delivery to the user's writer thread and return at once, so the
+        next message (for this user or another) does not wait for a socket write."""
         headers = msg.headers or {}
         name = bytes.fromhex(msg.subject.rsplit(".", 1)[1]).decode()
         if headers.get("Dm-Kind") == "kick":
             if headers.get("Dm-Origin") != self.node_id:
-                await self.bridge.offload(self._kick, name)
+                self.writers.submit(name, self._kick, name)
             return
+        self.writers.submit(name, self._deliver_and_answer, name, headers, msg.data, msg.reply)
+
+    def _deliver_and_answer(self, name: str, headers: dict, body: bytes, reply: str) -> None:
         try:
-            status = await self.bridge.offload(self._deliver_here, name, headers, msg.data)
-        except Exception:  # a bug costs this delivery, never the subscription
+            status = self._deliver_here(name, headers, body)
+        except Exception:  # a bug costs this delivery, never the writer
             log.exception("cluster: delivering to %s failed", name)
             status = "offline"
-        if msg.reply:
-            await msg.respond(status.encode())
+        if reply:
+            self.bridge.loop.call_soon_threadsafe(self._publish_soon, reply, status.encode())
+
+    def _publish_soon(self, subject: str, data: bytes) -> None:
+        self.bridge.loop.create_task(self.bridge.nc.publish(subject, data))
 
     def _kick(self, name: str) -> None:
         session = self.node.online.get(name)
@@ -123,7 +173,7 @@ class Router:
             self._in_flight.release()
         if status == "delivered":
             self.forwarded += 1
-        await self.bridge.offload(self._answer_sender, transport, delivery, status)
+        self.writers.submit(delivery[1], self._answer_sender, transport, delivery, status)
 
     async def _request(self, delivery: tuple, body: bytes, pay: list) -> str:
         msg_id, sender, to, _, _ = delivery
