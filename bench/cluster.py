@@ -6,7 +6,8 @@ the aggregate of one, two and three nodes, side by side in one run.
 
 Starts its own anvil (throwaway data directory, free port), a 3-server NATS cluster
 (dm.cluster.natsd, JetStream on each) and three `node.py --cluster` subprocesses
-(bench/harness), all stopped at the end. Every message is a real one: a ChatClient seals
+(bench/harness; `--cluster-timeout 10`, so that 1,000 handshakes at once on a busy machine
+do not give up on JetStream), all stopped at the end. Every message is a real one: a ChatClient seals
 and pays it, the node(s) relay it, a ChatClient verifies, decrypts and returns the code.
 
 - pairs: a sender and a receiver ChatClient in one spawned worker process. "same node": both
@@ -141,7 +142,8 @@ class ClusterBench(ChannelBench):
             node_dir = self.tmp / f"node{i + 1}"
             prepare_node_dir(chain.token, self.data, node_dir)
             self.nodes.append(NodeProcess(node_dir, chain.rpc_url, label=f"node{i + 1}",
-                                          extra_args=("--cluster", self.nats.urls), **NODE_OPTIONS))
+                                          extra_args=("--cluster", self.nats.urls, "--cluster-timeout", "10"),
+                                          **NODE_OPTIONS))
         for node in self.nodes:
             node.wait_ready()
         self.node = self.nodes[0]

@@ -42,12 +42,11 @@ class _User:
             print(f"  {self.name}'s screen (node {self.node}): {message.line()}")
 
 
-def _say(user: _User, to: str, text: str) -> None:
+def _say(user: _User, to: str, text: str) -> list[str]:
     print(f"  {user.name} (node {user.node}) -> {to}: {text}")
     if to.startswith("#"):
-        user.client.send_to_channel(to, text)
-    else:
-        user.client.send_text(to, text)
+        return user.client.send_to_channel(to, text)[0]
+    return [user.client.send_text(to, text)]
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -67,6 +66,7 @@ def run(data_dir, rpc_url: str) -> int:
     nats = None
     nodes: list[NodeProcess] = []
     users: dict[str, _User] = {}
+    earned_before: list[int] = []
     try:
         token, record = devchain.ensure_deployment(w3, rpc_url, data_dir)
         print(f"\nchain {record.chain_id} at {rpc_url}; BountyToken at {record.address}")
@@ -76,7 +76,7 @@ def run(data_dir, rpc_url: str) -> int:
         for i in range(3):
             prepare_node_dir(token, data_dir, base / f"node{i + 1}")
             nodes.append(NodeProcess(base / f"node{i + 1}", rpc_url, nats.urls, free_port(),
-                                     "--batch-wait", "0.5", "--log-level", "warning").start())
+                                     "--batch-wait", "0.5", "--log-level", "info").start())
         for i, node in enumerate(nodes):
             node.wait_ready()
             print(f"relay node {i + 1} on port {node.port}, paid to {node.address}")
@@ -89,7 +89,7 @@ def run(data_dir, rpc_url: str) -> int:
         print(f"\nalice's node sees everyone online: {alice.client.peers()}")
 
         print("\na conversation across nodes (each sender pays its own node, 1 BTK a delivered message):")
-        _say(alice, "bob", "Hi Bob, I am on node 1 and you are on node 2.")
+        first = _say(alice, "bob", "Hi Bob, I am on node 1 and you are on node 2.")
         bob.expect()
         _say(bob, "alice", "Hi Alice: NATS carried this between our nodes.")
         alice.expect()
@@ -103,6 +103,9 @@ def run(data_dir, rpc_url: str) -> int:
         alice.expect()
         bob.expect()
 
+        # bob's code for alice's first message went to node 1 (alice paid node 1) through JetStream
+        _wait(lambda: set(first) <= set(alice.paid), 120, "node 1 to redeem the code bob returned at node 2")
+        print("\n  (alice's node 1 redeemed the code bob returned at node 2: alice sees it paid)")
         print("\nnode 1 (alice's) stops; alice logs in on node 3 and the conversation goes on:")
         nodes[0].stop()
         alice.client.close()
@@ -112,13 +115,21 @@ def run(data_dir, rpc_url: str) -> int:
         bob.expect()
         _say(bob, "alice", "Still here. Nothing was lost.")
         alice.expect()
-        _wait(lambda: sum(token.balance_of(n.address) for n in nodes) - sum(earned_before) >= 6 * ethereum.TOKEN, 60,
+        _wait(lambda: sum(token.balance_of(n.address) for n in nodes) - sum(earned_before) >= 6 * ethereum.TOKEN, 120,
               "the nodes to redeem the codes")
         print("\nBTK earned by each node (node 1 redeemed what it was owed before it stopped):")
         for i, node in enumerate(nodes):
             earned = (token.balance_of(node.address) - earned_before[i]) / ethereum.TOKEN
             print(f"  node {i + 1}: {earned:+g} BTK")
         return 0
+    except TimeoutError:
+        for i, node in enumerate(nodes):  # what the nodes said, to see why
+            for line in node.lines[-5:]:
+                print(f"   (node {i + 1}: {line})", file=sys.stderr)
+            if earned_before:
+                print(f"   (node {i + 1} earned {(token.balance_of(node.address) - earned_before[i]) / ethereum.TOKEN:+g}"
+                      " BTK)", file=sys.stderr)
+        raise
     finally:
         for user in users.values():
             user.client.close()

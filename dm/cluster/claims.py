@@ -53,8 +53,8 @@ def code_matches(paid_by: tuple, code: bytes) -> bool:
 class ClaimForwarder:
     """Publishes codes for other nodes; consumes the codes other nodes forward to this one.
 
-    Thread-safety: the stream and consumer are used only on the bridge's loop. forward() runs
-    on connection threads and hands the publish to the loop. accept_batch() runs on the
+    Thread-safety: the stream, the consumer and `_publishing` are used only on the bridge's
+    loop. forward() runs on connection threads and hands the publish to the loop. accept_batch() runs on the
     bridge's pool, one batch at a time (the consumer loop awaits each), and alone touches `_seen`."""
 
     def __init__(self, bridge, node, node_id: str, replicas: int, timeout: float):
@@ -62,6 +62,7 @@ class ClaimForwarder:
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict(
             (key, None) for key in node.redeemer.journal.pending)
         self._task = None
+        self._publishing: set = set()  # tasks storing codes in the stream (loop thread only)
         self.accepted = 0  # forwarded codes journaled by this node this run
 
     async def start(self) -> None:
@@ -79,6 +80,9 @@ class ClaimForwarder:
         self._task = asyncio.get_running_loop().create_task(self._consume())
 
     async def stop(self) -> None:
+        """Let the codes being stored finish first: a graceful stop loses none."""
+        if self._publishing:
+            await asyncio.wait(set(self._publishing), timeout=PUBLISH_ATTEMPTS * (self.timeout + 1))
         if self._task is not None:
             self._task.cancel()
             try:
@@ -105,7 +109,12 @@ class ClaimForwarder:
         origin = paid_by[1]
         claim = {"msg_id": msg_id, "sender": sender, "recipient": recipient, "code": code.hex(),
                  "paid_by": list(paid_by[2:5])}
-        self.bridge.submit(self._publish(origin, claim, delivery, transport))
+        self.bridge.loop.call_soon_threadsafe(self._start_publish, origin, claim, delivery, transport)
+
+    def _start_publish(self, origin: str, claim: dict, delivery: tuple, transport) -> None:
+        task = self.bridge.loop.create_task(self._publish(origin, claim, delivery, transport))
+        self._publishing.add(task)  # a node that stops waits for these (stop())
+        task.add_done_callback(self._publishing.discard)
 
     async def _publish(self, origin: str, claim: dict, delivery: tuple, transport) -> None:
         """Store the code in the stream; publishes of many codes run at once (one task each),

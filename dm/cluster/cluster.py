@@ -8,7 +8,7 @@ import threading
 import time
 
 from dm.cluster.bridge import Bridge, ClusterUnavailable
-from dm.cluster.claims import ClaimForwarder
+from dm.cluster.claims import PUBLISH_ATTEMPTS, ClaimForwarder
 from dm.cluster.directory import Directory
 from dm.cluster.presence import Presence
 from dm.cluster.routing import Router
@@ -64,7 +64,7 @@ class Cluster:
 
     def stop(self) -> None:
         try:
-            self.bridge.call(self._teardown(), timeout=5)
+            self.bridge.call(self._teardown(), timeout=PUBLISH_ATTEMPTS * (self.timeout + 1) + 5)
         except Exception:  # NATS may be gone already
             pass
         self.bridge.stop()
@@ -132,7 +132,10 @@ class Cluster:
 
     def check_name(self, name: str, public_key: str) -> None:
         """At hello: refuse a name pinned elsewhere in the network to another key, or one that
-        looks like a name pinned elsewhere."""
+        looks like a name pinned elsewhere. A name already in this node's pins (its own, or the
+        network's cached) was checked there: no round trip for a returning user."""
+        if self.node.pins.get(name) is not None:
+            return
         pinned = self._directory_call(self.directory.pin_of, name, fatal=True)
         if pinned is not None and pinned["public_key"].strip() != public_key.strip():
             raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key in this network of "
@@ -145,6 +148,10 @@ class Cluster:
 
     def claim_name(self, name: str, public_key: str, eth_address: str) -> None:
         """At auth, after the proof: pin network-wide (create-only) before pinning here."""
+        cached = self.node.pins.get(name)
+        if name in self.directory.in_network and cached is not None \
+                and cached["public_key"].strip() == public_key.strip() and cached["eth_address"] == eth_address:
+            return  # the network's pin, already cached here: nothing to create
         outcome = self._directory_call(self.directory.claim, name, public_key, eth_address, fatal=True)
         if outcome == "conflict":
             raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key in this network of "

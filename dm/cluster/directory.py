@@ -48,6 +48,9 @@ class Directory:
         self.bridge, self.node, self.replicas, self.timeout = bridge, node, replicas, timeout
         self.pins = self.names = self.channels = None
         self._revisions: dict[str, int] = {}
+        # names seen in dm_pins (the watch adds them; set.add and `in` are atomic, so readers take
+        # no lock): a pin cached here may also be one this node made alone, before joining
+        self.in_network: set[str] = set()
         self._mirror_lock = threading.Lock()
         self._watcher = self._pin_watcher = None
         self._watch_tasks: list = []
@@ -91,6 +94,7 @@ class Directory:
                 log.exception("cluster: caching the pin %s failed", entry.key)
 
     def cache_pin(self, name: str, record: dict) -> None:
+        self.in_network.add(name)
         if self.node.pins.pin(name, record["public_key"], record["eth_address"]) == "conflict":
             log.warning("cluster: %s is pinned to another key here than in the network; this node keeps its own "
                         "pin (it ran alone before joining)", name)
