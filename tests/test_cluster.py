@@ -112,6 +112,9 @@ def test_a_channel_message_reaches_members_on_every_node(network, chat):
         message = inbox.get(timeout=10)
         assert (message.sender, message.text, message.channel, message.genuine) == ("alice", "hello everyone", "#net", True)
     wait_until(lambda: all(receipts.get(m) == "delivered" for m in sent), 10, message="channel receipts")
+    carol.leave("#net")  # a leave reaches every node too
+    wait_until(lambda: set(alice._connection.request({"type": "members", "channel": "#net"})["online"])
+               == {"alice", "bob"}, 10, message="a leave across nodes")
 
 
 def test_presence_covers_the_network_and_offline_is_reported(network, chat):

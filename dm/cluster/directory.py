@@ -2,7 +2,7 @@
 
     dm_pins      name -> {public_key, eth_address}   created once: a name is pinned network-wide
     dm_names     skeleton -> name                    created once: a look-alike is refused network-wide
-    dm_channels  channel -> sorted member list       updated by compare-and-set
+    dm_members   <channel>.<member> -> "1"           put on join, deleted on leave
 
 Keys are hex (names and channels may hold characters NATS keys do not allow). Each node keeps
 its on-disk pins (dm.relay.pins) as a cache, filled by watching `dm_pins`, and as the record for
@@ -21,7 +21,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from dm.relay.names import skeleton
 
 log = logging.getLogger("node")
-PINS, NAMES, CHANNELS = "dm_pins", "dm_names", "dm_channels"
+PINS, NAMES, CHANNELS = "dm_pins", "dm_names", "dm_members"
 
 
 def _key(text: str) -> str:
@@ -40,7 +40,7 @@ class Directory:
 
     Thread-safety: the buckets are used only by coroutines on the bridge's loop; connection
     threads reach them through the blocking methods here (bridge.call). The channel mirror's
-    `_revisions` (channel -> last KV revision applied to the local registry) and the apply
+    `_revisions` ((channel, member) -> last KV revision applied to the local registry) and the apply
     itself are under `_mirror_lock`, which only this class takes: the watcher (on the pool)
     and a connection thread that just joined may both apply, the newer revision wins."""
 
@@ -138,56 +138,56 @@ class Directory:
         return "moved"
 
     # --- channels -------------------------------------------------------------------------
+    # One key per (channel, member), "<hex channel>.<hex name>": a join is a put and a leave a
+    # delete, so a thousand members joining at once never contend for one record.
 
     def change_membership(self, channel: str, name: str, join: bool) -> bool:
-        """Join or leave network-wide, then mirror locally. False when nothing changed
-        (already a member, or not one)."""
-        changed, members, revision = self.bridge.call(self._change(channel, name, join), self.timeout)
+        """Join or leave network-wide, then mirror locally. For a leave, False when `name` was
+        not a member."""
+        changed, revision = self.bridge.call(self._change(channel, name, join), self.timeout)
         if changed:
-            self._mirror(channel, members, revision)
+            self._mirror(channel, name, join, revision)
         return changed
 
     async def _change(self, channel: str, name: str, join: bool):
-        key = _key(channel)
-        while True:
-            members, revision = await self._get_json(self.channels, key)
-            members = set(members or [])
-            if (name in members) == join:
-                return False, members, revision
-            members = members | {name} if join else members - {name}
-            value = json.dumps(sorted(members)).encode()
-            try:
-                if revision is None:
-                    revision = await self.channels.create(key, value)
-                else:
-                    revision = await self.channels.update(key, value, last=revision)
-                return True, members, revision
-            except KeyWrongLastSequenceError:
-                continue  # someone else changed it first: read again
+        key = f"{_key(channel)}.{_key(name)}"
+        if join:
+            return True, await self.channels.put(key, b"1")
+        try:
+            entry = await self.channels.get(key)
+        except KeyNotFoundError:
+            return False, None
+        if entry.value is None or entry.operation in ("DEL", "PURGE"):
+            return False, None
+        await self.channels.delete(key)
+        return True, None
 
     async def _watch_channels(self) -> None:
         async for entry in self._watcher:
-            if entry is None or entry.value is None:
-                continue  # the end of the initial values, or a delete
+            if entry is None:
+                continue  # the end of the initial values
             try:
-                channel = bytes.fromhex(entry.key).decode()
-                members = set(json.loads(entry.value))
-            except (ValueError, TypeError):
+                channel_hex, name_hex = entry.key.split(".")
+                channel, name = bytes.fromhex(channel_hex).decode(), bytes.fromhex(name_hex).decode()
+            except ValueError:
                 continue
+            join = entry.operation not in ("DEL", "PURGE")
             try:
-                await self.bridge.offload(self._mirror, channel, members, entry.revision)
+                await self.bridge.offload(self._mirror, channel, name, join, entry.revision)
             except Exception:
-                log.exception("cluster: mirroring %s failed", channel)
+                log.exception("cluster: mirroring %s in %s failed", name, channel)
 
-    def _mirror(self, channel: str, members: set, revision: int) -> None:
-        """Make the local registry hold the network's members of `channel` (fsync inside)."""
+    def _mirror(self, channel: str, name: str, join: bool, revision: int | None) -> None:
+        """Apply one membership change to the local registry (fsync inside), unless a newer one
+        for the same member was applied already. `revision` None: a leave done here just now."""
         registry = self.node.channels
         with self._mirror_lock:
-            if revision <= self._revisions.get(channel, 0):
-                return
-            self._revisions[channel] = revision
-            local = registry.members.get(channel, frozenset())
-            for name in sorted(members - local):
+            key = (channel, name)
+            if revision is not None:
+                if revision <= self._revisions.get(key, 0):
+                    return
+                self._revisions[key] = revision
+            if join:
                 registry.join(channel, name)
-            for name in sorted(local - members):
+            else:
                 registry.leave(channel, name)
