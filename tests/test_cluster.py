@@ -4,7 +4,6 @@ once for the module; the tests run in file order and the last ones stop a node a
 server, so each test names what it relies on."""
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
