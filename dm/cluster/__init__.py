@@ -6,5 +6,6 @@
     directory  pins and channel membership in JetStream KV              dm.cluster.directory
     claims     codes forwarded to the sender's node, exactly once       dm.cluster.claims
     natsd      a local nats-server cluster (tests, demo, bench)         dm.cluster.natsd
+    local      node data directories and node.py processes for those   dm.cluster.local
     cluster    the hub the relay node talks to                          dm.cluster.cluster
 """
