@@ -237,6 +237,9 @@ def test_the_network_survives_one_nats_server_stopping(network, chat):
     msg_id = wait_until(lambda: _delivered(bob, bob_receipts, "carol"), 20, message="a delivery after the stop")
     assert carol_inbox.get(timeout=10).text == "after the stop"
     assert any("lost the NATS server" in line for line in network.nodes[1].lines)
+    # its watches of pins and channels were started afresh on the new server
+    wait_until(lambda: any("watching pins and channels again" in line for line in network.nodes[1].lines), 20,
+               message="node 1 to watch the shared records again")
     wait_until(lambda: msg_id in bob_paid, 20, message="carol's code to pay bob's node")
     assert network.earned(1) - before == 1
     # a new name is still pinned network-wide (JetStream KV with two of three servers), and

@@ -31,6 +31,7 @@ class Bridge:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cluster-io")
         self.nc = None
         self.js = None
+        self.on_reconnect: list[Callable[[], Awaitable]] = []  # coroutines to run after a reconnect (loop only)
         self._thread = threading.Thread(target=self._run, name="cluster-loop", daemon=True)
 
     def _run(self) -> None:
@@ -50,6 +51,8 @@ class Bridge:
 
         async def on_reconnected():
             log.info("cluster: reconnected to %s", self.nc.connected_url.netloc)
+            for restart in list(self.on_reconnect):
+                self.loop.create_task(restart())
 
         try:
             self.nc = await nats.connect(self.servers, name=self.name, connect_timeout=2,

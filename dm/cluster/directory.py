@@ -60,14 +60,39 @@ class Directory:
         self.pins = await open_bucket(js, PINS, self.replicas)
         self.names = await open_bucket(js, NAMES, self.replicas)
         self.channels = await open_bucket(js, CHANNELS, self.replicas)
+        await self._start_watching()
+        self.bridge.on_reconnect.append(self._rewatch)
+
+    async def _start_watching(self) -> None:
         self._watcher = await self.channels.watchall()
         self._pin_watcher = await self.pins.watchall()
         loop = asyncio.get_running_loop()
         self._watch_tasks = [loop.create_task(self._watch_channels()), loop.create_task(self._watch_pins())]
 
+    async def _rewatch(self) -> None:
+        """After NATS moved this node to another server, watch afresh: a watch may stall across
+        the move, and a new one replays every current record (applying one twice is harmless:
+        the newer revision wins)."""
+        await self.stop()
+        for attempt in range(20):
+            try:
+                await self._start_watching()
+                log.info("cluster: watching pins and channels again")
+                return
+            except Exception as exc:  # JetStream may still be electing on the servers left
+                log.debug("cluster: watching again failed (%s), attempt %d", exc, attempt + 1)
+                await asyncio.sleep(0.5)
+        log.error("cluster: could not watch pins and channels again; restart this node")
+
     async def stop(self) -> None:
         for task in self._watch_tasks:
             task.cancel()
+        for watcher in (self._watcher, self._pin_watcher):
+            if watcher is not None:
+                try:
+                    await watcher.stop()
+                except Exception:  # its subscription went with the old server
+                    pass
 
     # --- pins ---------------------------------------------------------------------------
 
