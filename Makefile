@@ -2,14 +2,18 @@
 #   make demo   set everything up, then run the demo (local chain, node, two scripted clients)
 #   make test   set everything up, then run the whole test suite (two pytest-xdist workers)
 #   make bench  the benchmarks whose figures are in README.md (several minutes)
+#   make cluster-demo  three relay nodes as one network over a 3-server NATS cluster
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench clean cluster-demo
 
 demo: setup
 	$(PY) main.py demo
+
+cluster-demo: setup
+	$(PY) -m dm.cli.cluster_demo
 
 test: setup
 	$(PY) -m pytest -q -n 2

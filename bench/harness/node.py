@@ -78,7 +78,7 @@ class NodeProcess:
                             ("--max-connections", max_connections)):
             if value is not None:
                 args += [flag, str(value)]
-        args += extra_args or []
+        args += list(extra_args or [])  # e.g. --cluster nats://... (bench/cluster.py)
         if profile is not None:
             profile.parent.mkdir(parents=True, exist_ok=True)
             profile.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """The node's command line: build a Node from flags, run it until Ctrl-C or SIGTERM.
 
     python3 node.py [--host localhost] [--port 12345] [--rpc-url URL] [--data-dir DIR]
+                    [--cluster nats://HOST:PORT[,...]]
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def build_node(args):
                     max_book_leaves=args.max_book_leaves, max_channels=args.max_channels,
                     max_members=args.max_members, cpu_share=args.cpu_share,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait,
-                                      "confirmations": args.confirmations})
+                                      "confirmations": args.confirmations},
+                    cluster_options=cluster_options(args))
     except BaseException:
         devchain.stop_on_exit(anvil)
         raise
@@ -79,6 +81,15 @@ def _positive(kind, zero: bool = False):
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def cluster_options(args) -> dict | None:
+    """--cluster nats://HOST:PORT[,...]: join the network of nodes on those NATS servers."""
+    if not args.cluster:
+        return None
+    servers = [url.strip() for url in args.cluster.split(",") if url.strip()]
+    return {"servers": servers, "replicas": args.cluster_replicas, "timeout": args.cluster_timeout,
+            "max_in_flight": args.cluster_max_in_flight}
 
 
 def parse_args(argv=None):
@@ -132,6 +143,18 @@ def parse_args(argv=None):
                         help="CPU one connection may use on frames other than plain sends (handshakes, books, "
                              "lookups), as a share of a core; past it the connection waits, so others go first. "
                              "0 turns pacing off (default: %(default)g)")
+    parser.add_argument("--cluster", metavar="nats://HOST:PORT[,...]",
+                        help="join a network of nodes over these NATS servers (JetStream on); without it the "
+                             "node works alone")
+    parser.add_argument("--cluster-replicas", type=int, default=None, metavar="N",
+                        help="JetStream replicas of the shared pins, channels and forwarded codes (default: "
+                             "the number of NATS servers, at most 3)")
+    parser.add_argument("--cluster-timeout", type=float, default=2.0, metavar="SECONDS",
+                        help="how long to wait for another node or NATS before a message counts as offline "
+                             "(default: %(default)g)")
+    parser.add_argument("--cluster-max-in-flight", type=int, default=10_000, metavar="N",
+                        help="messages to users on other nodes that may wait for an answer at once; past it the "
+                             "sender waits, up to --cluster-timeout (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -161,7 +184,15 @@ def main(argv=None) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    node.start()
+    try:
+        node.start()
+    except Exception as exc:
+        if type(exc).__name__ != "ClusterUnavailable":  # dm.cluster is imported only with --cluster
+            raise
+        print(f"node: {exc}", file=sys.stderr)
+        node.stop()
+        devchain.stop_on_exit(anvil)
+        return 1
     print(f"node ready on {args.host}:{node.port}", flush=True)
     done.wait()
     node.stop()

@@ -264,6 +264,11 @@ class DeliveryLog:
                 self._unsynced_since = None
 
     def _write(self, chunk: list) -> None:  # with _write_lock held
+        # A delivery relayed for another node of a cluster (paid_by "remote") is that node's
+        # bounty, and carries its layer key: it is not this node's to keep.
+        chunk = [delivery for delivery in chunk if delivery[3][0] != "remote"]
+        if not chunk:
+            return
         self._file.write(self._record(chunk, time.time(), time.monotonic()))
         self._file.flush()  # to the OS now: a killed process loses nothing written
         self.written += len(chunk)

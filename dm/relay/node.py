@@ -11,6 +11,7 @@
     server     sockets, threads, the watchdog                    dm.relay.server
     send_rule  the one rule set for a send                       dm.relay.rules
     layer      the key-release layer over every relayed text     dm.relay.sealing
+    cluster    with --cluster: the other nodes, over NATS         dm.cluster (None when alone)
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class Node:
                  max_unclaimed: int = MAX_UNCLAIMED, max_books: int = MAX_BOOKS_PER_USER,
                  max_book_leaves: int = wire.MAX_BOOK_LEAVES, max_channels: int = MAX_CHANNELS_PER_USER,
                  max_members: int = MAX_MEMBERS, cpu_share: float = CPU_SHARE, max_watches: int = MAX_WATCHES,
-                 clock=time.monotonic):
+                 clock=time.monotonic, cluster_options: dict | None = None):
         self.token, self.signer, self.index, self.faucet = token, signer, index, faucet
         self.max_errors, self.error_window = max_errors, error_window
         self.max_books, self.max_book_leaves = max_books, max_book_leaves
@@ -79,7 +80,12 @@ class Node:
         self._online_lock = threading.Lock()
         self.presence = Presence(self._notify, self._channels_of, max_watches)
         self._stop = threading.Event()
-        self.send_rule = make_send_rule(self.pins.names, self.channels, index, self.online)
+        self.cluster = None
+        if cluster_options is not None:  # imported only here: a node alone never loads nats
+            from dm.cluster.cluster import Cluster
+            self.cluster = Cluster(self, **cluster_options)
+        self.send_rule = make_send_rule(self.pins.names, self.channels, index, self.online,
+                                        resolve=self.cluster.resolve if self.cluster is not None else None)
         self.server = Server(self, host, port, max_connections=max_connections,
                              handshake_timeout=handshake_timeout, frame_timeout=frame_timeout,
                              idle_timeout=idle_timeout, clock=clock)
@@ -99,6 +105,8 @@ class Node:
         self.redeemer.start()
         if self.faucet is not None:
             self.faucet.start()
+        if self.cluster is not None:
+            self.cluster.start()
         self.server.start()
         log.info("node %s listening on port %d; paid to %s on chain %s, contract %s", self.node_id[:8],
                  self.port, self.signer.address, self.welcome["chain_id"], self.token.address)
@@ -107,6 +115,8 @@ class Node:
         """Stop accepting, close every connection, and redeem what is queued."""
         self._stop.set()
         self.server.stop()
+        if self.cluster is not None:  # before the journal closes: forwarded codes are journaled
+            self.cluster.stop()
         if self.faucet is not None:
             self.faucet.stop()
         self.redeemer.stop(flush=True)
@@ -130,6 +140,8 @@ class Node:
         if previous is not None and previous is not session:
             previous.transport.send(wire.error("name_in_use", f"{session.name} connected again from elsewhere"))
             previous.transport.close()
+        if self.cluster is not None:
+            self.cluster.user_online(session.name)
         log.info("+ %s connected from %s", session.name, session.transport.address[0])
         if previous is None:  # a replaced session: the name never went offline
             self.presence.publish_online(session.name)
@@ -141,15 +153,21 @@ class Node:
             if self.online.get(session.name) is not session:
                 return
             del self.online[session.name]
+        if self.cluster is not None:
+            self.cluster.user_offline(session.name)
         log.info("- %s disconnected", session.name)
         self.presence.unsubscribe(session.name)
         self.presence.publish_offline(session.name)
 
     def is_online(self, name: str) -> bool:
-        return name in self.online
+        """Here, or (with --cluster) on another node of the network."""
+        return name in self.online or (self.cluster is not None and self.cluster.is_online_elsewhere(name))
 
     def online_names(self) -> list[str]:
-        return sorted(list(self.online))
+        names = set(self.online)
+        if self.cluster is not None:
+            names |= self.cluster.remote_names()
+        return sorted(names)
 
     def _notify(self, name: str, frame: bytes) -> None:
         """A presence notice for `name`, if it is online (any thread)."""
@@ -188,7 +206,8 @@ class Node:
     def _still_payable(self, sender: str, paid_by: tuple) -> bool:
         """Whether a bounty recorded in an earlier run could still pay (so must stay used)."""
         pin = self.pins.get(sender)
-        return pin is not None and self.index.still_open(pin["eth_address"], paid_by)
+        return pin is not None and paid_by[0] in ("book", "single") and \
+            self.index.still_open(pin["eth_address"], paid_by)
 
     def _on_redeemed(self, result: Redeemed) -> None:
         log.info("redeemed %d code(s) in tx %s (gas %d): +%d BTK, %d BTK this run", result.paid,

@@ -24,9 +24,11 @@ from dm.wire import MAX_FRAME, ProtocolError
 from dm.wire.send import SendHeader
 
 
-def make_send_rule(pinned, channels, index, online: dict) -> Callable:
+def make_send_rule(pinned, channels, index, online: dict, resolve: Callable | None = None) -> Callable:
     """rule_on_send bound to the node's parts: `pinned` (names with a pin, a live view),
-    `channels` (a ChannelRegistry), `index` (a BountyIndex), `online` (name -> session)."""
+    `channels` (a ChannelRegistry), `index` (a BountyIndex), `online` (name -> session).
+    `resolve` (with --cluster) fetches a pin made on another node into `pinned`; it is asked
+    only for a name not pinned here, so a known recipient costs nothing more."""
     members_of, online_get = channels.members.get, online.get
     books_get, announced_book, single_payer = index.books_by_hex.get, index.announced_book, index.single_payer
 
@@ -35,7 +37,7 @@ def make_send_rule(pinned, channels, index, online: dict) -> Callable:
         raises ProtocolError (with the msg_id as ref) when it may not. `sender_address` is the
         Ethereum account the sender's name is pinned with."""
         to, msg_id, paid_by, channel = header
-        if to not in pinned:
+        if to not in pinned and (resolve is None or not resolve(to)):
             raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
         if channel is not None:
             members = members_of(channel.lower())  # channel names are case-insensitive

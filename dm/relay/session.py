@@ -173,8 +173,15 @@ class Session:
                     msg_id = header[1]
                     if recipient is None:
                         self._write_held(outbox)
-                        transport.send_bytes(receipt(msg_id, "offline"))
-                        node.presence.subscribe(self.name, [header[0]], strict=False)  # told when they come
+                        if node.cluster is not None and header[0] not in node.online:
+                            # Not connected here: another node of the network may have them;
+                            # the receipt follows that node's answer (dm.cluster.routing).
+                            delivery = (msg_id, self.name, header[0], header[2], now)
+                            reserve(delivery)
+                            node.cluster.route(transport, delivery, body)
+                        else:
+                            transport.send_bytes(receipt(msg_id, "offline"))
+                            node.presence.subscribe(self.name, [header[0]], strict=False)  # told when they come
                     else:
                         delivery = (msg_id, self.name, header[0], header[2], now)
                         frames = held.get(recipient)
@@ -358,6 +365,8 @@ class Session:
         if look_alike is not None:
             log.warning("! refused %s from %s: it looks like the pinned name %s", name, self.label, look_alike)
             raise _confusable(name, look_alike)
+        if self.node.cluster is not None:  # the network's pins, not only this node's
+            self.node.cluster.check_name(name, message["public_key"])
         self.hello = message
         self.nonce = base64.b64encode(secrets.token_bytes(32)).decode()
         self.phase = "challenged"
@@ -376,6 +385,8 @@ class Session:
             log.warning("! failed proof for %s from %s", name, self.label)
             raise ProtocolError("auth_failed", fatal=True)
         self.proved = True  # the handshake clock stops: funding a new user may take a while
+        if node.cluster is not None:  # pinned network-wide (create-only) before here
+            node.cluster.claim_name(name, hello["public_key"], hello["eth_address"])
         outcome = node.pins.pin(name, hello["public_key"], hello["eth_address"])
         if outcome == "conflict":  # another key won the name between our hello and auth
             raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key on this node", fatal=True)
@@ -402,6 +413,8 @@ class Session:
 
     def on_lookup(self, message: dict) -> dict:
         pinned = self.node.pins.get(message["name"])
+        if not pinned and self.node.cluster is not None:  # pinned on another node of the network
+            pinned = self.node.cluster.resolve(message["name"])
         if not pinned:
             raise ProtocolError("unknown_peer", f"no user {message['name'][:40]!r} is known to this node",
                                 ref=message["name"][:64])
@@ -453,6 +466,10 @@ class Session:
         if delivery is None:
             raise ProtocolError("unknown_message", ref=msg_id)
         _, sender, _, paid_by, _ = delivery
+        if paid_by[0] == "remote":  # relayed by another node: its code goes there (dm.cluster.claims)
+            node.cluster.forward_claim(delivery, message["code"], self.transport)
+            # The sending node's layer key travelled with the message (node to node).
+            return {"type": "release", "msg_id": msg_id, "key": paid_by[6]}
         payer = node.pins.get(sender)["eth_address"]  # bounties are keyed by their sender's account
         try:
             code = bytes.fromhex(message["code"].removeprefix("0x"))
@@ -476,13 +493,15 @@ class Session:
 
     def on_join(self, message: dict) -> dict:
         channel, channels = message["channel"].lower(), self.node.channels  # names are case-insensitive
-        outcome = channels.join(channel, self.name)
+        outcome = channels.join(channel, self.name)  # this node's caps first
         if outcome == "too_many_channels":
             raise ProtocolError("limit_reached", f"you are in {channels.max_channels} channels, the most this node "
                                 "allows (its --max-channels): leave one first", ref=channel)
         if outcome == "full":
             raise ProtocolError("limit_reached", f"{channel} has {channels.max_members} members, the most this node "
                                 "allows (its --max-members): try another channel", ref=channel)
+        if self.node.cluster is not None and outcome != "already":  # network-wide membership
+            self.node.cluster.change_membership(channel, self.name, True)
         if outcome == "joined":
             log.debug("%s joined %s", self.name, channel)
             self.node.presence.publish_joined(channel, self.name, channels.members.get(channel, frozenset()))
@@ -490,7 +509,10 @@ class Session:
 
     def on_leave(self, message: dict) -> dict:
         channel, channels = message["channel"].lower(), self.node.channels  # names are case-insensitive
-        if not channels.leave(channel, self.name):
+        cluster = self.node.cluster
+        left = cluster.change_membership(channel, self.name, False) if cluster is not None else \
+            channels.leave(channel, self.name)
+        if not left:
             raise ProtocolError("not_a_member", f"you are not in {channel}", ref=channel)
         log.debug("%s left %s", self.name, channel)
         self.node.presence.publish_left(channel, self.name, channels.members.get(channel, frozenset()))

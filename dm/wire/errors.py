@@ -35,6 +35,7 @@ ERRORS = {
     "timeout": "the connection was idle or too slow",
     "busy": "the node has too many connections",
     "internal": "the node failed to handle the message",
+    "unavailable": "the network of nodes did not answer: try again in a moment",
 }
 
 
