@@ -27,7 +27,10 @@ from .messages import B64_32, bounty_key
 _NAME = rb"[A-Za-z0-9_.-]{1,32}+"
 _MSG_ID = rb"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}+"  # printable ASCII without '"' and '\'
 _INT = rb"(?:0|[1-9][0-9]{0,18}+)"
-_STRING = rb'"[^"]*+"'  # with no backslash in the frame (checked apart: memchr), a whole JSON string
+# With no backslash in the frame (checked apart: memchr), a whole JSON string. No raw control
+# character either: json.dumps would escape one, so such a frame goes the general way and both
+# readers give the same bytes.
+_STRING = rb'"[^"\x00-\x1f]*+"'
 _SLOT = rb'"' + B64_32.encode() + rb'"'  # exactly 32 bytes (dm.wire.check_envelope)
 # The canonical send, whole. Possessive quantifiers: no backtracking. Roots in lower case without
 # 0x (as clients write them), so the header needs no normalising; other spellings go the general way.
