@@ -441,7 +441,9 @@ class Session:
             raise ProtocolError("bad_field", "book.root is not hex") from None
         book = index.book(self.eth_address, root) if len(root) == 32 else None
         if book is None or len(message["leaves"]) != book.size:
-            raise ProtocolError("unpaid", "no open book with that root and size is bound to this node")
+            raise ProtocolError("unpaid", f"your account {self.eth_address} has no open book with that root and size "
+                                "bound to this node (books are keyed by the account that opened them): "
+                                "announce your own books")
         if book.tree is None:
             if book.sender != self.eth_address:
                 raise ProtocolError("unpaid", f"that book was opened by {book.sender}, not by your account "
@@ -455,7 +457,9 @@ class Session:
         except (ValueError, TypeError, AttributeError):
             raise ProtocolError("bad_field", "book.leaves do not make book.root") from None
         if book is None:
-            raise ProtocolError("unpaid", "no open book with that root and size is bound to this node")
+            raise ProtocolError("unpaid", f"your account {self.eth_address} has no open book with that root and size "
+                                "bound to this node (books are keyed by the account that opened them): "
+                                "announce your own books")
         return {"type": "book", "root": message["root"], "size": book.size}
 
     def on_claim(self, message: dict) -> dict:
