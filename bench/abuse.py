@@ -41,6 +41,7 @@ from harness.workers import Workers  # noqa: E402
 
 PHASES = ("quiet", "unpaid", "handshake", "big-book", "join")
 ENVELOPE = {"from": "alice", "to": "bob", "msg_id": "m", "ts": 1, "wrapped_key": "QUJD", "nonce": "bm9u",
+            "code_slot": "A" * 43 + "=", "digest": "A" * 43 + "=",  # 32 bytes each: key release's fields
             "ciphertext": "QUJD" * 100, "signature": "c2ln"}
 
 
