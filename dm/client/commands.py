@@ -341,8 +341,12 @@ class Chat:
         self.learn([message.sender], [message.channel] if message.channel else [])
         if message.sender not in self._seen:  # once per sender: the key behind the name, to compare
             self._seen.add(message.sender)
-            self.note(f"({message.sender} is key {key_prefix(self._client.fingerprint(message.sender))}; "
-                      f"/fingerprint {message.sender} shows all of it)")
+            # A message waiting for us (an offline peer's outbox) can arrive as connect() returns,
+            # before attach(): wait for it rather than lose the message.
+            self._ready.wait(timeout=30)
+            if self._client is not None:
+                self.note(f"({message.sender} is key {key_prefix(self._client.fingerprint(message.sender))}; "
+                          f"/fingerprint {message.sender} shows all of it)")
         if self.painter:
             self.show(self.painter.message(message.sender, message.text, message.channel), False)
         else:  # piped stdout keeps exactly `[sender] text`
