@@ -77,13 +77,19 @@ def _drain_until_closed(wire: Wire, until: float) -> int:
     return count
 
 
-def unpaid_flood(port, key_path, name, eth_address, until, results):
-    answered = 0
+def _logins(port, key_path, name, eth_address, until):
+    """A logged-in Wire, again each time the caller is done with the last one, until `until`
+    (the node closes a hostile connection; the load comes back on a new one)."""
     while time.time() < until:
         try:
-            wire = _login(port, key_path, name, eth_address)
+            yield _login(port, key_path, name, eth_address)
         except (OSError, RuntimeError, ValueError):
             continue
+
+
+def unpaid_flood(port, key_path, name, eth_address, until, results):
+    answered = 0
+    for wire in _logins(port, key_path, name, eth_address, until):
         burst = b"".join(_frame({"type": "send", "to": "bob", "msg_id": f"x{i}",
                                  "bounty": {"code_hash": secrets.token_hex(32)}, "envelope": ENVELOPE})
                          for i in range(200))
@@ -122,11 +128,7 @@ def big_book_flood(port, key_path, name, eth_address, until, results):
         _frame({"type": "book", "root": secrets.token_hex(32), "leaves": leaves}),
         _frame({"type": "book", "root": secrets.token_hex(32), "leaves": leaves[:10_000]})])
     answered = 0
-    while time.time() < until:
-        try:
-            wire = _login(port, key_path, name, eth_address)
-        except (OSError, RuntimeError, ValueError):
-            continue
+    for wire in _logins(port, key_path, name, eth_address, until):
         stop = threading.Event()
 
         def write():
@@ -147,11 +149,7 @@ def big_book_flood(port, key_path, name, eth_address, until, results):
 
 def join_flood(port, key_path, name, eth_address, until, results):
     answered = 0
-    while time.time() < until:
-        try:
-            wire = _login(port, key_path, name, eth_address)
-        except (OSError, RuntimeError, ValueError):
-            continue
+    for wire in _logins(port, key_path, name, eth_address, until):
         try:
             i = 0
             while time.time() < until:

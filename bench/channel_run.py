@@ -195,13 +195,17 @@ class ChannelBench:
                 raise RuntimeError("the measured message did not come from the warm-up's book")
             return out
         finally:
-            if sender is not None:
-                sender.client.close()
-            for q in commands:
-                q.put(("stop",))
-            with contextlib.suppress(RuntimeError):
-                self.wait_results("stopped", len(commands), 20)
-            self.workers.reap(procs, timeout=5)
+            self.stop_run(sender, commands, procs, 20)
+
+    def stop_run(self, sender: "Sender | None", commands: list, procs, wait: float) -> None:
+        """End one size's run: close the sender, stop the member workers, reap them."""
+        if sender is not None:
+            sender.client.close()
+        for q in commands:
+            q.put(("stop",))
+        with contextlib.suppress(RuntimeError):
+            self.wait_results("stopped", len(commands), wait)
+        self.workers.reap(procs, timeout=5)
 
     def warm_up(self, sender: "Sender", commands: list, channel: str, n: int) -> dict:
         """Opens the book, pins keys, wraps session keys; members look the sender up once. Waits

@@ -256,13 +256,7 @@ class ClusterBench(ChannelBench):
             out.update(self.measure(sender, commands, channel, n, worker_pids, out["book"]))
             return out
         finally:
-            if sender is not None:
-                sender.client.close()
-            for q in commands:
-                q.put(("stop",))
-            with contextlib.suppress(RuntimeError):
-                self.wait_results("stopped", len(commands), 30)
-            self.workers.reap(procs, timeout=5)
+            self.stop_run(sender, commands, procs, 30)
 
 
 def rate(reports: list[dict]) -> float:
