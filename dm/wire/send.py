@@ -27,10 +27,11 @@ from .messages import B64_32, bounty_key
 _NAME = rb"[A-Za-z0-9_.-]{1,32}+"
 _MSG_ID = rb"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}+"  # printable ASCII without '"' and '\'
 _INT = rb"(?:0|[1-9][0-9]{0,18}+)"
-# With no backslash in the frame (checked apart: memchr), a whole JSON string. No raw control
-# character either: json.dumps would escape one, so such a frame goes the general way and both
-# readers give the same bytes.
-_STRING = rb'"[^"\x00-\x1f]*+"'
+# The envelope's binary fields as clients write them: standard base64 (dm.crypto.envelope). A
+# string holding anything else (an escape, a control character json.dumps would escape) goes
+# the general way, so both readers give the same bytes. (A charset of base64 scans three times
+# faster in sre than a negated class with a range.)
+_B64_STRING = rb'"[A-Za-z0-9+/=]*+"'
 _SLOT = rb'"' + B64_32.encode() + rb'"'  # exactly 32 bytes (dm.wire.check_envelope)
 # The canonical send, whole. Possessive quantifiers: no backtracking. Roots in lower case without
 # 0x (as clients write them), so the header needs no normalising; other spellings go the general way.
@@ -39,9 +40,9 @@ _CANONICAL_SEND = re.compile(
     rb'"bounty":\{(?:"book":"([0-9a-f]{64})","index":(0|[1-9][0-9]{0,8}+)|"code_hash":"([0-9a-f]{64})")\}'
     rb'(?:,"channel":"(#[A-Za-z0-9_.-]{1,31}+)")?'
     rb',"envelope":\{"from":"' + _NAME + rb'","to":"' + _NAME + rb'","msg_id":"' + _MSG_ID + rb'","ts":' + _INT
-    + rb',"wrapped_key":' + _STRING + rb',"nonce":' + _STRING + rb',"code_slot":' + _SLOT + rb',"digest":' + _SLOT
+    + rb',"wrapped_key":' + _B64_STRING + rb',"nonce":' + _B64_STRING + rb',"code_slot":' + _SLOT + rb',"digest":' + _SLOT
     + rb',"ciphertext":"[A-Za-z0-9+/]*+={0,2}"'
-    + rb',"signature":' + _STRING + rb'(?:,"proof":\[(?:' + _STRING + rb'(?:,' + _STRING + rb')*+)?\],"leaf":' + _INT
+    + rb',"signature":' + _B64_STRING + rb'(?:,"proof":\[(?:' + _B64_STRING + rb'(?:,' + _B64_STRING + rb')*+)?\],"leaf":' + _INT
     + rb')?\}\}')
 SEND_PREFIX = b'{"type":"send",'
 _SEND_PREFIX_LENGTH = len(SEND_PREFIX)
