@@ -14,6 +14,7 @@ import statistics
 import threading
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,8 @@ from dm.relay.session import Session
 from helpers import Transport, start_node
 from test_abuse import assert_ping_works, codes, read_frame, read_until_closed
 from test_relay_burst import in_order, open_announced_book, read_frames, send_frame
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rss_bytes() -> int:
@@ -242,6 +245,20 @@ def test_every_limit_is_a_node_py_flag(data_dir):
         node.stop()
     with pytest.raises(SystemExit):
         node_cli.parse_args(["--max-unclaimed", "0"])
+
+
+@pytest.mark.parametrize("flag, value", [("--port", "99999"), ("--port", "-1"), ("--batch-size", "0"),
+                                         ("--batch-wait", "-1"), ("--max-connections", "0"), ("--lookups", "-1"),
+                                         ("--max-watches", "0"), ("--cluster-replicas", "0"),
+                                         ("--cluster-timeout", "0"), ("--cluster-max-in-flight", "-3")])
+def test_a_bad_node_py_flag_is_one_line_naming_it(flag, value, tmp_path):
+    """Not a traceback from deep inside (--port 99999 used to end in socket.bind's OverflowError)."""
+    import subprocess
+    done = subprocess.run([sys.executable, str(ROOT / "node.py"), "--data-dir", str(tmp_path), flag, value],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"argument {flag}:" in done.stderr.splitlines()[-1]
 
 
 # --- issue 12 part 4: channels that scale ------------------------------------------------------------

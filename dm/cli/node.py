@@ -83,6 +83,16 @@ def _positive(kind, zero: bool = False):
     return parse
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give 1-65535, or 0 for a free one")
+    return value
+
+
 def cluster_options(args) -> dict | None:
     """--cluster nats://HOST:PORT[,...]: join the network of nodes on those NATS servers."""
     if not args.cluster:
@@ -96,23 +106,24 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DistributedMessaging relay node: relays ciphertext, "
                                      "earns 1 BTK per delivered message.")
     parser.add_argument("--host", default="localhost", help="interface to listen on (default: localhost)")
-    parser.add_argument("--port", type=int, default=12345, help="TCP port (default: 12345; 0 picks a free one)")
+    parser.add_argument("--port", type=_port, default=12345, help="TCP port (default: 12345; 0 picks a free one)")
     parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", DEFAULT_RPC_URL),
                         help="Ethereum JSON-RPC URL; on loopback, anvil is started when nothing answers "
                              "(default: $DM_RPC_URL or %(default)s)")
     parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
-    parser.add_argument("--batch-size", type=int, default=50, help="redeem when this many codes are queued")
-    parser.add_argument("--batch-wait", type=float, default=1.0,
+    parser.add_argument("--batch-size", type=_positive(int), default=50, help="redeem when this many codes are queued")
+    parser.add_argument("--batch-wait", type=_positive(float), default=1.0,
                         help="redeem queued codes at the latest this many seconds after the first arrived")
     parser.add_argument("--confirmations", type=_at_least_one, default=None, metavar="N",
                         help="a redemption is final (its codes leave the journal, the sender is told `paid`) once "
                              f"its block is N deep, counting its own (default: {DEV_CONFIRMATIONS} on a local anvil "
                              f"chain, {TESTER_CONFIRMATIONS} on eth-tester, {REAL_CONFIRMATIONS} on any other chain)")
-    parser.add_argument("--max-connections", type=int, default=10_000)
-    parser.add_argument("--lookups", type=float, default=LOOKUPS_PER_SECOND, metavar="N",
+    parser.add_argument("--max-connections", type=_positive(int), default=10_000, metavar="N",
+                        help="connections open at once; past it a new one is told `busy` (default: %(default)d)")
+    parser.add_argument("--lookups", type=_positive(float, zero=True), default=LOOKUPS_PER_SECOND, metavar="N",
                         help="direct chain lookups per second of bounties the node has not seen yet; past it, "
                              "unknown bounties wait for the event index (default: %(default)g)")
-    parser.add_argument("--max-watches", type=int, default=MAX_WATCHES, metavar="N",
+    parser.add_argument("--max-watches", type=_positive(int), default=MAX_WATCHES, metavar="N",
                         help="names one user may watch for presence at a time; past it `watch` is refused "
                              "with watch_limit (default: %(default)d)")
     limits = parser.add_argument_group("limits per user (each refusal says which limit it hit)")
@@ -146,13 +157,13 @@ def parse_args(argv=None):
     parser.add_argument("--cluster", metavar="nats://HOST:PORT[,...]",
                         help="join a network of nodes over these NATS servers (JetStream on); without it the "
                              "node works alone")
-    parser.add_argument("--cluster-replicas", type=int, default=None, metavar="N",
+    parser.add_argument("--cluster-replicas", type=_positive(int), default=None, metavar="N",
                         help="JetStream replicas of the shared pins, channels and forwarded codes (default: "
                              "the number of NATS servers, at most 3)")
-    parser.add_argument("--cluster-timeout", type=float, default=2.0, metavar="SECONDS",
+    parser.add_argument("--cluster-timeout", type=_positive(float), default=2.0, metavar="SECONDS",
                         help="how long to wait for another node or NATS before a message counts as offline "
                              "(default: %(default)g)")
-    parser.add_argument("--cluster-max-in-flight", type=int, default=10_000, metavar="N",
+    parser.add_argument("--cluster-max-in-flight", type=_positive(int), default=10_000, metavar="N",
                         help="messages to users on other nodes that may wait for an answer at once; past it the "
                              "sender waits, up to --cluster-timeout (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
