@@ -218,8 +218,8 @@ class CuttingProxy:
     cuts the connection; every later connection passes everything. So the node has the code and
     the client never got the key, as when a connection drops between claim and release."""
 
-    def __init__(self, node_port: int):
-        self.node_port = node_port
+    def __init__(self, node_port: int, hold: float = 0.0):
+        self.node_port, self.hold = node_port, hold  # hold: how long a reconnect waits to be let through
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.cut: list[str] = []  # the msg_id of the release dropped
@@ -231,6 +231,8 @@ class CuttingProxy:
         with contextlib.suppress(OSError):
             while True:
                 client, _ = self.listener.accept()
+                if self.connections:
+                    time.sleep(self.hold)
                 upstream = socket.create_connection(("127.0.0.1", self.node_port))
                 self.sockets += [client, upstream]
                 self.connections += 1
@@ -291,4 +293,30 @@ def test_a_client_whose_connection_drops_between_claim_and_release_shows_the_mes
         assert journaled(data_dir, msg_id) == 1  # the client's re-claim was not journaled again
     finally:
         bob.close()
+        proxy.close()
+
+
+def test_a_re_claim_after_the_claim_timeout_is_refused_and_the_user_is_told_what_to_do(extra_nodes, data_dir):
+    """The re-claim window is the claim timeout after the claim (here 0.5 s): a client that
+    comes back later gets no key, and says so instead of waiting for one."""
+    node = extra_nodes("short", claim_timeout=0.5)
+    make_users(data_dir, "alice", "bob")
+    proxy = CuttingProxy(node.port, hold=1.5)
+    shown: queue.Queue = queue.Queue()
+    notices: queue.Queue = queue.Queue()
+    clients = []
+    try:
+        for name, port, events in (("bob", proxy.port, Events(message=shown.put, notice=notices.put)),
+                                   ("alice", node.port, None)):
+            clients.append(ChatClient("127.0.0.1", port, name, data_dir, rpc_url=ethereum.TESTER_URL,
+                                      w3=node.token.w3, book_size=2, reconnect_max_delay=0.5, events=events))
+            clients[-1].connect()
+        msg_id = clients[1].send_text("bob", "too late")
+        notice = notices.get(timeout=20)
+        assert notice.startswith(f"alice's message {msg_id} cannot be read: the node refused its code")
+        assert "--claim-timeout" in notice and notice.endswith("Ask alice to send it again.")
+        assert proxy.cut == [msg_id] and shown.empty()
+    finally:
+        for client in clients:
+            client.close()
         proxy.close()
