@@ -52,8 +52,9 @@ class Awaiting:
 class Receiver:
     """Opens what the node delivers and releases.
 
-    Thread-safety: meant for the client's worker thread alone (deliver, release and overdue
-    are called only there); the replay guard and the unwrap cache it owns are thread-safe anyway.
+    Thread-safety: meant for the client's worker thread alone (deliver, release, overdue,
+    reclaims and refused are called only there); the replay guard and the unwrap cache it owns
+    are thread-safe anyway.
     """
 
     def __init__(self, me: str, rsa_key, peer_key: Callable[[str], object],
