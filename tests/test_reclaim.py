@@ -48,8 +48,8 @@ def deliver(node, data_dir, alice, bob, texts: list[str]):
     for i, envelope in enumerate(envelopes):
         alice.sendall(wire.encode({"type": "send", "to": "bob", "msg_id": f"m{i}",
                                    "bounty": {"book": book.root.hex(), "index": i}, "envelope": envelope}))
-    assert [read_frame(alice)["status"] for _ in texts] == ["delivered"] * len(texts)
-    delivers = [read_frame(bob) for _ in texts]
+    assert [read_frame(alice, timeout=15)["status"] for _ in texts] == ["delivered"] * len(texts)
+    delivers = [read_frame(bob, timeout=15) for _ in texts]
     slots = [crypto.open_slot(d["envelope"], recipient="bob", recipient_key=bob_key,
                               sender_public_key=private_key(data_dir, "alice").public_key()) for d in delivers]
     return book, delivers, slots
@@ -57,7 +57,7 @@ def deliver(node, data_dir, alice, bob, texts: list[str]):
 
 def claim(sock, msg_id: str, code: bytes) -> dict:
     sock.sendall(wire.encode({"type": "claim", "msg_id": msg_id, "code": code.hex()}))
-    return read_frame(sock)
+    return read_frame(sock, timeout=15)  # the machine the suite runs on may be busy
 
 
 def opened_text(release: dict, deliver_frame: dict, slot) -> str:
@@ -105,7 +105,8 @@ def test_a_release_lost_with_the_connection_is_sent_again_for_the_same_code_and_
             assert claim(bob, "m0", slots[0].code) == first  # after the redemption too: the same key
 
     token, relayer = node.token, node.signer.address
-    assert node.redeemer.pending() == 0 and not node.redeemer.in_flight
+    wait_until(lambda: node.redeemer.pending() == 0 and not node.redeemer.in_flight, timeout=20,
+               message="the redemption to be final")  # mined is not yet final: the redeemer polls
     assert token.balance_of(relayer) == ethereum.TOKEN  # one redemption, one token
     assert journaled(data_dir, "m0") == 1  # the re-claims journaled nothing
 
@@ -151,8 +152,8 @@ def test_a_release_lost_to_a_node_restart_is_sent_again_and_paid_once(data_dir, 
                 refused = claim(carol, "m0", slots[0].code)  # the right code, the wrong claimer
                 assert (refused["type"], refused["code"]) == ("error", "unknown_message")
                 assert "key" not in refused
-            assert node.redeemer.pending() == 0 and not node.redeemer.in_flight
-            assert not node.redeemer.journal.pending
+            assert not node.redeemer.journal.pending  # the first run's claims were final: none to redeem
+            assert node.redeemer.pending() == 0 and not node.redeemer.in_flight  # and the re-claims queued none
     assert token.balance_of(signer.address) == earned  # nothing redeemed again
     assert journaled(data_dir, "m0") == journaled(data_dir, "m1") == 0  # no claim line since the first run
 
@@ -301,7 +302,7 @@ def test_a_re_claim_after_the_claim_timeout_is_refused_and_the_user_is_told_what
     comes back later gets no key, and says so instead of waiting for one."""
     node = extra_nodes("short", claim_timeout=0.5)
     make_users(data_dir, "alice", "bob")
-    proxy = CuttingProxy(node.port, hold=1.5)
+    proxy = CuttingProxy(node.port, hold=2.0)  # well past the 0.5 s window and a sweep
     shown: queue.Queue = queue.Queue()
     notices: queue.Queue = queue.Queue()
     clients = []
