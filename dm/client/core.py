@@ -454,8 +454,19 @@ class ChatClient:
         self._waiting_for = {entry.to for entry in self._outbox.listing() if entry.waiting}
         if self._waiting_for:
             self._post({"type": "watch", "names": sorted(self._waiting_for)})
+        self._claim_again()
         self._resend(self._outbox.take_waiting())  # everything unanswered, with its msg_id and bounty
         return True
+
+    def _claim_again(self) -> None:
+        """Claims whose key did not come before the connection ended go again: the node answers
+        its recipient's repeated claim with the same key, and is paid once."""
+        claims = self._receiver.reclaims()
+        if claims:
+            try:
+                self._write_raw(b"".join(wire.encode(claim) for claim in claims))
+            except ClientError:
+                pass  # lost again: the next reconnect claims them again
 
     def _reconnect(self) -> str | None:
         """Tries every address in turn, pausing between rounds (doubling up to the maximum, with
@@ -496,6 +507,9 @@ class ChatClient:
             self._final = f"the node ended this session: {text}"
         if ref and (ref in self.outstanding or self._outbox.get(ref) is not None):
             self._settle(ref, "refused", text)
+        elif ref and message.get("code") in ("unknown_message", "bad_code") and \
+                (notice := self._receiver.refused(ref, text)) is not None:
+            self.events.notice(notice)
         else:
             self.events.notice(f"node: {text}")
 

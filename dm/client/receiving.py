@@ -7,6 +7,9 @@
    the one the sender signed; decrypt, check the channel label, show the text.
 
 A node that took the code but sends no key within `release_timeout` is reported (overdue()).
+A claim whose key has not come is sent again on the next connection (reclaims()): the node
+answers a repeated claim with the same key and is not paid twice. The claims waiting here are
+kept in memory only, so a client restarted before their keys came cannot claim them again.
 """
 from __future__ import annotations
 
@@ -49,8 +52,9 @@ class Awaiting:
 class Receiver:
     """Opens what the node delivers and releases.
 
-    Thread-safety: meant for the client's worker thread alone (deliver, release and overdue
-    are called only there); the replay guard and the unwrap cache it owns are thread-safe anyway.
+    Thread-safety: meant for the client's worker thread alone (deliver, release, overdue,
+    reclaims and refused are called only there); the replay guard and the unwrap cache it owns
+    are thread-safe anyway.
     """
 
     def __init__(self, me: str, rsa_key, peer_key: Callable[[str], object],
@@ -107,6 +111,25 @@ class Receiver:
             return Incoming(opened.sender, "", opened.msg_id, False, "the message was relabelled to another channel",
                             channel)
         return Incoming(opened.sender, text, opened.msg_id, True, channel=channel)
+
+    def reclaims(self) -> list[dict]:
+        """The claims to send again on a new connection: every message whose key has not come
+        (lost with the old connection, or overdue). Their release clock starts again."""
+        now, claims = self.clock(), []
+        for msg_id, waiting in self.awaiting.items():  # all get the same time: still oldest first
+            waiting.claimed_at = now
+            claims.append({"type": "claim", "msg_id": msg_id, "code": waiting.opened.code.hex()})
+        return claims
+
+    def refused(self, msg_id: str, reason: str) -> str | None:
+        """The node refused our claim: that message cannot be read. A notice for the user, or
+        None for a claim we were not waiting on."""
+        waiting = self.awaiting.pop(msg_id, None)
+        if waiting is None:
+            return None
+        sender = waiting.opened.sender
+        return f"{sender}'s message {msg_id} cannot be read: the node refused its code ({reason}). " \
+               f"Ask {sender} to send it again."
 
     def overdue(self) -> list[str]:
         """A notice for each claim whose key is now overdue, once per claim."""

@@ -7,6 +7,8 @@ directory:
                           their code. Written by one writer thread fed by the ledger.
     node/journal.jsonl    every code a recipient returned (a claim), until its redemption is
                           final (mined and `--confirmations` blocks deep): then a done line.
+                          A claim stays (as a `claimed` line once done) for the claim timeout
+                          after it, so that its recipient can claim again after a restart.
 
 Fsync policy, stated once:
   * claims: written and fsynced before the recipient gets any answer (group commit: one
@@ -18,8 +20,9 @@ Fsync policy, stated once:
     cut loses at most the last FSYNC_INTERVAL. A lost delivery record can let that one leaf
     carry a second message after the restart; its code is still paid once.
 
-Both files are compacted when the node starts: pending claims and deliveries are kept, and
-the used bounties that could still pay (book or bounty open and not expired).
+Both files are compacted when the node starts: pending claims and deliveries are kept, the
+claims made within the claim timeout, and the used bounties that could still pay (book or
+bounty open and not expired).
 """
 from __future__ import annotations
 
@@ -55,13 +58,17 @@ _VERSION_LINE = f"dm deliveries marshal {marshal.version} python {sys.version_in
 @dataclass
 class Claim:
     """A code a recipient returned, waiting to be redeemed. `payer` is the account that
-    registered the bounty or opened the book: bounties are keyed by it on chain."""
+    registered the bounty or opened the book: bounties are keyed by it on chain. `recipient`
+    and `at` (wall-clock time of the claim) let that recipient claim again after a restart
+    (empty and 0 for a code another node forwarded, and in journals older than re-claims)."""
     msg_id: str
     sender: str
     code: bytes
     book: bytes | None = None
     index: int | None = None
     payer: str = ""
+    recipient: str = ""
+    at: float = 0.0
 
     @property
     def key(self) -> str:
@@ -69,33 +76,50 @@ class Claim:
             return f"{self.payer}:{self.book.hex()}:{self.index}"
         return f"{self.payer}:{keccak(self.code).hex()}"
 
+    @property
+    def paid_by(self) -> tuple:
+        """The bounty as the ledger keys it (dm.wire.bounty_key)."""
+        if self.book:
+            return ("book", self.book.hex(), self.index)
+        return ("single", keccak(self.code).hex())
+
     def to_json(self) -> dict:
         return {"msg_id": self.msg_id, "sender": self.sender, "code": self.code.hex(),
-                "book": self.book.hex() if self.book else None, "index": self.index, "payer": self.payer}
+                "book": self.book.hex() if self.book else None, "index": self.index, "payer": self.payer,
+                "recipient": self.recipient, "at": self.at}
 
     @classmethod
     def from_json(cls, data: dict) -> "Claim":
         return cls(data["msg_id"], data["sender"], bytes.fromhex(data["code"]),
                    bytes.fromhex(data["book"]) if data.get("book") else None, data.get("index"),
-                   data.get("payer", ""))
+                   data.get("payer", ""), data.get("recipient", ""), float(data.get("at", 0.0)))
 
 
 class Journal:
     """Append-only, fsynced: a claim line when a code arrives, a done line once its
-    redemption is final. Compacted to the pending claims at start.
+    redemption is final. Compacted at start to the pending claims, and to `claimed` lines
+    for the claims made in the last `keep_claimed_for` seconds (the node's claim timeout):
+    `claimed` holds those, for a recipient to claim again (dm.relay.journal.restore).
 
     Thread-safety: every write and fsync is under `_lock`. Connection threads append claims
     without syncing and sync once at the end of their burst, before they answer anyone; the
-    redeemer thread appends done lines."""
+    redeemer thread appends done lines. `pending`, `claimed` and `claimed_msg_ids` are
+    read at start, before any thread writes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_claimed_for: float = 0.0):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.pending, self.claimed_msg_ids = self._replay()
+        self.pending, everything = self._replay()
+        self.claimed_msg_ids = {claim.msg_id for claim in everything}  # redeemed or not
+        since = time.time() - keep_claimed_for
+        self.claimed = [c for c in everything if c.recipient and c.at >= since]  # oldest first
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as handle:
             for claim in self.pending.values():
                 handle.write(json.dumps({"op": "claim", **claim.to_json()}) + "\n")
+            for claim in self.claimed:
+                if claim.key not in self.pending:  # done: only its recipient's re-claim needs it now
+                    handle.write(json.dumps({"op": "claimed", **claim.to_json()}) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -103,26 +127,28 @@ class Journal:
         self._lock = threading.Lock()
         self._dirty = False
 
-    def _replay(self) -> tuple[dict[str, Claim], set[str]]:
+    def _replay(self) -> tuple[dict[str, Claim], list[Claim]]:
+        """(the claims not yet done, by key; every claim read, oldest first)."""
         pending: dict[str, Claim] = {}
-        claimed: set[str] = set()  # every msg_id whose code came back, redeemed or not
+        claimed: dict[tuple[str, str], Claim] = {}  # (sender, msg_id) -> its claim, redeemed or not
         try:
             lines = self.path.read_text().splitlines()
         except FileNotFoundError:
-            return pending, claimed
+            return pending, []
         for line in lines:
             try:
                 entry = json.loads(line)
-                if entry["op"] == "claim":
+                if entry["op"] in ("claim", "claimed"):
                     claim = Claim.from_json(entry)
-                    pending[claim.key] = claim
-                    claimed.add(claim.msg_id)
+                    claimed.setdefault((claim.sender, claim.msg_id), claim)
+                    if entry["op"] == "claim":
+                        pending[claim.key] = claim
                 elif entry["op"] == "done":
                     for key in entry["keys"]:
                         pending.pop(key, None)
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line from a crash mid-write
-        return pending, claimed
+        return pending, sorted(claimed.values(), key=lambda claim: claim.at)
 
     def _append(self, entry: dict, sync: bool = True) -> None:
         with self._lock:
@@ -290,7 +316,9 @@ def restore(log_: DeliveryLog, journal: Journal, ledger, clock: Callable[[], flo
 
     A delivery whose code never came back and whose claim timeout has not run out is pending
     again (its code is accepted and paid); every recorded bounty stays used while
-    `still_payable(sender, paid_by)` says it could still pay. Returns (pending, used)."""
+    `still_payable(sender, paid_by)` says it could still pay; a claim the journal kept for
+    its re-claim window is remembered again (whether or not its bounty could still pay: the
+    key is owed for the code taken). Returns (pending, used)."""
     recorded = log_.load()
     wall_now, mono_now = time.time(), clock()
     pending, kept = [], []
@@ -303,6 +331,10 @@ def restore(log_: DeliveryLog, journal: Journal, ledger, clock: Callable[[], flo
             kept.append((msg_id, sender, recipient, paid_by, delivered_wall))
         else:  # used, and no longer waiting for its code: kept without its msg_id, never pending again
             kept.append((None, sender, None, paid_by, delivered_wall))
-    ledger.restore(pending, [d[3] for d in kept])
+    claimed = []
+    for claim in journal.claimed:  # a claim's delivery is rebuilt from it: the log dropped its msg_id
+        at = mono_now - (wall_now - claim.at)
+        claimed.append(((claim.msg_id, claim.sender, claim.recipient, claim.paid_by, at), keccak(claim.code), at))
+    ledger.restore(pending, [d[3] for d in kept], claimed)
     log_.rewrite(kept)
     return len(pending), len(kept)

@@ -7,8 +7,10 @@ each full collection, which doubled the relay's cost per message.
 
 Everything here is bounded: a delivery leaves `pending` when its code comes back or its claim
 timeout passes, and its bounty leaves `used` once the bounty (or its book) has expired on chain,
-after which no message can carry it anyway. `max_unclaimed` caps how many deliveries one user
-may have waiting for their code, as sender and as recipient (issue 10 part 2).
+after which no message can carry it anyway. A claim is remembered in `claimed` (so that a
+recipient whose `release` was lost can claim again) for the claim timeout after the claim, then
+freed by the same watchdog sweep. `max_unclaimed` caps how many deliveries one user may have
+waiting for their code, as sender and as recipient (issue 10 part 2).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from typing import Callable
 from dm.wire import ProtocolError
 
 Delivery = tuple
+# A claim kept for a re-claim: (delivery, keccak256 of its code, when it was claimed on the node's clock).
+Claimed = tuple
 SETTLED = ("settled",)  # in `used`, restored from the delivery log: the bounty carried a message, msg_id unknown
 
 
@@ -48,6 +52,9 @@ class DeliveryLedger:
     consumed only by forget_settled(), which only the watchdog thread calls; so is
     `_used_until`. `unjournaled` is appended by connection threads and consumed only by the
     delivery log's writer thread (dm.relay.journal.DeliveryLog, whose `feed` it is).
+    `claimed` gets its entries from connection threads (remember_claim: a dict store and a
+    deque.append, each atomic) and loses them only in forget_settled(); a reader sees a
+    record whole or not at all.
     restore() runs before any thread. The waiting counts (`sent_waiting`, `received_waiting`)
     are written only under `_count_lock` (once per burst, per claim, per watchdog tick), and read without it
     by the burst loop: a read sees the count before or after a change, never a torn one.
@@ -68,6 +75,8 @@ class DeliveryLedger:
         self.received_waiting: dict[str, int] = {}  # recipient -> the same
         self._count_lock = threading.Lock()
         self._used_until: list[tuple[float, tuple]] = []  # heap of (bounty expiry, bounty) no longer pending
+        self.claimed: dict[str, Claimed] = {}  # msg_id -> its claim, for the claim timeout after it
+        self._claimed_order: collections.deque[Claimed] = collections.deque()  # the same, oldest claim first
 
     def reserve(self, delivery: Delivery) -> None:
         """Take the delivery's bounty and msg_id, or refuse if either is taken. A bounty already
@@ -113,10 +122,14 @@ class DeliveryLedger:
             else:
                 counts.pop(name, None)  # a user with nothing waiting costs no entry
 
-    def restore(self, pending: list[Delivery], used: list) -> None:
+    def restore(self, pending: list[Delivery], used: list, claimed: list[Claimed] = ()) -> None:
         """What a previous run left (dm.relay.journal.restore): deliveries still waiting for
-        their code, and bounties that carried a message (kept for this run: the journal's
-        restore already dropped those that can no longer pay). Before the node serves anyone."""
+        their code, bounties that carried a message (kept for this run: the journal's
+        restore already dropped those that can no longer pay), and claims still in their
+        re-claim window, oldest first. Before the node serves anyone."""
+        for record in claimed:
+            self.claimed[record[0][0]] = record
+            self._claimed_order.append(record)
         for paid_by in used:
             self.used[paid_by] = SETTLED
         for delivery in sorted(pending, key=lambda d: d[4]):
@@ -143,11 +156,30 @@ class DeliveryLedger:
             self._drop_waiting(delivery[1], delivery[2])
         return True
 
+    def remember_claim(self, delivery: Delivery, code_hash: bytes, now: float) -> None:
+        """Its code came back and is journaled: a repeated claim by its recipient with the same
+        code may have the key again (claimed_by), for the claim timeout from `now`. Called after
+        the journal line is written, so a re-claim's fsync (at the end of its burst) covers it."""
+        record = (delivery, code_hash, now)
+        self.claimed[delivery[0]] = record
+        self._claimed_order.append(record)
+
+    def claimed_by(self, msg_id: str, recipient: str) -> Claimed | None:
+        """The claim of this message by `recipient`, while it is remembered."""
+        record = self.claimed.get(msg_id)
+        return record if record is not None and record[0][2] == recipient else None
+
     def forget_settled(self, now: float, chain_now: float | None = None) -> None:
         """Drop deliveries whose code came back, and those that waited longer than the claim
         timeout (their bounty stays used until it expires on chain). Oldest first, so the queue
-        stays short while recipients answer. Then drop the used bounties that have expired by
-        `chain_now`. The watchdog thread only."""
+        stays short while recipients answer. Drop the claims older than the claim timeout, and
+        then the used bounties that have expired by `chain_now`. The watchdog thread only."""
+        claimed, order, oldest = self.claimed, self._claimed_order, now - self.claim_timeout
+        while order and order[0][2] < oldest:
+            record = order.popleft()
+            kept = claimed.pop(record[0][0], None)
+            if kept is not None and kept is not record:  # a newer claim of a reused msg_id: keep it
+                claimed.setdefault(record[0][0], kept)
         expiring, pending, used = self.expiring, self.pending, self.used
         used_until, expiry_of = self._used_until, self.bounty_expiry
         while expiring:

@@ -72,7 +72,8 @@ class Node:
         self.clock = clock
         self.delivery_log = DeliveryLog(node_dir / "deliveries.log")
         self.delivery_log.feed = self.ledger.unjournaled  # the writer thread drains what the hot path appends
-        self.redeemer = Redeemer(token, signer, index, Journal(node_dir / "journal.jsonl"),
+        # a claim is kept for a re-claim as long as an unclaimed delivery waits for its code
+        self.redeemer = Redeemer(token, signer, index, Journal(node_dir / "journal.jsonl", claim_timeout),
                                  on_redeemed=self._on_redeemed, **(redeemer_options or {}))
         self.welcome = {"type": "welcome", "node_eth_address": signer.address,
                         "chain_id": token.w3.eth.chain_id, "contract": token.address}

@@ -464,36 +464,57 @@ class Session:
 
     def on_claim(self, message: dict) -> dict:
         """A valid code is journaled (fsynced before anything of this burst is written) and
-        answered with the key of the node's layer over that message: `release`."""
+        answered with the key of the node's layer over that message: `release`. A message its
+        recipient already claimed is a re-claim (_reclaim): its release was lost."""
         node, msg_id = self.node, message["msg_id"]
-        delivery = node.ledger.awaiting(msg_id, self.name)
+        ledger = node.ledger
+        delivery = ledger.awaiting(msg_id, self.name)
         if delivery is None:
-            raise ProtocolError("unknown_message", ref=msg_id)
+            return self._reclaim(msg_id, message["code"])
         _, sender, _, paid_by, _ = delivery
+        code = _code(message["code"])
         if paid_by[0] == "remote":  # relayed by another node: its code goes there (dm.cluster.claims)
             node.cluster.forward_claim(delivery, message["code"], self.transport)
+            ledger.remember_claim(delivery, keccak(code), self._now)
             # The sending node's layer key travelled with the message (node to node).
             return {"type": "release", "msg_id": msg_id, "key": paid_by[6]}
         payer = node.pins.get(sender)["eth_address"]  # bounties are keyed by their sender's account
-        try:
-            code = bytes.fromhex(message["code"].removeprefix("0x"))
-        except ValueError:
-            code = b""
+        claim_fields = {"payer": payer, "recipient": self.name, "at": time.time()}
         if paid_by[0] == "single":
-            valid = len(code) == 32 and keccak(code).hex() == paid_by[1]
-            claim = Claim(msg_id, sender, code, payer=payer)
+            code_hash = keccak(code)
+            valid = len(code) == 32 and code_hash.hex() == paid_by[1]
+            claim = Claim(msg_id, sender, code, **claim_fields)
         else:
             root = bytes.fromhex(paid_by[1])
             book = node.index.book(payer, root)
             valid = len(code) == 32 and book is not None and book.tree is not None and \
                 book.tree.check_code(paid_by[2], code)
-            claim = Claim(msg_id, sender, code, root, paid_by[2], payer)
+            claim = Claim(msg_id, sender, code, root, paid_by[2], **claim_fields)
+            code_hash = keccak(code) if valid else b""
         if not valid:
             raise ProtocolError("bad_code", ref=msg_id)
-        if not node.ledger.settle(delivery):
+        if not ledger.settle(delivery):
             raise ProtocolError("unknown_message", ref=msg_id)
         node.redeemer.submit(claim, sync=False)  # fsynced at the end of this burst, before the release goes out
+        ledger.remember_claim(delivery, code_hash, self._now)  # after the journal line: see remember_claim
         return {"type": "release", "msg_id": msg_id, "key": node.layer.key(sender, msg_id, paid_by).hex()}
+
+    def _reclaim(self, msg_id: str, code_hex: str) -> dict:
+        """A claim for a message this recipient claimed before, within the claim timeout: the
+        same code gets the same key again, and nothing is journaled or redeemed again. Anyone
+        else, or another code, gets no key."""
+        record = self.node.ledger.claimed_by(msg_id, self.name)
+        if record is None:
+            timeout = self.node.ledger.claim_timeout
+            raise ProtocolError("unknown_message", f"no message with that id waits for your code, and you did not "
+                                f"claim it in the last {timeout:g}s (the node's --claim-timeout): if it was "
+                                "delivered to you, ask its sender to send it again", ref=msg_id)
+        delivery, code_hash, _ = record
+        if keccak(_code(code_hex)) != code_hash:
+            raise ProtocolError("bad_code", ref=msg_id)
+        _, sender, _, paid_by, _ = delivery
+        key = paid_by[6] if paid_by[0] == "remote" else self.node.layer.key(sender, msg_id, paid_by).hex()
+        return {"type": "release", "msg_id": msg_id, "key": key}
 
     def on_join(self, message: dict) -> dict:
         channel, channels = message["channel"].lower(), self.node.channels  # names are case-insensitive
@@ -550,6 +571,14 @@ class Session:
             raise ProtocolError("not_a_member", f"join {channel} first", ref=channel)
         online = sorted(m for m in members if self.node.is_online(m))
         return {"type": "members", "channel": channel, "online": online, "offline": sorted(members - set(online))}
+
+
+def _code(code_hex: str) -> bytes:
+    """A claim's code as bytes; b"" when it is not hex (then it matches no bounty)."""
+    try:
+        return bytes.fromhex(code_hex.removeprefix("0x"))
+    except ValueError:
+        return b""
 
 
 def _names(message: dict) -> list[str]:
