@@ -4,10 +4,13 @@ once for the module; the tests run in file order and the last ones stop a node a
 server, so each test names what it relies on."""
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import threading
 import time
 
+import nats
 import pytest
 
 from conftest import collecting_events, make_users, wait_until
@@ -22,6 +25,9 @@ from helpers import login
 
 BOOK = 4  # codes per book: small books keep the chain work short
 NODE_FLAGS = ("--batch-size", "20", "--batch-wait", "0.2", "--cluster-timeout", "2", "--log-level", "info")
+# Node 3 holds every forwarded code back this long before storing it in JetStream, so a test can
+# SIGKILL it after the recipient got the key and before JetStream has the code.
+HOLD = {"DM_TEST_HOLD_FORWARD": "60"}
 
 
 class Network:
@@ -54,10 +60,11 @@ def network(tmp_path_factory):
         token, _ = devchain.ensure_deployment(w3, url, users)
         nats = LocalNatsCluster(base / "nats", 3).start()
         nodes = []
-        for i in range(3):
+        for i in range(4):
             prepare_node_dir(token, users, base / f"node{i}")
-            nodes.append(NodeProcess(base / f"node{i}", url, nats.urls, free_port(), *NODE_FLAGS).start())
-        make_users(users, "alice", "bob", "carol", "dave")
+            nodes.append(NodeProcess(base / f"node{i}", url, nats.urls, free_port(), *NODE_FLAGS,
+                                     env=HOLD if i == 3 else None).start())
+        make_users(users, "alice", "bob", "carol", "dave", "frank")
         for node in nodes:
             node.wait_ready()
         net = Network(base, url, w3, token, users, nats, nodes)
@@ -180,7 +187,7 @@ def _raw_recipient(network, node: int, name: str):
     return sock, Receiver(name, rsa_key, peer_key), wire.MessageDecoder()
 
 
-def _read_claims(sock, receiver, decoder, count: int) -> list[dict]:
+def _read_claims(sock, receiver, decoder, count: int, delivers: list | None = None) -> list[dict]:
     claims = []
     deadline = time.monotonic() + 10
     while len(claims) < count and time.monotonic() < deadline:
@@ -189,8 +196,67 @@ def _read_claims(sock, receiver, decoder, count: int) -> list[dict]:
                 incoming, claim = receiver.deliver(message)
                 assert incoming is None and claim is not None, incoming  # genuine: its text waits for release
                 claims.append(claim)
+                if delivers is not None:
+                    delivers.append(message)
     assert len(claims) == count
     return claims
+
+
+def _read_releases(sock, receiver, decoder, count: int) -> list[str]:
+    """The texts `count` release frames open; anything else fails the test."""
+    texts, deadline = [], time.monotonic() + 10
+    while len(texts) < count and time.monotonic() < deadline:
+        for message in decoder.feed_messages(sock.recv(65536)):
+            assert message["type"] == "release", message
+            incoming = receiver.release(message)
+            assert incoming is not None and incoming.genuine, incoming
+            texts.append(incoming.text)
+    return sorted(texts)
+
+
+def _node_id(node: NodeProcess) -> str:
+    return (node.data_dir / "node" / "node_id").read_text().strip()
+
+
+def test_codes_released_at_the_recipients_node_survive_its_sigkill_before_jetstream_stored_them(network, chat):
+    """frank (node 3) returns two codes for alice's messages (paid to node 0) and gets the keys.
+    Node 3 holds forwarded codes back (HOLD), so it is SIGKILLed after the release went out and
+    before JetStream had the codes. It restarts without the hold; node 0 is paid for both, once.
+    A copy of a code stored again under another message id (a duplicate that JetStream's
+    deduplication does not catch) pays nothing more."""
+    alice, _, receipts, _ = chat["alice"]
+    sock, receiver, decoder = _raw_recipient(network, 3, "frank")
+    try:
+        wait_until(lambda: "frank" in alice.peers(), 10, message="frank online")
+        before = network.earned(0)
+        msg_ids = alice.send_many("frank", ["one", "two"])
+        delivers = []
+        claims = _read_claims(sock, receiver, decoder, 2, delivers)
+        wait_until(lambda: all(receipts.get(m) == "delivered" for m in msg_ids), 10, message="receipts")
+        sock.sendall(b"".join(wire.encode(claim) for claim in claims))
+        assert _read_releases(sock, receiver, decoder, 2) == ["one", "two"]  # frank has read both
+        network.nodes[3].stop(kill=True)
+        network.nodes[3].env = {}
+        network.nodes[3].start().wait_ready()
+        wait_until(lambda: network.earned(0) - before == 2, 30, message="node 0 to be paid for the codes node 3 took")
+    finally:
+        sock.close()
+    # The same code again, as a node that forwards it twice would, outside JetStream's deduplication.
+    async def publish_copy():
+        nc = await nats.connect(network.nats.urls)
+        try:
+            deliver, claim = delivers[0], claims[0]
+            paid_by = [*wire.bounty_key(deliver["bounty"]), ""][:3]
+            copy = {"msg_id": deliver["msg_id"], "sender": "alice", "recipient": "frank", "code": claim["code"],
+                    "paid_by": paid_by}
+            await nc.jetstream().publish(f"dm.claims.{_node_id(network.nodes[0])}", json.dumps(copy).encode(),
+                                         headers={"Nats-Msg-Id": "a copy"})
+        finally:
+            await nc.close()
+
+    asyncio.run(publish_copy())
+    time.sleep(2)
+    assert network.earned(0) - before == 2
 
 
 def test_codes_claimed_while_the_senders_node_is_killed_are_paid_once_it_is_back(network, chat):

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import json
 import logging
+import os
 
 from eth_utils import keccak
 from nats.errors import TimeoutError as NatsTimeout
@@ -34,6 +35,8 @@ STREAM = "DM_CLAIMS"
 PUBLISH_ATTEMPTS = 5  # tries to store a code in the stream before the recipient is asked to claim again
 SEEN_KEYS = 100_000  # claim keys remembered per run, so a redelivered code is not queued twice
 DEDUPE_WINDOW = 3600  # seconds JetStream drops a second publish of the same claim
+# Tests only: seconds to hold every forwarded code before storing it, to SIGKILL a node in that window.
+TEST_HOLD = float(os.environ.get("DM_TEST_HOLD_FORWARD", "0") or 0)
 
 
 def claims_subject(node_id: str) -> str:
@@ -121,6 +124,8 @@ class ClaimForwarder:
         so a recipient's claims do not wait for each other's JetStream acknowledgement. A
         publish that keeps failing gives the delivery back to the ledger and tells the
         recipient to claim again."""
+        if TEST_HOLD:
+            await asyncio.sleep(TEST_HOLD)
         data = json.dumps(claim).encode()
         headers = {"Nats-Msg-Id": f"{origin}:{claim['sender']}:{claim['msg_id']}"}
         for attempt in range(PUBLISH_ATTEMPTS):
