@@ -243,7 +243,7 @@ def test_codes_released_at_the_recipients_node_survive_its_sigkill_before_jetstr
         sock.close()
     # The same code again, as a node that forwards it twice would, outside JetStream's deduplication.
     async def publish_copy():
-        nc = await nats.connect(network.nats.urls)
+        nc = await nats.connect(network.nats.urls.split(","))
         try:
             deliver, claim = delivers[0], claims[0]
             paid_by = [*wire.bounty_key(deliver["bounty"]), ""][:3]

@@ -8,7 +8,7 @@ import threading
 import time
 
 from dm.cluster.bridge import Bridge, ClusterUnavailable
-from dm.cluster.claims import PUBLISH_ATTEMPTS, ClaimForwarder
+from dm.cluster.claims import CLAIMS_MAX_AGE, CLAIMS_MAX_PER_NODE, ClaimForwarder
 from dm.cluster.directory import Directory
 from dm.cluster.presence import Presence
 from dm.cluster.routing import Router
@@ -24,8 +24,10 @@ class Cluster:
     `_resolving` (pins being fetched) is read and written only under `_resolving_lock`."""
 
     def __init__(self, node, servers: list[str], *, replicas: int | None = None, timeout: float = 2.0,
-                 max_in_flight: int = 10_000, presence_interval: float = 1.0):
+                 max_in_flight: int = 10_000, presence_interval: float = 1.0,
+                 claims_max_age: float = CLAIMS_MAX_AGE, claims_max: int = CLAIMS_MAX_PER_NODE):
         self.node, self.servers, self.timeout = node, servers, timeout
+        self._claims_limits = {"max_age": claims_max_age, "max_per_node": claims_max}
         self.node_id = node.node_id
         self.bridge = Bridge(servers, name=f"dm-node-{self.node_id[:8]}", request_timeout=timeout)
         self._replicas = replicas
@@ -41,7 +43,8 @@ class Cluster:
         self.bridge.start()
         replicas = self._replicas or min(3, max(len(self.servers), len(self.bridge.nc.servers)))
         self.directory = Directory(self.bridge, self.node, replicas, self.timeout)
-        self.claims = ClaimForwarder(self.bridge, self.node, self.node_id, replicas, self.timeout)
+        self.claims = ClaimForwarder(self.bridge, self.node, self.node_id, replicas, self.timeout,
+                                     **self._claims_limits)
         self.bridge.call(self._setup(), timeout=SETUP_SECONDS + 5)
         log.info("cluster: node %s joined the network at %s (JetStream replicas %d)", self.node_id[:8],
                  ",".join(self.servers), replicas)
@@ -64,7 +67,7 @@ class Cluster:
 
     def stop(self) -> None:
         try:
-            self.bridge.call(self._teardown(), timeout=PUBLISH_ATTEMPTS * (self.timeout + 1) + 5)
+            self.bridge.call(self._teardown(), timeout=2 * self.timeout + 5)
         except Exception:  # NATS may be gone already
             pass
         self.bridge.stop()

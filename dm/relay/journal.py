@@ -7,10 +7,12 @@ directory:
                           their code. Written by one writer thread fed by the ledger.
     node/journal.jsonl    every code a recipient returned (a claim), until its redemption is
                           final (mined and `--confirmations` blocks deep): then a done line.
+                          With --cluster, also every code returned here for a message another
+                          node relayed (a forward), until JetStream stored it for that node.
 
 Fsync policy, stated once:
-  * claims: written and fsynced before the recipient gets any answer (group commit: one
-    fsync per read burst), so a code the node accepted is never lost;
+  * claims and forwards: written and fsynced before the recipient gets any answer (group
+    commit: one fsync per read burst), so a code the node accepted is never lost;
   * deliveries: the hot path only hands the burst's deliveries to a queue; the writer thread
     writes them to the file within WRITE_INTERVAL (5 ms) and fsyncs at most FSYNC_INTERVAL
     (0.5 s) later. A killed node (SIGKILL, a crash) loses only deliveries made in the last
@@ -91,11 +93,13 @@ class Journal:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.pending, self.claimed_msg_ids = self._replay()
+        self.pending, self.claimed_msg_ids, self.forwards = self._replay()
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as handle:
             for claim in self.pending.values():
                 handle.write(json.dumps({"op": "claim", **claim.to_json()}) + "\n")
+            for forward in self.forwards.values():
+                handle.write(json.dumps(forward) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -103,13 +107,16 @@ class Journal:
         self._lock = threading.Lock()
         self._dirty = False
 
-    def _replay(self) -> tuple[dict[str, Claim], set[str]]:
+    def _replay(self) -> tuple[dict[str, Claim], set[str], dict[str, dict]]:
         pending: dict[str, Claim] = {}
         claimed: set[str] = set()  # every msg_id whose code came back, redeemed or not
+        # key -> forward line: codes owed to other nodes that JetStream had not stored; only
+        # read at start (dm.cluster.claims takes them), not kept up to date afterwards
+        forwards: dict[str, dict] = {}
         try:
             lines = self.path.read_text().splitlines()
         except FileNotFoundError:
-            return pending, claimed
+            return pending, claimed, forwards
         for line in lines:
             try:
                 entry = json.loads(line)
@@ -120,9 +127,14 @@ class Journal:
                 elif entry["op"] == "done":
                     for key in entry["keys"]:
                         pending.pop(key, None)
+                elif entry["op"] == "forward":
+                    forwards[entry["key"]] = entry
+                elif entry["op"] == "forwarded":
+                    for key in entry["keys"]:
+                        forwards.pop(key, None)
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line from a crash mid-write
-        return pending, claimed
+        return pending, claimed, forwards
 
     def _append(self, entry: dict, sync: bool = True) -> None:
         with self._lock:
@@ -148,6 +160,16 @@ class Journal:
 
     def done(self, keys: list[str]) -> None:
         self._append({"op": "done", "keys": keys})
+
+    def add_forward(self, key: str, origin: str, claim: dict, at: float) -> None:
+        """A code owed to node `origin` (dm.cluster.claims), made durable by the burst's
+        sync() like a claim; `at` is the wall time it was returned."""
+        self._append({"op": "forward", "key": key, "origin": origin, "claim": claim, "at": at}, sync=False)
+
+    def forwarded(self, keys: list[str]) -> None:
+        """JetStream stored these. Not fsynced: a lost line only means forwarding them again
+        after a restart, which JetStream and the other node's journal deduplicate."""
+        self._append({"op": "forwarded", "keys": keys}, sync=False)
 
     def close(self) -> None:
         with self._lock:
