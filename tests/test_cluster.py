@@ -5,8 +5,14 @@ server, so each test names what it relies on."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import queue
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,17 +20,22 @@ import nats
 import pytest
 
 from conftest import collecting_events, make_users, wait_until
-from dm import crypto, datadir, wire
+from dm import PROJECT_ROOT, crypto, datadir, wire
 from dm.chain import devchain, ethereum
 from dm.client.core import ChatClient
+from dm.client.errors import ClientError
 from dm.client.receiving import Receiver
 from dm.cluster.local import NodeProcess, prepare_node_dir
 from dm.cluster.natsd import LocalNatsCluster
 from dm.net import free_port
-from helpers import login
+from helpers import login, user_keys
 
 BOOK = 4  # codes per book: small books keep the chain work short
-NODE_FLAGS = ("--batch-size", "20", "--batch-wait", "0.2", "--cluster-timeout", "2", "--log-level", "info")
+# --cluster-claims-max 1: the stream holds one code for a node that is down; the next ones wait
+# at the node they were returned at (test_codes_claimed_while_the_senders_node_is_killed_...).
+CLAIMS_MAX_AGE = 600
+NODE_FLAGS = ("--batch-size", "20", "--batch-wait", "0.2", "--cluster-timeout", "2", "--log-level", "info",
+              "--cluster-claims-max", "1", "--cluster-claims-max-age", str(CLAIMS_MAX_AGE))
 # Node 3 holds every forwarded code back this long before storing it in JetStream, so a test can
 # SIGKILL it after the recipient got the key and before JetStream has the code.
 HOLD = {"DM_TEST_HOLD_FORWARD": "60"}
@@ -55,19 +66,21 @@ def network(tmp_path_factory):
     users.mkdir(mode=0o700)
     url = f"http://127.0.0.1:{free_port()}"
     w3, anvil = devchain.ensure_chain(url, users)
-    nats = nodes = None
+    nats_cluster = nodes = None
     try:
         token, _ = devchain.ensure_deployment(w3, url, users)
-        nats = LocalNatsCluster(base / "nats", 3).start()
+        nats_cluster = LocalNatsCluster(base / "nats", 3).start()
         nodes = []
         for i in range(4):
             prepare_node_dir(token, users, base / f"node{i}")
-            nodes.append(NodeProcess(base / f"node{i}", url, nats.urls, free_port(), *NODE_FLAGS,
+            # node 3 lets one cross-node message wait for an answer at a time (test_a_stalled_node_...)
+            extra = ("--cluster-max-in-flight", "1") if i == 3 else ()
+            nodes.append(NodeProcess(base / f"node{i}", url, nats_cluster.urls, free_port(), *NODE_FLAGS, *extra,
                                      env=HOLD if i == 3 else None).start())
         make_users(users, "alice", "bob", "carol", "dave", "frank")
         for node in nodes:
             node.wait_ready()
-        net = Network(base, url, w3, token, users, nats, nodes)
+        net = Network(base, url, w3, token, users, nats_cluster, nodes)
         yield net
         for client in net.clients:
             client.close()
@@ -76,8 +89,8 @@ def network(tmp_path_factory):
             node.signal_stop()  # all at once: each redeems what it has queued
         for node in nodes or []:
             node.stop()
-        if nats is not None:
-            nats.stop()
+        if nats_cluster is not None:
+            nats_cluster.stop()
         anvil.stop()
 
 
@@ -218,6 +231,61 @@ def _node_id(node: NodeProcess) -> str:
     return (node.data_dir / "node" / "node_id").read_text().strip()
 
 
+def _times_of(receipts: dict, msg_ids: list[str], timeout: float = 10) -> dict[str, float]:
+    """msg_id -> the monotonic time its receipt was first seen."""
+    seen, deadline = {}, time.monotonic() + timeout
+    while len(seen) < len(msg_ids) and time.monotonic() < deadline:
+        for msg_id in msg_ids:
+            if msg_id not in seen and msg_id in receipts:
+                seen[msg_id] = time.monotonic()
+        time.sleep(0.01)
+    assert len(seen) == len(msg_ids), receipts
+    return seen
+
+
+def _send_raw(client, to: str, text: str) -> str:
+    """One message written as the client would, but not kept in its outbox (which would send
+    it again when `to` comes back)."""
+    entry = client._sender.prepare([(to, client.peer_key(to), text)])[0]
+    client._write_raw(entry.frame)
+    return entry.msg_id
+
+
+def test_a_stalled_node_costs_the_sender_its_cluster_timeout_and_delivers_nothing_late(network, chat):
+    """carol's node 2 is stopped (SIGSTOP): it keeps its NATS subscription but answers nothing.
+    frank's node 3 runs with --cluster-timeout 2 and --cluster-max-in-flight 1. A message to
+    carol is `offline` after the timeout; a message to bob sent meanwhile waits for the one slot,
+    then is delivered. When node 2 runs again, the request it finds is past its deadline: carol
+    does not get a message her sender was told is offline."""
+    (bob_inbox, carol_inbox) = chat["bob"][1], chat["carol"][1]
+    frank, _, receipts, _ = network.client(3, "frank")
+    try:  # node 3's faucet funds a new user just after the welcome
+        wait_until(lambda: network.token.balance_of(user_keys(network.users, "frank")[2]) > 0, 15,
+                   message="frank's BTK from node 3's faucet")
+        warm = [frank.send_text("carol", "warm up"), frank.send_text("bob", "warm up")]
+        wait_until(lambda: all(receipts.get(m) == "delivered" for m in warm), 15, message="warm-up receipts")
+        assert carol_inbox.get(timeout=10).text == bob_inbox.get(timeout=10).text == "warm up"
+        stalled = network.nodes[2].proc
+        stalled.send_signal(signal.SIGSTOP)
+        try:
+            sent = {"carol": (time.monotonic(), _send_raw(frank, "carol", "while you were stopped"))}
+            time.sleep(0.8)  # the carol message holds node 3's only in-flight slot now
+            sent["bob"] = (time.monotonic(), _send_raw(frank, "bob", "queued behind it"))
+            seen = _times_of(receipts, [msg_id for _, msg_id in sent.values()])
+        finally:
+            stalled.send_signal(signal.SIGCONT)
+        (carol_at, to_carol), (bob_at, to_bob) = sent["carol"], sent["bob"]
+        assert receipts[to_carol] == "offline" and 1.8 <= seen[to_carol] - carol_at <= 5, seen[to_carol] - carol_at
+        assert receipts[to_bob] == "delivered" and seen[to_bob] - bob_at >= 0.6, seen[to_bob] - bob_at
+        assert bob_inbox.get(timeout=10).text == "queued behind it"
+        wait_until(lambda: any("dropped a delivery to carol" in line for line in network.nodes[2].lines), 10,
+                   message="node 2 to drop the late request")
+        with pytest.raises(queue.Empty):
+            carol_inbox.get(timeout=1)
+    finally:
+        frank.close()
+
+
 def test_codes_released_at_the_recipients_node_survive_its_sigkill_before_jetstream_stored_them(network, chat):
     """frank (node 3) returns two codes for alice's messages (paid to node 0) and gets the keys.
     Node 3 holds forwarded codes back (HOLD), so it is SIGKILLed after the release went out and
@@ -259,10 +327,24 @@ def test_codes_released_at_the_recipients_node_survive_its_sigkill_before_jetstr
     assert network.earned(0) - before == 2
 
 
+def _claims_waiting(network, node: NodeProcess):
+    """(codes waiting in DM_CLAIMS for `node`, the stream's config)."""
+    async def ask():
+        nc = await nats.connect(network.nats.urls.split(","))
+        try:
+            subject = f"dm.claims.{_node_id(node)}"
+            info = await nc.jetstream().stream_info("DM_CLAIMS", subjects_filter=subject)
+            return (info.state.subjects or {}).get(subject, 0), info.config
+        finally:
+            await nc.close()
+    return asyncio.run(ask())
+
+
 def test_codes_claimed_while_the_senders_node_is_killed_are_paid_once_it_is_back(network, chat):
     """SIGKILL alice's node after it relayed two messages to dave on node 1. dave returns the
-    codes at node 1 while node 0 is down: they wait in JetStream, and node 0 redeems them,
-    once, when it comes back. Meanwhile alice moves to node 2 and goes on talking."""
+    codes at node 1 while node 0 is down. The stream holds at most --cluster-claims-max (1) for
+    node 0: one code waits there, the other in node 1's journal. Node 0 redeems both, once, when
+    it comes back. Meanwhile alice moves to node 2 and goes on talking."""
     alice, _, receipts, _ = chat["alice"]
     sock, receiver, decoder = _raw_recipient(network, 1, "dave")
     try:
@@ -288,6 +370,11 @@ def test_codes_claimed_while_the_senders_node_is_killed_are_paid_once_it_is_back
         with pytest.raises(socket.timeout):
             sock.recv(65536)
         assert network.earned(0) == before
+        # the limit: one code in the stream for node 0, the other refused there and kept by node 1
+        wait_until(lambda: any("JetStream did not store 1 code(s)" in line for line in network.nodes[1].lines), 10,
+                   message="node 1 to keep the code the stream refused")
+        waiting, config = _claims_waiting(network, network.nodes[0])
+        assert (waiting, config.max_msgs_per_subject, config.max_age) == (1, 1, CLAIMS_MAX_AGE)
         # alice's users move on: she logs in on node 2 and reaches bob on node 1
         moved, _, moved_receipts, _ = network.client(2, "alice")
         again = moved.send_text("bob", "still here, via node 2")
@@ -337,3 +424,74 @@ def _delivered(client, receipts, to):
     while time.monotonic() < deadline and msg_id not in receipts:
         time.sleep(0.05)
     return msg_id if receipts.get(msg_id) == "delivered" else None
+
+
+def test_when_nats_cannot_answer_users_are_told_what_to_do_and_each_node_serves_its_own(network, chat):
+    """Every NATS server stops. What needs the network is refused within --cluster-timeout with
+    `unavailable`, saying to try again (a login, a join, a lookup of a name this node has not
+    cached), a message to another node is `offline`, and users of one node go on talking. When
+    NATS is back, so is the network. No node logs a traceback."""
+    bob, _, bob_receipts, _ = chat["bob"]
+    carol, _, carol_receipts, _ = chat["carol"]
+    erin = next(client for client in network.clients if client.me == "erin")
+    make_users(network.users, "gina")
+
+    def log_in():
+        with socket.create_connection(("127.0.0.1", network.nodes[1].port), timeout=10) as sock:
+            return login(sock, network.users, "gina")
+
+    def refusal(client, request):
+        try:
+            return client._connection.request(request)
+        except ClientError as exc:
+            return str(exc)
+
+    def offline_across_nodes():
+        to_bob = _send_raw(carol, "bob", "NATS is down")
+        wait_until(lambda: to_bob in carol_receipts, 5, message="a receipt across nodes")
+        return carol_receipts[to_bob]
+
+    def local_delivery():  # carol and erin are both on node 2
+        sent = carol.send_text("erin", "same node")
+        wait_until(lambda: sent in carol_receipts, 5, message="a receipt within node 2")
+        return carol_receipts[sent]
+
+    for server in network.nats.servers:
+        server.stop()
+    try:
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:  # one connection each: they wait side by side
+            answers = [pool.submit(check) for check in (
+                log_in, lambda: refusal(erin, {"type": "join", "channel": "#down"}),
+                lambda: refusal(bob, {"type": "lookup", "name": "nobody"}),
+                offline_across_nodes, local_delivery)]
+            login_answer, join, lookup, across, local = [answer.result() for answer in answers]
+        assert time.monotonic() - started < 6
+    finally:
+        for server in network.nats.servers:
+            server.start()
+        for server in network.nats.servers:
+            server.wait_ready()
+    assert (login_answer["type"], login_answer["code"]) == ("error", "unavailable"), login_answer
+    assert "try again in a moment" in login_answer["message"], login_answer
+    assert re.fullmatch(r"the network of nodes did not answer within 2s: try again in a moment \(unavailable\)", join)
+    assert re.fullmatch(r"the network of nodes did not answer within 2s whether 'nobody' exists: try again in a "
+                        r"moment \(unavailable\)", lookup)
+    assert (across, local) == ("offline", "delivered")
+    again = wait_until(lambda: _delivered(bob, bob_receipts, "carol"), 30, message="a delivery with NATS back")
+    assert again
+    for node in network.nodes:
+        assert not any("Traceback" in line for line in node.lines), node.lines
+
+
+def test_cluster_flags_refuse_values_that_cannot_work():
+    """A cap or wait of 0 or less is refused at once, naming the flag; no traceback."""
+    cases = (("--cluster-timeout", "0"), ("--cluster-max-in-flight", "-1"), ("--cluster-replicas", "0"),
+             ("--cluster-claims-max", "0"), ("--cluster-claims-max-age", "-5"))
+    runs = [subprocess.Popen([sys.executable, "node.py", "--cluster", "nats://127.0.0.1:4222", flag, value],
+                             cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for flag, value in cases]
+    for (flag, value), run in zip(cases, runs):
+        _, stderr = run.communicate(timeout=30)
+        assert run.returncode == 2 and "Traceback" not in stderr, stderr
+        assert f"argument {flag}: must be above 0, not {value}" in stderr, stderr

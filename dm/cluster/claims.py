@@ -46,7 +46,9 @@ STREAM = "DM_CLAIMS"
 SEEN_KEYS = 100_000  # claim keys remembered per run, so a redelivered code is not queued twice
 DEDUPE_WINDOW = 3600  # seconds JetStream drops a second publish of the same claim
 STORE_WINDOW = 256  # codes for one node being stored at once
-RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # seconds before storing again after JetStream refused or did not answer
+# Seconds before storing again after JetStream refused (the node's share is full) or did not
+# answer; then one code is tried first, the rest once it is stored.
+RETRY_FIRST, RETRY_MAX = 0.5, 2.0
 # Tests only: seconds to hold every forwarded code before storing it, to SIGKILL a node in that window.
 TEST_HOLD = float(os.environ.get("DM_TEST_HOLD_FORWARD", "0") or 0)
 
@@ -170,21 +172,21 @@ class ClaimForwarder:
     async def _drain(self, origin: str) -> None:
         """Store `origin`'s codes, STORE_WINDOW at once (a recipient's claims do not wait for
         each other's acknowledgement), until none is left; when JetStream refuses (the node's
-        share of the stream is full) or does not answer, try again later, backing off."""
-        waiting, backoff = self._waiting[origin], RETRY_FIRST
+        share of the stream is full) or does not answer, try one again later, backing off."""
+        waiting, backoff, window = self._waiting[origin], RETRY_FIRST, STORE_WINDOW
         try:
             while waiting:
                 if TEST_HOLD:
                     await asyncio.sleep(TEST_HOLD)
                 now, batch, done = time.time(), [], []
-                for forward in list(islice(waiting.values(), STORE_WINDOW)):
+                for forward in list(islice(waiting.values(), window)):
                     if now - forward.at > self.max_age:  # its bounty has expired: it can pay nothing now
                         log.warning("cluster: dropped the code for %s, not stored for node %s within %gs",
                                     forward.key, origin[:8], self.max_age)
                         done.append(forward.key)
                     else:
                         batch.append(forward)
-                results = await asyncio.gather(*(self._store(forward) for forward in batch))
+                results = await asyncio.gather(*(self._store(forward) for forward in batch))  # never raises
                 done += [forward.key for forward, error in zip(batch, results) if error is None]
                 for key in done:
                     waiting.pop(key, None)
@@ -195,12 +197,15 @@ class ClaimForwarder:
                         log.error("cluster: marking %d code(s) forwarded failed: %s", len(done), exc)
                 errors = [error for error in results if error is not None]
                 if errors:
-                    log.warning("cluster: JetStream did not store %d code(s) for node %s (%s); they are kept in the "
-                                "journal, trying again in %gs", len(errors), origin[:8], errors[0], backoff)
+                    # once per streak of failures: a node that stays away must not fill the log
+                    (log.warning if window > 1 else log.debug)(
+                        "cluster: JetStream did not store %d code(s) for node %s (%s); they wait in the journal, "
+                        "stored as soon as JetStream takes them", len(waiting), origin[:8], errors[0])
                     await asyncio.sleep(backoff)
-                    backoff = min(2 * backoff, RETRY_MAX)
-                else:
-                    backoff = RETRY_FIRST
+                    backoff, window = min(2 * backoff, RETRY_MAX), 1
+                elif window == 1:
+                    log.info("cluster: JetStream stores the codes for node %s again", origin[:8])
+                    backoff, window = RETRY_FIRST, STORE_WINDOW
         finally:
             del self._drainers[origin]  # no await since the last `while waiting`: nothing was added meanwhile
             if not waiting:

@@ -16,6 +16,7 @@ from dm.wire import ProtocolError
 
 log = logging.getLogger("node")
 SETUP_SECONDS = 30  # a cluster that just started elects its JetStream leader first
+_UNANSWERED = object()  # resolve(): the network did not answer
 
 
 class Cluster:
@@ -166,10 +167,12 @@ class Cluster:
             raise ProtocolError("name_confusable", f"the name {name!r} looks like a name already pinned in this "
                                 "network of nodes: choose a clearly different name", fatal=True)
 
-    def resolve(self, name: str) -> dict | None:
-        """A user pinned on another node: fetch the network's pin and cache it here. When many
-        connections ask for the same new name at once (a channel's members looking up its
-        sender), one of them fetches and the others wait for it."""
+    def resolve(self, name: str, ref: str | None = None) -> dict | None:
+        """A user pinned on another node: fetch the network's pin and cache it here; None when
+        no node has it. When many connections ask for the same new name at once (a channel's
+        members looking up its sender), one of them fetches and the others wait for it. Raises
+        ProtocolError unavailable (with `ref`) when the network does not answer: the name may
+        well exist, so it is not unknown_peer."""
         with self._resolving_lock:
             fetch = self._resolving.get(name)
             mine = fetch is None
@@ -177,20 +180,24 @@ class Cluster:
                 self._resolving[name] = fetch = concurrent.futures.Future()
         if not mine:
             try:
-                return fetch.result(self.timeout + 1)
+                pinned = fetch.result(self.timeout + 1)
             except concurrent.futures.TimeoutError:
-                return None
-        pinned = None
-        try:
-            pinned = self.directory.pin_of(name)
-            if pinned is not None:
-                self.node.pins.pin(name, pinned["public_key"], pinned["eth_address"])
-        except ClusterUnavailable:
-            pass
-        finally:
-            with self._resolving_lock:
-                del self._resolving[name]
-            fetch.set_result(pinned)
+                pinned = _UNANSWERED
+        else:
+            pinned = _UNANSWERED
+            try:
+                pinned = self.directory.pin_of(name)
+                if pinned is not None:
+                    self.node.pins.pin(name, pinned["public_key"], pinned["eth_address"])
+            except ClusterUnavailable:
+                pass
+            finally:
+                with self._resolving_lock:
+                    del self._resolving[name]
+                fetch.set_result(pinned)
+        if pinned is _UNANSWERED:
+            raise ProtocolError("unavailable", f"the network of nodes did not answer within {self.timeout:g}s "
+                                f"whether {name[:40]!r} exists: try again in a moment", ref=ref)
         return pinned
 
     def change_membership(self, channel: str, name: str, join: bool) -> bool:

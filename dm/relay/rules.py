@@ -37,7 +37,7 @@ def make_send_rule(pinned, channels, index, online: dict, resolve: Callable | No
         raises ProtocolError (with the msg_id as ref) when it may not. `sender_address` is the
         Ethereum account the sender's name is pinned with."""
         to, msg_id, paid_by, channel = header
-        if to not in pinned and (resolve is None or not resolve(to)):
+        if to not in pinned and (resolve is None or not resolve(to, msg_id)):
             raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
         if channel is not None:
             members = members_of(channel.lower())  # channel names are case-insensitive
