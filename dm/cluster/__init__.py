@@ -17,7 +17,7 @@ not loaded.
 # --cluster-claims-max. The reference client's bounties and books live a day (dm.client.core
 # expiry_seconds): a code stored longer than that opens an expired bounty, which pays nothing.
 CLAIMS_MAX_AGE = 86_400
-# Codes waiting in the stream for one node (one that is down). A code is ~300 bytes on each
-# replica: 1,000,000 is ~300 MB a server; past it new codes wait in the journal of the node
+# Codes waiting in the stream for one node (one that is down). JetStream stores a code in ~450
+# bytes (measured): 1,000,000 is ~450 MB on each server; past it new codes wait in the journal of the node
 # they were returned at until there is room.
 CLAIMS_MAX_PER_NODE = 1_000_000

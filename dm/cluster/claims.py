@@ -17,7 +17,7 @@ one NATS server: unacknowledged, it is delivered again, and the journal key, the
 run and the contract's spent-leaf check keep the payment to one.
 
 The stream is bounded (node.py --cluster-claims-max-age, --cluster-claims-max): codes older than
-a bounty lives are dropped, and a node that stays away can have at most so many codes waiting
+a bounty's lifetime are dropped, and a node that stays away can have at most so many codes waiting
 for it; past that, new ones wait in the recipient node's journal until there is room.
 """
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 The checks, in this order (docs/PROTOCOL.md lists the same order):
   1. the recipient is a known (pinned) user                 -> unknown_peer
+     (--cluster: asked of the network; no answer             -> unavailable)
   2. for a channel message, sender and recipient are members -> not_a_member
   3. the bounty is open, bound to this node, not about to
      expire, and (a book) announced with the leaf in range;
