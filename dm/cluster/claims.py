@@ -112,9 +112,13 @@ class ClaimForwarder:
         else:
             if (current.max_age, current.max_msgs_per_subject, current.discard) != \
                     (config.max_age, config.max_msgs_per_subject, config.discard):
-                await js.update_stream(config)  # the last node started sets the limits: give every node the same
-                log.info("cluster: codes wait in %s at most %gs, at most %d for one node", STREAM, self.max_age,
-                         self.max_per_node)
+                try:  # the last node started sets the limits: give every node the same
+                    await js.update_stream(config)
+                    log.info("cluster: codes wait in %s at most %gs, at most %d for one node", STREAM, self.max_age,
+                             self.max_per_node)
+                except Exception as exc:  # e.g. other replicas: the stream keeps working with its old limits
+                    log.warning("cluster: could not set the limits of %s (%s); it keeps max age %gs and %d codes a "
+                                "node", STREAM, exc, current.max_age or 0, current.max_msgs_per_subject)
         durable = f"claims-{self.node_id}"
         self._subscription = await js.pull_subscribe(
             claims_subject(self.node_id), durable=durable, stream=STREAM,
