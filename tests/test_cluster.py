@@ -4,24 +4,41 @@ once for the module; the tests run in file order and the last ones stop a node a
 server, so each test names what it relies on."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import json
+import queue
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
+import nats
 import pytest
 
 from conftest import collecting_events, make_users, wait_until
-from dm import crypto, datadir, wire
+from dm import PROJECT_ROOT, crypto, datadir, wire
 from dm.chain import devchain, ethereum
 from dm.client.core import ChatClient
+from dm.client.errors import ClientError
 from dm.client.receiving import Receiver
 from dm.cluster.local import NodeProcess, prepare_node_dir
 from dm.cluster.natsd import LocalNatsCluster
 from dm.net import free_port
-from helpers import login
+from helpers import login, user_keys
 
 BOOK = 4  # codes per book: small books keep the chain work short
-NODE_FLAGS = ("--batch-size", "20", "--batch-wait", "0.2", "--cluster-timeout", "2", "--log-level", "info")
+# --cluster-claims-max 1: the stream holds one code for a node that is down; the next ones wait
+# at the node they were returned at (test_codes_claimed_while_the_senders_node_is_killed_...).
+CLAIMS_MAX_AGE = 600
+NODE_FLAGS = ("--batch-size", "20", "--batch-wait", "0.2", "--cluster-timeout", "2", "--log-level", "info",
+              "--cluster-claims-max", "1", "--cluster-claims-max-age", str(CLAIMS_MAX_AGE))
+# Node 3 holds every forwarded code back this long before storing it in JetStream, so a test can
+# SIGKILL it after the recipient got the key and before JetStream has the code.
+HOLD = {"DM_TEST_HOLD_FORWARD": "60"}
 
 
 class Network:
@@ -49,18 +66,21 @@ def network(tmp_path_factory):
     users.mkdir(mode=0o700)
     url = f"http://127.0.0.1:{free_port()}"
     w3, anvil = devchain.ensure_chain(url, users)
-    nats = nodes = None
+    nats_cluster = nodes = None
     try:
         token, _ = devchain.ensure_deployment(w3, url, users)
-        nats = LocalNatsCluster(base / "nats", 3).start()
+        nats_cluster = LocalNatsCluster(base / "nats", 3).start()
         nodes = []
-        for i in range(3):
+        for i in range(4):
             prepare_node_dir(token, users, base / f"node{i}")
-            nodes.append(NodeProcess(base / f"node{i}", url, nats.urls, free_port(), *NODE_FLAGS).start())
-        make_users(users, "alice", "bob", "carol", "dave")
+            # node 3 lets one cross-node message wait for an answer at a time (test_a_stalled_node_...)
+            extra = ("--cluster-max-in-flight", "1") if i == 3 else ()
+            nodes.append(NodeProcess(base / f"node{i}", url, nats_cluster.urls, free_port(), *NODE_FLAGS, *extra,
+                                     env=HOLD if i == 3 else None).start())
+        make_users(users, "alice", "bob", "carol", "dave", "frank", "erin", "gina")
         for node in nodes:
             node.wait_ready()
-        net = Network(base, url, w3, token, users, nats, nodes)
+        net = Network(base, url, w3, token, users, nats_cluster, nodes)
         yield net
         for client in net.clients:
             client.close()
@@ -69,8 +89,8 @@ def network(tmp_path_factory):
             node.signal_stop()  # all at once: each redeems what it has queued
         for node in nodes or []:
             node.stop()
-        if nats is not None:
-            nats.stop()
+        if nats_cluster is not None:
+            nats_cluster.stop()
         anvil.stop()
 
 
@@ -111,6 +131,8 @@ def test_a_channel_message_reaches_members_on_every_node(network, chat):
         message = inbox.get(timeout=10)
         assert (message.sender, message.text, message.channel, message.genuine) == ("alice", "hello everyone", "#net", True)
     wait_until(lambda: all(receipts.get(m) == "delivered" for m in sent), 10, message="channel receipts")
+    # paid before the test ends: the tests after it count node 0's earnings
+    wait_until(lambda: set(sent) <= set(chat["alice"][3]), 20, message="paid notices for the channel copies")
     carol.leave("#net")  # a leave reaches every node too
     wait_until(lambda: set(alice._connection.request({"type": "members", "channel": "#net"})["online"])
                == {"alice", "bob"}, 10, message="a leave across nodes")
@@ -180,7 +202,7 @@ def _raw_recipient(network, node: int, name: str):
     return sock, Receiver(name, rsa_key, peer_key), wire.MessageDecoder()
 
 
-def _read_claims(sock, receiver, decoder, count: int) -> list[dict]:
+def _read_claims(sock, receiver, decoder, count: int, delivers: list | None = None) -> list[dict]:
     claims = []
     deadline = time.monotonic() + 10
     while len(claims) < count and time.monotonic() < deadline:
@@ -189,14 +211,145 @@ def _read_claims(sock, receiver, decoder, count: int) -> list[dict]:
                 incoming, claim = receiver.deliver(message)
                 assert incoming is None and claim is not None, incoming  # genuine: its text waits for release
                 claims.append(claim)
+                if delivers is not None:
+                    delivers.append(message)
     assert len(claims) == count
     return claims
 
 
+def _read_releases(sock, receiver, decoder, count: int) -> list[str]:
+    """The texts `count` release frames open; anything else but a `paid` notice (for messages
+    this user sent earlier) fails the test."""
+    texts, deadline = [], time.monotonic() + 10
+    while len(texts) < count and time.monotonic() < deadline:
+        for message in decoder.feed_messages(sock.recv(65536)):
+            if message["type"] == "paid":
+                continue
+            assert message["type"] == "release", message
+            incoming = receiver.release(message)
+            assert incoming is not None and incoming.genuine, incoming
+            texts.append(incoming.text)
+    return sorted(texts)
+
+
+def _node_id(node: NodeProcess) -> str:
+    return (node.data_dir / "node" / "node_id").read_text().strip()
+
+
+def _times_of(receipts: dict, msg_ids: list[str], timeout: float = 10) -> dict[str, float]:
+    """msg_id -> the monotonic time its receipt was first seen."""
+    seen, deadline = {}, time.monotonic() + timeout
+    while len(seen) < len(msg_ids) and time.monotonic() < deadline:
+        for msg_id in msg_ids:
+            if msg_id not in seen and msg_id in receipts:
+                seen[msg_id] = time.monotonic()
+        time.sleep(0.01)
+    assert len(seen) == len(msg_ids), receipts
+    return seen
+
+
+def _send_raw(client, to: str, text: str) -> str:
+    """One message written as the client would, but not kept in its outbox (which would send
+    it again when `to` comes back)."""
+    entry = client._sender.prepare([(to, client.peer_key(to), text)])[0]
+    client._write_raw(entry.frame)
+    return entry.msg_id
+
+
+def test_a_stalled_node_costs_the_sender_its_cluster_timeout_and_delivers_nothing_late(network, chat):
+    """carol's node 2 is stopped (SIGSTOP): it keeps its NATS subscription but answers nothing.
+    frank's node 3 runs with --cluster-timeout 2 and --cluster-max-in-flight 1. A message to
+    carol is `offline` after the timeout; a message to bob sent meanwhile waits for the one slot,
+    then is delivered. When node 2 runs again, the request it finds is past its deadline: carol
+    does not get a message her sender was told is offline."""
+    (bob_inbox, carol_inbox) = chat["bob"][1], chat["carol"][1]
+    frank, _, receipts, _ = network.client(3, "frank")
+    try:  # node 3's faucet funds a new user just after the welcome
+        wait_until(lambda: network.token.balance_of(user_keys(network.users, "frank")[2]) > 0, 15,
+                   message="frank's BTK from node 3's faucet")
+        warm = [frank.send_text("carol", "warm up"), frank.send_text("bob", "warm up")]
+        wait_until(lambda: all(receipts.get(m) == "delivered" for m in warm), 15, message="warm-up receipts")
+        assert carol_inbox.get(timeout=10).text == bob_inbox.get(timeout=10).text == "warm up"
+        stalled = network.nodes[2].proc
+        stalled.send_signal(signal.SIGSTOP)
+        try:
+            sent = {"carol": (time.monotonic(), _send_raw(frank, "carol", "while you were stopped"))}
+            time.sleep(0.8)  # the carol message holds node 3's only in-flight slot now
+            sent["bob"] = (time.monotonic(), _send_raw(frank, "bob", "queued behind it"))
+            seen = _times_of(receipts, [msg_id for _, msg_id in sent.values()])
+        finally:
+            stalled.send_signal(signal.SIGCONT)
+        (carol_at, to_carol), (bob_at, to_bob) = sent["carol"], sent["bob"]
+        assert receipts[to_carol] == "offline" and 1.8 <= seen[to_carol] - carol_at <= 5, seen[to_carol] - carol_at
+        assert receipts[to_bob] == "delivered" and seen[to_bob] - bob_at >= 0.6, seen[to_bob] - bob_at
+        assert bob_inbox.get(timeout=10).text == "queued behind it"
+        wait_until(lambda: any("dropped a delivery to carol" in line for line in network.nodes[2].lines), 10,
+                   message="node 2 to drop the late request")
+        with pytest.raises(queue.Empty):
+            carol_inbox.get(timeout=1)
+    finally:
+        frank.close()
+
+
+def test_codes_released_at_the_recipients_node_survive_its_sigkill_before_jetstream_stored_them(network, chat):
+    """frank (node 3) returns two codes for alice's messages (paid to node 0) and gets the keys.
+    Node 3 holds forwarded codes back (HOLD), so it is SIGKILLed after the release went out and
+    before JetStream had the codes. It restarts without the hold; node 0 is paid for both, once.
+    A copy of a code stored again under another message id (a duplicate that JetStream's
+    deduplication does not catch) pays nothing more."""
+    alice, _, receipts, _ = chat["alice"]
+    sock, receiver, decoder = _raw_recipient(network, 3, "frank")
+    try:
+        wait_until(lambda: "frank" in alice.peers(), 10, message="frank online")
+        before = network.earned(0)
+        msg_ids = alice.send_many("frank", ["one", "two"])
+        delivers = []
+        claims = _read_claims(sock, receiver, decoder, 2, delivers)
+        wait_until(lambda: all(receipts.get(m) == "delivered" for m in msg_ids), 10, message="receipts")
+        sock.sendall(b"".join(wire.encode(claim) for claim in claims))
+        assert _read_releases(sock, receiver, decoder, 2) == ["one", "two"]  # frank has read both
+        network.nodes[3].stop(kill=True)
+        network.nodes[3].env = {}
+        network.nodes[3].start().wait_ready()
+        wait_until(lambda: network.earned(0) - before == 2, 30, message="node 0 to be paid for the codes node 3 took")
+    finally:
+        sock.close()
+    # The same code again, as a node that forwards it twice would, outside JetStream's deduplication.
+    async def publish_copy():
+        nc = await nats.connect(network.nats.urls.split(","))
+        try:
+            deliver, claim = delivers[0], claims[0]
+            paid_by = [*wire.bounty_key(deliver["bounty"]), ""][:3]
+            copy = {"msg_id": deliver["msg_id"], "sender": "alice", "recipient": "frank", "code": claim["code"],
+                    "paid_by": paid_by}
+            await nc.jetstream().publish(f"dm.claims.{_node_id(network.nodes[0])}", json.dumps(copy).encode(),
+                                         headers={"Nats-Msg-Id": "a copy"})
+        finally:
+            await nc.close()
+
+    asyncio.run(publish_copy())
+    time.sleep(2)
+    assert network.earned(0) - before == 2
+
+
+def _claims_waiting(network, node: NodeProcess):
+    """(codes waiting in DM_CLAIMS for `node`, the stream's config)."""
+    async def ask():
+        nc = await nats.connect(network.nats.urls.split(","))
+        try:
+            subject = f"dm.claims.{_node_id(node)}"
+            info = await nc.jetstream().stream_info("DM_CLAIMS", subjects_filter=subject)
+            return (info.state.subjects or {}).get(subject, 0), info.config
+        finally:
+            await nc.close()
+    return asyncio.run(ask())
+
+
 def test_codes_claimed_while_the_senders_node_is_killed_are_paid_once_it_is_back(network, chat):
     """SIGKILL alice's node after it relayed two messages to dave on node 1. dave returns the
-    codes at node 1 while node 0 is down: they wait in JetStream, and node 0 redeems them,
-    once, when it comes back. Meanwhile alice moves to node 2 and goes on talking."""
+    codes at node 1 while node 0 is down. The stream holds at most --cluster-claims-max (1) for
+    node 0: one code waits there, the other in node 1's journal. Node 0 redeems both, once, when
+    it comes back. Meanwhile alice moves to node 2 and goes on talking."""
     alice, _, receipts, _ = chat["alice"]
     sock, receiver, decoder = _raw_recipient(network, 1, "dave")
     try:
@@ -206,6 +359,7 @@ def test_codes_claimed_while_the_senders_node_is_killed_are_paid_once_it_is_back
         wait_until(lambda: all(receipts.get(m) == "delivered" for m in msg_ids), 10, message="receipts")
         before = network.earned(0)
         network.nodes[0].stop(kill=True)
+        mark = len(network.nodes[1].lines)
         sock.sendall(b"".join(wire.encode(claim) for claim in claims))
         # Key release across nodes: node 1 answers each code with node 0's layer key (it came with
         # the message), which opens the text, though node 0 is down; and no error: node 1 stored
@@ -222,6 +376,11 @@ def test_codes_claimed_while_the_senders_node_is_killed_are_paid_once_it_is_back
         with pytest.raises(socket.timeout):
             sock.recv(65536)
         assert network.earned(0) == before
+        # the limit: one code in the stream for node 0, the other refused there and kept by node 1
+        wait_until(lambda: any("JetStream did not store 1 code(s)" in line for line in network.nodes[1].lines[mark:]),
+                   10, message="node 1 to keep the code the stream refused")
+        waiting, config = _claims_waiting(network, network.nodes[0])
+        assert (waiting, config.max_msgs_per_subject, config.max_age) == (1, 1, CLAIMS_MAX_AGE)
         # alice's users move on: she logs in on node 2 and reaches bob on node 1
         moved, _, moved_receipts, _ = network.client(2, "alice")
         again = moved.send_text("bob", "still here, via node 2")
@@ -255,7 +414,6 @@ def test_the_network_survives_one_nats_server_stopping(network, chat):
     assert network.earned(1) - before == 1
     # a new name is still pinned network-wide (JetStream KV with two of three servers), and
     # channel membership still reaches every node
-    make_users(network.users, "erin")
     erin = network.client(2, "erin")[0]
     assert erin.welcome["name"] == "erin"
     erin.join("#after")
@@ -271,3 +429,74 @@ def _delivered(client, receipts, to):
     while time.monotonic() < deadline and msg_id not in receipts:
         time.sleep(0.05)
     return msg_id if receipts.get(msg_id) == "delivered" else None
+
+
+def test_when_nats_cannot_answer_users_are_told_what_to_do_and_each_node_serves_its_own(network, chat):
+    """Every NATS server stops. What needs the network is refused within --cluster-timeout with
+    `unavailable`, saying to try again (a login, a join, a lookup of a name this node has not
+    cached), a message to another node is `offline`, and users of one node go on talking. When
+    NATS is back, so is the network. No node logs a traceback."""
+    bob, _, bob_receipts, _ = chat["bob"]
+    carol, _, carol_receipts, _ = chat["carol"]
+    # erin is on node 2 if the test before ran in this worker (xdist may split the module)
+    erin = next((c for c in network.clients if c.me == "erin"), None) or network.client(2, "erin")[0]
+
+    def log_in():
+        with socket.create_connection(("127.0.0.1", network.nodes[1].port), timeout=10) as sock:
+            return login(sock, network.users, "gina")
+
+    def refusal(client, request):
+        try:
+            return client._connection.request(request)
+        except ClientError as exc:
+            return str(exc)
+
+    def offline_across_nodes():
+        to_bob = _send_raw(carol, "bob", "NATS is down")
+        wait_until(lambda: to_bob in carol_receipts, 5, message="a receipt across nodes")
+        return carol_receipts[to_bob]
+
+    def local_delivery():  # carol and erin are both on node 2
+        sent = carol.send_text("erin", "same node")
+        wait_until(lambda: sent in carol_receipts, 5, message="a receipt within node 2")
+        return carol_receipts[sent]
+
+    for server in network.nats.servers:
+        server.stop()
+    try:
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:  # one connection each: they wait side by side
+            answers = [pool.submit(check) for check in (
+                log_in, lambda: refusal(erin, {"type": "join", "channel": "#down"}),
+                lambda: refusal(bob, {"type": "lookup", "name": "nobody"}),
+                offline_across_nodes, local_delivery)]
+            login_answer, join, lookup, across, local = [answer.result() for answer in answers]
+        assert time.monotonic() - started < 6
+    finally:
+        for server in network.nats.servers:
+            server.start()
+        for server in network.nats.servers:
+            server.wait_ready()
+    assert (login_answer["type"], login_answer["code"]) == ("error", "unavailable"), login_answer
+    assert "try again in a moment" in login_answer["message"], login_answer
+    assert re.fullmatch(r"the network of nodes did not answer within 2s: try again in a moment \(unavailable\)", join)
+    assert re.fullmatch(r"the network of nodes did not answer within 2s whether 'nobody' exists: try again in a "
+                        r"moment \(unavailable\)", lookup)
+    assert (across, local) == ("offline", "delivered")
+    again = wait_until(lambda: _delivered(bob, bob_receipts, "carol"), 30, message="a delivery with NATS back")
+    assert again
+    for node in network.nodes:
+        assert not any("Traceback" in line for line in node.lines), node.lines
+
+
+def test_cluster_flags_refuse_values_that_cannot_work():
+    """A cap or wait of 0 or less is refused at once, naming the flag; no traceback."""
+    cases = (("--cluster-timeout", "0"), ("--cluster-max-in-flight", "-1"), ("--cluster-replicas", "0"),
+             ("--cluster-claims-max", "0"), ("--cluster-claims-max-age", "-5"))
+    runs = [subprocess.Popen([sys.executable, "node.py", "--cluster", "nats://127.0.0.1:4222", flag, value],
+                             cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for flag, value in cases]
+    for (flag, value), run in zip(cases, runs):
+        _, stderr = run.communicate(timeout=30)
+        assert run.returncode == 2 and "Traceback" not in stderr, stderr
+        assert f"argument {flag}: must be above 0, not {value}" in stderr, stderr

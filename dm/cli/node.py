@@ -21,6 +21,7 @@ from dm.relay import (CPU_SHARE, DEV_CONFIRMATIONS, ERROR_WINDOW, LOOKUPS_PER_SE
 from dm.relay.channels import MAX_CHANNELS_PER_USER, MAX_MEMBERS
 from dm.relay.ledger import MAX_UNCLAIMED
 from dm.relay.presence import MAX_WATCHES
+from dm.cluster import CLAIMS_MAX_AGE, CLAIMS_MAX_PER_NODE  # constants only: nats is not loaded
 
 # web3 and the node are imported inside the functions below, so that --help answers at once.
 
@@ -99,7 +100,8 @@ def cluster_options(args) -> dict | None:
         return None
     servers = [url.strip() for url in args.cluster.split(",") if url.strip()]
     return {"servers": servers, "replicas": args.cluster_replicas, "timeout": args.cluster_timeout,
-            "max_in_flight": args.cluster_max_in_flight}
+            "max_in_flight": args.cluster_max_in_flight, "claims_max_age": args.cluster_claims_max_age,
+            "claims_max": args.cluster_claims_max}
 
 
 def parse_args(argv=None):
@@ -162,10 +164,20 @@ def parse_args(argv=None):
                              "the number of NATS servers, at most 3)")
     parser.add_argument("--cluster-timeout", type=_positive(float), default=2.0, metavar="SECONDS",
                         help="how long to wait for another node or NATS before a message counts as offline "
-                             "(default: %(default)g)")
+                             "and a login, join or lookup is refused with unavailable (default: %(default)g)")
     parser.add_argument("--cluster-max-in-flight", type=_positive(int), default=10_000, metavar="N",
                         help="messages to users on other nodes that may wait for an answer at once; past it the "
-                             "sender waits, up to --cluster-timeout (default: %(default)s)")
+                             "sender waits, up to --cluster-timeout, then gets offline (default: %(default)s)")
+    parser.add_argument("--cluster-claims-max-age", type=_positive(float), default=CLAIMS_MAX_AGE,
+                        metavar="SECONDS",
+                        help="how long a code returned here waits to be stored for the sender's node, and then "
+                             "waits in the network's stream for that node to take it; older codes are dropped. "
+                             "The default is the reference client's bounty lifetime: an older code opens an "
+                             "expired bounty (default: %(default)g)")
+    parser.add_argument("--cluster-claims-max", type=_positive(int), default=CLAIMS_MAX_PER_NODE, metavar="N",
+                        help="codes the network's stream holds for one node (one that is down); past it new "
+                             "codes wait in the journal of the node they were returned at until there is room "
+                             "(default: %(default)d)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 

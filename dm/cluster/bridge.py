@@ -32,6 +32,7 @@ class Bridge:
         self.nc = None
         self.js = None
         self.on_reconnect: list[Callable[[], Awaitable]] = []  # coroutines to run after a reconnect (loop only)
+        self._closing = False  # stop() has begun: losing the server is expected
         self._thread = threading.Thread(target=self._run, name="cluster-loop", daemon=True)
 
     def _run(self) -> None:
@@ -44,10 +45,12 @@ class Bridge:
 
     async def _connect(self) -> None:
         async def on_error(exc):
-            log.warning("cluster: %s", exc)
+            # while reconnecting, every failed try (five a second) is reported: the first line said it
+            (log.debug if self.nc is not None and self.nc.is_reconnecting else log.warning)("cluster: %s", exc)
 
         async def on_disconnected():
-            log.warning("cluster: lost the NATS server; reconnecting to another one")
+            if not self._closing:
+                log.warning("cluster: lost the NATS server; reconnecting to another one")
 
         async def on_reconnected():
             log.info("cluster: reconnected to %s", self.nc.connected_url.netloc)
@@ -71,7 +74,20 @@ class Bridge:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise ClusterUnavailable(f"the network of nodes did not answer within {timeout}s") from None
+            raise ClusterUnavailable(f"the network of nodes did not answer within {timeout:g}s") from None
+
+    async def _close(self) -> None:
+        """Close, not drain: the parts stopped first (claims unacknowledged are delivered again),
+        and a drain waited its full timeout for the pull consumer. Then end what is left on the
+        loop, so that no task is destroyed pending (a warning with a traceback at every stop)."""
+        self._closing = True
+        try:
+            await self.nc.close()
+        finally:
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
     def submit(self, coroutine: Awaitable) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
@@ -83,8 +99,8 @@ class Bridge:
     def stop(self) -> None:
         if self.nc is not None and self._thread.is_alive():
             try:
-                self.call(self.nc.drain(), timeout=5)
-            except Exception:  # a NATS that is gone cannot be drained; we stop anyway
+                self.call(self._close(), timeout=5)
+            except Exception:  # a NATS that is gone cannot be closed cleanly; we stop anyway
                 pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)

@@ -2,16 +2,23 @@
 
 The sender paid its own node (its book's relayer), so only that node can redeem the code. The
 recipient's node checks the code against the bounty (the sender's node sent the leaf hash
-along with the message), then publishes it to the JetStream stream DM_CLAIMS on
-`dm.claims.<sender's node id>`, with `Nats-Msg-Id` set so that a retried publish is stored
-once. The sender's node reads its subject through a durable consumer and acknowledges a code
-only after its redeemer journaled it (fsynced). So a code survives the restart of either node
-or of one NATS server: unacknowledged, it is delivered again, and the journal key plus the
-contract's spent-leaf check keep the payment to one.
+along with the message), then:
 
-Known limit: between the recipient's claim and JetStream's acknowledgement the code is only in
-the recipient node's memory (milliseconds); a crash of that node in that window loses it,
-exactly as a local claim not yet fsynced would be.
+1. journals it as a forward (dm.relay.journal), fsynced with the burst's other claims before
+   the `release` goes out, so a code whose key was released is never lost, even to a SIGKILL;
+2. publishes it to the JetStream stream DM_CLAIMS on `dm.claims.<sender's node id>`, with
+   `Nats-Msg-Id` set so that a retried publish is stored once, retrying (backing off) until
+   JetStream stores it, and again from the journal after a restart;
+3. marks it forwarded in the journal once JetStream acknowledged it.
+
+The sender's node reads its subject through a durable consumer and acknowledges a code only
+after its redeemer journaled it (fsynced). So a code survives the restart of either node or of
+one NATS server: unacknowledged, it is delivered again, and the journal key, the keys seen this
+run and the contract's spent-leaf check keep the payment to one.
+
+The stream is bounded (node.py --cluster-claims-max-age, --cluster-claims-max): codes older than
+a bounty's lifetime are dropped, and a node that stays away can have at most so many codes waiting
+for it; past that, new ones wait in the recipient node's journal until there is room.
 """
 from __future__ import annotations
 
@@ -19,21 +26,46 @@ import asyncio
 import collections
 import json
 import logging
+import os
+import time
+from dataclasses import dataclass
+from itertools import islice
 
 from eth_utils import keccak
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
+from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
 from dm.chain.books import leaf_hash
+from dm.cluster import CLAIMS_MAX_AGE, CLAIMS_MAX_PER_NODE
 from dm.relay.redeemer import Claim
 from dm.wire import ProtocolError
 
 log = logging.getLogger("node")
 STREAM = "DM_CLAIMS"
-PUBLISH_ATTEMPTS = 5  # tries to store a code in the stream before the recipient is asked to claim again
 SEEN_KEYS = 100_000  # claim keys remembered per run, so a redelivered code is not queued twice
 DEDUPE_WINDOW = 3600  # seconds JetStream drops a second publish of the same claim
+STORE_WINDOW = 256  # codes for one node being stored at once
+# Seconds before storing again after JetStream refused (the node's share is full) or did not
+# answer; then one code is tried first, the rest once it is stored.
+RETRY_FIRST, RETRY_MAX = 0.5, 2.0
+# Tests only: seconds to hold every forwarded code before storing it, to SIGKILL a node in that window.
+TEST_HOLD = float(os.environ.get("DM_TEST_HOLD_FORWARD", "0") or 0)
+
+
+@dataclass
+class Forward:
+    """A code owed to node `origin`, as stored in the stream (`data`) under `key` (Nats-Msg-Id)."""
+    key: str
+    origin: str
+    data: bytes
+    at: float  # wall time the recipient returned it
+
+
+def stream_config(replicas: int, max_age: float, max_per_node: int) -> StreamConfig:
+    return StreamConfig(name=STREAM, subjects=["dm.claims.>"], retention=RetentionPolicy.WORK_QUEUE,
+                        num_replicas=replicas, duplicate_window=min(DEDUPE_WINDOW, max_age), max_age=max_age,
+                        max_msgs_per_subject=max_per_node, discard=DiscardPolicy.NEW, discard_new_per_subject=True)
 
 
 def claims_subject(node_id: str) -> str:
@@ -53,40 +85,63 @@ def code_matches(paid_by: tuple, code: bytes) -> bool:
 class ClaimForwarder:
     """Publishes codes for other nodes; consumes the codes other nodes forward to this one.
 
-    Thread-safety: the stream, the consumer and `_publishing` are used only on the bridge's
-    loop. forward() runs on connection threads and hands the publish to the loop. accept_batch() runs on the
-    bridge's pool, one batch at a time (the consumer loop awaits each), and alone touches `_seen`."""
+    Thread-safety: the stream, the consumer, `_waiting` and `_drainers` are used only on the
+    bridge's loop. forward() runs on connection threads: it journals the code there and hands
+    it to the loop. accept_batch() runs on the bridge's pool, one batch at a time (the consumer
+    loop awaits each), and alone touches `_seen`."""
 
-    def __init__(self, bridge, node, node_id: str, replicas: int, timeout: float):
+    def __init__(self, bridge, node, node_id: str, replicas: int, timeout: float,
+                 max_age: float = CLAIMS_MAX_AGE, max_per_node: int = CLAIMS_MAX_PER_NODE):
         self.bridge, self.node, self.node_id, self.replicas, self.timeout = bridge, node, node_id, replicas, timeout
+        self.max_age, self.max_per_node = max_age, max_per_node
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict(
             (key, None) for key in node.redeemer.journal.pending)
         self._task = None
-        self._publishing: set = set()  # tasks storing codes in the stream (loop thread only)
+        # origin node -> its codes not yet stored, oldest first; a drainer task per origin stores them
+        self._waiting: dict[str, collections.OrderedDict[str, Forward]] = {}
+        self._drainers: dict[str, asyncio.Task] = {}
         self.accepted = 0  # forwarded codes journaled by this node this run
 
     async def start(self) -> None:
         js = self.bridge.js
-        config = StreamConfig(name=STREAM, subjects=["dm.claims.>"], retention=RetentionPolicy.WORK_QUEUE,
-                              num_replicas=self.replicas, duplicate_window=DEDUPE_WINDOW)
+        config = stream_config(self.replicas, self.max_age, self.max_per_node)
         try:
-            await js.stream_info(STREAM)
+            current = (await js.stream_info(STREAM)).config
         except NotFoundError:
             await js.add_stream(config)
+        else:
+            if (current.max_age, current.max_msgs_per_subject, current.discard) != \
+                    (config.max_age, config.max_msgs_per_subject, config.discard):
+                try:  # the last node started sets the limits: give every node the same
+                    await js.update_stream(config)
+                    log.info("cluster: codes wait in %s at most %gs, at most %d for one node", STREAM, self.max_age,
+                             self.max_per_node)
+                except Exception as exc:  # e.g. other replicas: the stream keeps working with its old limits
+                    log.warning("cluster: could not set the limits of %s (%s); it keeps max age %gs and %d codes a "
+                                "node", STREAM, exc, current.max_age or 0, current.max_msgs_per_subject)
         durable = f"claims-{self.node_id}"
         self._subscription = await js.pull_subscribe(
             claims_subject(self.node_id), durable=durable, stream=STREAM,
             config=ConsumerConfig(durable_name=durable, ack_wait=30, max_ack_pending=1000))
         self._task = asyncio.get_running_loop().create_task(self._consume())
+        journal = self.node.redeemer.journal
+        left, journal.forwards = journal.forwards, {}
+        if left:
+            log.info("cluster: forwarding %d code(s) an earlier run took and JetStream had not stored", len(left))
+        for entry in left.values():
+            self._enqueue(Forward(entry["key"], entry["origin"], json.dumps(entry["claim"]).encode(), entry["at"]))
 
     async def stop(self) -> None:
-        """Let the codes being stored finish first: a graceful stop loses none."""
-        if self._publishing:
-            await asyncio.wait(set(self._publishing), timeout=PUBLISH_ATTEMPTS * (self.timeout + 1))
-        if self._task is not None:
-            self._task.cancel()
+        """Give the codes being stored a moment; any left are in the journal, forwarded at the next start."""
+        drainers = list(self._drainers.values())
+        if drainers:
+            await asyncio.wait(drainers, timeout=self.timeout + 1)
+        for task in [*self._drainers.values(), self._task]:
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):
                 pass
 
@@ -94,8 +149,8 @@ class ClaimForwarder:
 
     def forward(self, delivery: tuple, code_hex: str, transport) -> None:
         """A code for a remote delivery, from the recipient's connection thread. Raises
-        ProtocolError (bad_code, unknown_message) like a local claim; `transport` (the
-        recipient's) hears `unavailable` later if the code could not be stored."""
+        ProtocolError (bad_code, unknown_message) like a local claim. Journaled here without
+        fsync: the burst's journal sync makes it durable before the release is written."""
         msg_id, sender, recipient, paid_by, _ = delivery
         try:
             code = bytes.fromhex(code_hex.removeprefix("0x"))
@@ -103,40 +158,72 @@ class ClaimForwarder:
             code = b""
         if not code_matches(paid_by, code):
             raise ProtocolError("bad_code", ref=msg_id)
-        ledger = self.node.ledger
-        if not ledger.settle(delivery):
+        if not self.node.ledger.settle(delivery):
             raise ProtocolError("unknown_message", ref=msg_id)
         origin = paid_by[1]
         claim = {"msg_id": msg_id, "sender": sender, "recipient": recipient, "code": code.hex(),
                  "paid_by": list(paid_by[2:5])}
-        self.bridge.loop.call_soon_threadsafe(self._start_publish, origin, claim, delivery, transport)
+        forward = Forward(f"{origin}:{sender}:{msg_id}", origin, json.dumps(claim).encode(), time.time())
+        self.node.redeemer.journal.add_forward(forward.key, origin, claim, forward.at)
+        self.bridge.loop.call_soon_threadsafe(self._enqueue, forward)
 
-    def _start_publish(self, origin: str, claim: dict, delivery: tuple, transport) -> None:
-        task = self.bridge.loop.create_task(self._publish(origin, claim, delivery, transport))
-        self._publishing.add(task)  # a node that stops waits for these (stop())
-        task.add_done_callback(self._publishing.discard)
+    def _enqueue(self, forward: Forward) -> None:
+        """On the loop: queue a code for its node, and start that node's drainer if none runs."""
+        self._waiting.setdefault(forward.origin, collections.OrderedDict())[forward.key] = forward
+        if forward.origin not in self._drainers:
+            self._drainers[forward.origin] = self.bridge.loop.create_task(self._drain(forward.origin))
 
-    async def _publish(self, origin: str, claim: dict, delivery: tuple, transport) -> None:
-        """Store the code in the stream; publishes of many codes run at once (one task each),
-        so a recipient's claims do not wait for each other's JetStream acknowledgement. A
-        publish that keeps failing gives the delivery back to the ledger and tells the
-        recipient to claim again."""
-        data = json.dumps(claim).encode()
-        headers = {"Nats-Msg-Id": f"{origin}:{claim['sender']}:{claim['msg_id']}"}
-        for attempt in range(PUBLISH_ATTEMPTS):
-            try:
-                await self.bridge.js.publish(claims_subject(origin), data, timeout=self.timeout, headers=headers)
-                return
-            except Exception as exc:  # a NATS server going away: the client reconnects meanwhile
-                log.warning("cluster: storing the code for %s failed (%s), attempt %d of %d", claim["msg_id"], exc,
-                            attempt + 1, PUBLISH_ATTEMPTS)
-                await asyncio.sleep(0.5 * (attempt + 1))
-        await self.bridge.offload(self._give_back, delivery, transport)
+    async def _drain(self, origin: str) -> None:
+        """Store `origin`'s codes, STORE_WINDOW at once (a recipient's claims do not wait for
+        each other's acknowledgement), until none is left; when JetStream refuses (the node's
+        share of the stream is full) or does not answer, try one again later, backing off."""
+        waiting, backoff, window = self._waiting[origin], RETRY_FIRST, STORE_WINDOW
+        try:
+            while waiting:
+                if TEST_HOLD:
+                    await asyncio.sleep(TEST_HOLD)
+                now, batch, done = time.time(), [], []
+                for forward in list(islice(waiting.values(), window)):
+                    if now - forward.at > self.max_age:  # its bounty has expired: it can pay nothing now
+                        log.warning("cluster: dropped the code for %s, not stored for node %s within %gs",
+                                    forward.key, origin[:8], self.max_age)
+                        done.append(forward.key)
+                    else:
+                        batch.append(forward)
+                results = await asyncio.gather(*(self._store(forward) for forward in batch))  # never raises
+                done += [forward.key for forward, error in zip(batch, results) if error is None]
+                for key in done:
+                    waiting.pop(key, None)
+                if done:
+                    try:
+                        await self.bridge.offload(self.node.redeemer.journal.forwarded, done)
+                    except OSError as exc:  # they were stored: at worst forwarded again after a restart
+                        log.error("cluster: marking %d code(s) forwarded failed: %s", len(done), exc)
+                errors = [error for error in results if error is not None]
+                if errors:
+                    # once per streak of failures: a node that stays away must not fill the log
+                    (log.warning if window > 1 else log.debug)(
+                        "cluster: JetStream did not store %d code(s) for node %s (%s); they wait in the journal, "
+                        "stored as soon as JetStream takes them", len(waiting), origin[:8], errors[0])
+                    await asyncio.sleep(backoff)
+                    backoff, window = min(2 * backoff, RETRY_MAX), 1
+                elif window == 1:
+                    log.info("cluster: JetStream stores the codes for node %s again", origin[:8])
+                    backoff, window = RETRY_FIRST, STORE_WINDOW
+        finally:
+            del self._drainers[origin]  # no await since the last `while waiting`: nothing was added meanwhile
+            if not waiting:
+                del self._waiting[origin]
 
-    def _give_back(self, delivery: tuple, transport) -> None:
-        self.node.ledger.pending.setdefault(delivery[0], delivery)
-        transport.send(ProtocolError("unavailable", "the network of nodes did not take your code: claim again "
-                                     "in a moment", ref=delivery[0]).to_message())
+    async def _store(self, forward: Forward) -> Exception | None:
+        try:
+            await self.bridge.js.publish(claims_subject(forward.origin), forward.data, timeout=self.timeout,
+                                         headers={"Nats-Msg-Id": forward.key})
+            return None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a full share of the stream, or a NATS server going away (the client reconnects)
+            return exc
 
     # --- the sender's node: consume -------------------------------------------------------
 

@@ -8,7 +8,7 @@ import threading
 import time
 
 from dm.cluster.bridge import Bridge, ClusterUnavailable
-from dm.cluster.claims import PUBLISH_ATTEMPTS, ClaimForwarder
+from dm.cluster.claims import CLAIMS_MAX_AGE, CLAIMS_MAX_PER_NODE, ClaimForwarder
 from dm.cluster.directory import Directory
 from dm.cluster.presence import Presence
 from dm.cluster.routing import Router
@@ -16,6 +16,7 @@ from dm.wire import ProtocolError
 
 log = logging.getLogger("node")
 SETUP_SECONDS = 30  # a cluster that just started elects its JetStream leader first
+_UNANSWERED = object()  # resolve(): the network did not answer
 
 
 class Cluster:
@@ -24,8 +25,10 @@ class Cluster:
     `_resolving` (pins being fetched) is read and written only under `_resolving_lock`."""
 
     def __init__(self, node, servers: list[str], *, replicas: int | None = None, timeout: float = 2.0,
-                 max_in_flight: int = 10_000, presence_interval: float = 1.0):
+                 max_in_flight: int = 10_000, presence_interval: float = 1.0,
+                 claims_max_age: float = CLAIMS_MAX_AGE, claims_max: int = CLAIMS_MAX_PER_NODE):
         self.node, self.servers, self.timeout = node, servers, timeout
+        self._claims_limits = {"max_age": claims_max_age, "max_per_node": claims_max}
         self.node_id = node.node_id
         self.bridge = Bridge(servers, name=f"dm-node-{self.node_id[:8]}", request_timeout=timeout)
         self._replicas = replicas
@@ -41,7 +44,8 @@ class Cluster:
         self.bridge.start()
         replicas = self._replicas or min(3, max(len(self.servers), len(self.bridge.nc.servers)))
         self.directory = Directory(self.bridge, self.node, replicas, self.timeout)
-        self.claims = ClaimForwarder(self.bridge, self.node, self.node_id, replicas, self.timeout)
+        self.claims = ClaimForwarder(self.bridge, self.node, self.node_id, replicas, self.timeout,
+                                     **self._claims_limits)
         self.bridge.call(self._setup(), timeout=SETUP_SECONDS + 5)
         log.info("cluster: node %s joined the network at %s (JetStream replicas %d)", self.node_id[:8],
                  ",".join(self.servers), replicas)
@@ -64,7 +68,7 @@ class Cluster:
 
     def stop(self) -> None:
         try:
-            self.bridge.call(self._teardown(), timeout=PUBLISH_ATTEMPTS * (self.timeout + 1) + 5)
+            self.bridge.call(self._teardown(), timeout=2 * self.timeout + 5)
         except Exception:  # NATS may be gone already
             pass
         self.bridge.stop()
@@ -163,10 +167,12 @@ class Cluster:
             raise ProtocolError("name_confusable", f"the name {name!r} looks like a name already pinned in this "
                                 "network of nodes: choose a clearly different name", fatal=True)
 
-    def resolve(self, name: str) -> dict | None:
-        """A user pinned on another node: fetch the network's pin and cache it here. When many
-        connections ask for the same new name at once (a channel's members looking up its
-        sender), one of them fetches and the others wait for it."""
+    def resolve(self, name: str, ref: str | None = None) -> dict | None:
+        """A user pinned on another node: fetch the network's pin and cache it here; None when
+        no node has it. When many connections ask for the same new name at once (a channel's
+        members looking up its sender), one of them fetches and the others wait for it. Raises
+        ProtocolError unavailable (with `ref`) when the network does not answer: the name may
+        well exist, so it is not unknown_peer."""
         with self._resolving_lock:
             fetch = self._resolving.get(name)
             mine = fetch is None
@@ -174,20 +180,24 @@ class Cluster:
                 self._resolving[name] = fetch = concurrent.futures.Future()
         if not mine:
             try:
-                return fetch.result(self.timeout + 1)
+                pinned = fetch.result(self.timeout + 1)
             except concurrent.futures.TimeoutError:
-                return None
-        pinned = None
-        try:
-            pinned = self.directory.pin_of(name)
-            if pinned is not None:
-                self.node.pins.pin(name, pinned["public_key"], pinned["eth_address"])
-        except ClusterUnavailable:
-            pass
-        finally:
-            with self._resolving_lock:
-                del self._resolving[name]
-            fetch.set_result(pinned)
+                pinned = _UNANSWERED
+        else:
+            pinned = _UNANSWERED
+            try:
+                pinned = self.directory.pin_of(name)
+                if pinned is not None:
+                    self.node.pins.pin(name, pinned["public_key"], pinned["eth_address"])
+            except ClusterUnavailable:
+                pass
+            finally:
+                with self._resolving_lock:
+                    del self._resolving[name]
+                fetch.set_result(pinned)
+        if pinned is _UNANSWERED:
+            raise ProtocolError("unavailable", f"the network of nodes did not answer within {self.timeout:g}s "
+                                f"whether {name[:40]!r} exists: try again in a moment", ref=ref)
         return pinned
 
     def change_membership(self, channel: str, name: str, join: bool) -> bool:

@@ -30,15 +30,17 @@ def prepare_node_dir(token: ethereum.BountyToken, chain_data_dir: Path, node_dir
 class NodeProcess:
     """One `node.py --cluster` subprocess; its log lines are kept in `lines`."""
 
-    def __init__(self, data_dir: Path, rpc_url: str, nats_urls: str, port: int, *extra: str):
+    def __init__(self, data_dir: Path, rpc_url: str, nats_urls: str, port: int, *extra: str,
+                 env: dict | None = None):
         self.data_dir, self.rpc_url, self.nats_urls, self.port, self.extra = data_dir, rpc_url, nats_urls, port, extra
+        self.env = env or {}  # added to this process's environment (tests: DM_TEST_* hooks); a restart rereads it
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self.ready = threading.Event()
 
     def start(self) -> "NodeProcess":
         self.ready.clear()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "node.py", "--host", "127.0.0.1", "--port", str(self.port), "--data-dir",
              str(self.data_dir), "--rpc-url", self.rpc_url, "--cluster", self.nats_urls, *self.extra],

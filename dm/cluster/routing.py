@@ -11,6 +11,7 @@ import json
 import logging
 import queue
 import threading
+import time
 import zlib
 
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
@@ -24,6 +25,10 @@ _FRAME_LENGTH = wire.HEADER.pack
 
 
 WRITER_THREADS = 4  # socket writes for cross-node traffic; a user's writes always go to the same one
+# A delivery reaching the recipient's node later than this before the sender's node stops waiting
+# (Dm-Deadline, wall time) is not made: the answer would come too late, the sender be told offline
+# and its bounty released. This needs the nodes' clocks to agree (NTP keeps them within ms).
+DEADLINE_MARGIN = 0.1
 
 
 class Writers:
@@ -133,6 +138,15 @@ class Router:
     def _deliver_here(self, name: str, headers: dict, body: bytes) -> str:
         """Write the deliver to the local client and hold the delivery in this node's ledger
         until its code comes back (the pool). paid_by records the sender's node and bounty."""
+        try:
+            late = time.time() - float(headers.get("Dm-Deadline", "inf"))
+        except ValueError:
+            late = 0.0
+        if late > -DEADLINE_MARGIN:  # e.g. this node was stalled: its sender's node has given up
+            log.warning("cluster: dropped a delivery to %s that came %.2fs %s its sender's node stopped waiting "
+                        "(--cluster-timeout); if this repeats while no node is stalled, check the nodes' clocks",
+                        name, abs(late), "after" if late >= 0 else "before")
+            return "offline"
         session = self.node.online.get(name)
         if session is None or session.transport.closed:
             return "offline"
@@ -177,7 +191,8 @@ class Router:
 
     async def _request(self, delivery: tuple, body: bytes, pay: list) -> str:
         msg_id, sender, to, _, _ = delivery
-        headers = {"Dm-Msg": msg_id, "Dm-From": sender, "Dm-Origin": self.node_id, "Dm-Pay": json.dumps(pay)}
+        headers = {"Dm-Msg": msg_id, "Dm-From": sender, "Dm-Origin": self.node_id, "Dm-Pay": json.dumps(pay),
+                   "Dm-Deadline": f"{time.time() + self.request_timeout:.3f}"}
         try:
             reply = await self.bridge.nc.request(user_subject(to), body, timeout=self.request_timeout,
                                                  headers=headers)

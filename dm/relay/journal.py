@@ -9,10 +9,12 @@ directory:
                           final (mined and `--confirmations` blocks deep): then a done line.
                           A claim stays (as a `claimed` line once done) for the claim timeout
                           after it, so that its recipient can claim again after a restart.
+                          With --cluster, also every code returned here for a message another
+                          node relayed (a forward), until JetStream stored it for that node.
 
 Fsync policy, stated once:
-  * claims: written and fsynced before the recipient gets any answer (group commit: one
-    fsync per read burst), so a code the node accepted is never lost;
+  * claims and forwards: written and fsynced before the recipient gets any answer (group
+    commit: one fsync per read burst), so a code the node accepted is never lost;
   * deliveries: the hot path only hands the burst's deliveries to a queue; the writer thread
     writes them to the file within WRITE_INTERVAL (5 ms) and fsyncs at most FSYNC_INTERVAL
     (0.5 s) later. A killed node (SIGKILL, a crash) loses only deliveries made in the last
@@ -103,13 +105,13 @@ class Journal:
 
     Thread-safety: every write and fsync is under `_lock`. Connection threads append claims
     without syncing and sync once at the end of their burst, before they answer anyone; the
-    redeemer thread appends done lines. `pending`, `claimed` and `claimed_msg_ids` are
-    read at start, before any thread writes."""
+    redeemer thread appends done lines. `pending`, `claimed`, `claimed_msg_ids` and `forwards`
+    are read at start, before any thread writes (dm.cluster.claims takes `forwards` once)."""
 
     def __init__(self, path: Path, keep_claimed_for: float = 0.0):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.pending, everything = self._replay()
+        self.pending, everything, self.forwards = self._replay()
         self.claimed_msg_ids = {claim.msg_id for claim in everything}  # redeemed or not
         since = time.time() - keep_claimed_for
         self.claimed = [c for c in everything if c.recipient and c.at >= since]  # oldest first
@@ -120,6 +122,8 @@ class Journal:
             for claim in self.claimed:
                 if claim.key not in self.pending:  # done: only its recipient's re-claim needs it now
                     handle.write(json.dumps({"op": "claimed", **claim.to_json()}) + "\n")
+            for forward in self.forwards.values():
+                handle.write(json.dumps(forward) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -127,14 +131,18 @@ class Journal:
         self._lock = threading.Lock()
         self._dirty = False
 
-    def _replay(self) -> tuple[dict[str, Claim], list[Claim]]:
-        """(the claims not yet done, by key; every claim read, oldest first)."""
+    def _replay(self) -> tuple[dict[str, Claim], list[Claim], dict[str, dict]]:
+        """(the claims not yet done, by key; every claim read, oldest first; the forwards not
+        yet stored by JetStream, by key)."""
         pending: dict[str, Claim] = {}
         claimed: dict[tuple[str, str], Claim] = {}  # (sender, msg_id) -> its claim, redeemed or not
+        # key -> forward line: codes owed to other nodes that JetStream had not stored; only
+        # read at start (dm.cluster.claims takes them), not kept up to date afterwards
+        forwards: dict[str, dict] = {}
         try:
             lines = self.path.read_text().splitlines()
         except FileNotFoundError:
-            return pending, []
+            return pending, [], forwards
         for line in lines:
             try:
                 entry = json.loads(line)
@@ -146,9 +154,14 @@ class Journal:
                 elif entry["op"] == "done":
                     for key in entry["keys"]:
                         pending.pop(key, None)
+                elif entry["op"] == "forward":
+                    forwards[entry["key"]] = entry
+                elif entry["op"] == "forwarded":
+                    for key in entry["keys"]:
+                        forwards.pop(key, None)
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line from a crash mid-write
-        return pending, sorted(claimed.values(), key=lambda claim: claim.at)
+        return pending, sorted(claimed.values(), key=lambda claim: claim.at), forwards
 
     def _append(self, entry: dict, sync: bool = True) -> None:
         with self._lock:
@@ -174,6 +187,16 @@ class Journal:
 
     def done(self, keys: list[str]) -> None:
         self._append({"op": "done", "keys": keys})
+
+    def add_forward(self, key: str, origin: str, claim: dict, at: float) -> None:
+        """A code owed to node `origin` (dm.cluster.claims), made durable by the burst's
+        sync() like a claim; `at` is the wall time it was returned."""
+        self._append({"op": "forward", "key": key, "origin": origin, "claim": claim, "at": at}, sync=False)
+
+    def forwarded(self, keys: list[str]) -> None:
+        """JetStream stored these. Not fsynced: a lost line only means forwarding them again
+        after a restart, which JetStream and the other node's journal deduplicate."""
+        self._append({"op": "forwarded", "keys": keys}, sync=False)
 
     def close(self) -> None:
         with self._lock:

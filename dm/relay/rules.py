@@ -2,6 +2,7 @@
 
 The checks, in this order (docs/PROTOCOL.md lists the same order):
   1. the recipient is a known (pinned) user                 -> unknown_peer
+     (--cluster: asked of the network; no answer             -> unavailable)
   2. for a channel message, sender and recipient are members -> not_a_member
   3. the bounty is open, bound to this node, not about to
      expire, and (a book) announced with the leaf in range;
@@ -37,7 +38,7 @@ def make_send_rule(pinned, channels, index, online: dict, resolve: Callable | No
         raises ProtocolError (with the msg_id as ref) when it may not. `sender_address` is the
         Ethereum account the sender's name is pinned with."""
         to, msg_id, paid_by, channel = header
-        if to not in pinned and (resolve is None or not resolve(to)):
+        if to not in pinned and (resolve is None or not resolve(to, msg_id)):
             raise ProtocolError("unknown_peer", f"no user {to[:40]!r} is known to this node", ref=msg_id)
         if channel is not None:
             members = members_of(channel.lower())  # channel names are case-insensitive

@@ -414,7 +414,7 @@ class Session:
     def on_lookup(self, message: dict) -> dict:
         pinned = self.node.pins.get(message["name"])
         if not pinned and self.node.cluster is not None:  # pinned on another node of the network
-            pinned = self.node.cluster.resolve(message["name"])
+            pinned = self.node.cluster.resolve(message["name"], message["name"][:64])
         if not pinned:
             raise ProtocolError("unknown_peer", f"no user {message['name'][:40]!r} is known to this node",
                                 ref=message["name"][:64])
