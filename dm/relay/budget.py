@@ -119,8 +119,8 @@ class Budgets:
         max_errors of them fall within error_window: the connection must close."""
         with self._lock:
             entry = self._entry(("user", name), now)
-            if entry.refusals is None:
-                entry.refusals = collections.deque(maxlen=self.max_errors)
+            if entry.refusals is None or entry.refusals.maxlen != self.max_errors:  # made, or the limit changed
+                entry.refusals = collections.deque(entry.refusals or (), maxlen=self.max_errors)
             refusals = entry.refusals
             refusals.append(now)
             return len(refusals) == refusals.maxlen and now - refusals[0] <= self.error_window

@@ -61,13 +61,12 @@ class Node:
                  max_watches: int = MAX_WATCHES,
                  clock=time.monotonic, cluster_options: dict | None = None):
         self.token, self.signer, self.index, self.faucet = token, signer, index, faucet
-        self.max_errors, self.error_window = max_errors, error_window
+        self.budgets = Budgets(share=cpu_share, ip_share=ip_cpu_share, burst=cpu_burst, ip_burst=ip_cpu_burst,
+                               max_errors=max_errors, error_window=error_window, max_entries=max_budgets)
         self.max_books, self.max_book_leaves = max_books, max_book_leaves
         # only a send may be larger (dm.wire.MAX_OTHER_FRAME), unless books may be: 67 bytes a leaf
         self.max_other_frame = max(wire.MAX_OTHER_FRAME, 70 * max_book_leaves + 1024)
         self.cpu_share = cpu_share  # of a core, per name, for general-path frames; 0: unpaced
-        self.budgets = Budgets(share=cpu_share, ip_share=ip_cpu_share, burst=cpu_burst, ip_burst=ip_cpu_burst,
-                               max_errors=max_errors, error_window=error_window, max_entries=max_budgets)
         node_dir = data_dir / "node"
         self.node_id = datadir.ensure_secret(node_dir / "node_id", lambda: secrets.token_hex(16))
         self.pins = PinStore(node_dir / "pins.json")
@@ -135,6 +134,23 @@ class Node:
     @property
     def relayed(self) -> int:
         return self.server.relayed
+
+    # --max-errors and --error-window live with the refusals they count (dm.relay.budget)
+    @property
+    def max_errors(self) -> int:
+        return self.budgets.max_errors
+
+    @max_errors.setter
+    def max_errors(self, value: int) -> None:
+        self.budgets.max_errors = value
+
+    @property
+    def error_window(self) -> float:
+        return self.budgets.error_window
+
+    @error_window.setter
+    def error_window(self, value: float) -> None:
+        self.budgets.error_window = value
 
     # --- who is online ------------------------------------------------------------------
 
