@@ -21,7 +21,7 @@ from conftest import logged_in_sockets, make_users, wait_until
 from dm import wire
 from dm.chain import ethereum
 from dm.chain.books import HASHES_PER_PAUSE, BookSecrets, MerkleTree
-from dm.chain.faucet import faucet_signer
+from dm.chain.faucet import TOP_UP_INTERVAL, Faucet, faucet_signer
 from dm.cli import node as node_cli
 from dm.relay import node as relay_node
 from dm.relay import snapshot_log
@@ -374,12 +374,15 @@ def test_an_address_that_floods_before_logging_in_is_paced_and_another_is_not(ex
 
 
 def test_reconnecting_does_not_reset_max_errors(extra_nodes, data_dir):
-    """--max-errors counted per connection: closed after 20 refusals, a client reconnected and
-    had 20 more (the unpaid flood of bench/abuse.py). Now they count per name over all its
-    connections; another name on the same address keeps its own count."""
-    node = extra_nodes("reconnect-errors", max_errors=5)
+    """--max-errors counted per connection: closed after 20 refusals, a client logged in again
+    at once and had 20 more (the unpaid flood of bench/abuse.py). Now they count per name over
+    all its connections, and a name closed for them is served again only once its window has
+    room. Another name on the same address keeps its own count."""
+    window = 2.0
+    node = extra_nodes("reconnect-errors", max_errors=5, error_window=window)
     lookups = b"".join(wire.encode({"type": "lookup", "name": f"nobody{i}"}) for i in range(8))
     with logged_in_sockets(node.port, data_dir, "mallory", "alice") as socks:
+        first_sent = time.monotonic()  # the node's clock too: it runs in this process
         socks["mallory"].sendall(lookups)
         frames, _ = read_until_closed(socks["mallory"], timeout=5)
         assert codes(frames) == ["unknown_peer"] * 5
@@ -387,8 +390,11 @@ def test_reconnecting_does_not_reset_max_errors(extra_nodes, data_dir):
         assert_ping_works(socks["alice"])
     with logged_in_sockets(node.port, data_dir, "mallory") as socks:
         socks["mallory"].sendall(lookups)
-        frames, _ = read_until_closed(socks["mallory"], timeout=5)
-    assert codes(frames) == ["unknown_peer"]  # the 6th refusal within the window: closed at once
+        first = read_frame(socks["mallory"], timeout=10)
+        answered_at = time.monotonic()
+        frames, _ = read_until_closed(socks["mallory"], timeout=10)
+    assert answered_at >= first_sent + window  # not before the first refusals left the window
+    assert codes([first, *frames]) == ["unknown_peer"] * 5  # max_errors a window, over all connections
 
 
 def test_max_budgets_bounds_the_names_and_addresses_remembered(extra_nodes, data_dir):
@@ -411,6 +417,22 @@ def test_max_budgets_bounds_the_names_and_addresses_remembered(extra_nodes, data
     assert len(node.budgets) <= 3
     node.budgets.sweep(time.monotonic() + node.error_window + 60)  # refilled, refusals out of the window
     assert len(node.budgets) == 0
+
+
+def test_a_returning_user_is_topped_up_at_most_once_per_interval(tester_chain, data_dir):
+    """Each login of a returning user queued a balance check on the dev chain (two chain calls
+    of the node's CPU, unbilled, in an unbounded queue): a client logging in again and again
+    kept the node busy. Now one per name per TOP_UP_INTERVAL."""
+    w3, token = tester_chain
+    now = [0.0]
+    faucet = Faucet(token, faucet_signer(w3, data_dir), clock=lambda: now[0])  # not started: nothing drains it
+    for _ in range(100):
+        faucet.top_up_later("mallory", "0x" + "11" * 20)
+    faucet.top_up_later("alice", "0x" + "22" * 20)
+    assert faucet._queue.qsize() == 2
+    now[0] = TOP_UP_INTERVAL
+    faucet.top_up_later("mallory", "0x" + "11" * 20)
+    assert faucet._queue.qsize() == 3
 
 
 def test_a_book_is_hashed_in_short_stretches():

@@ -70,9 +70,10 @@ class Budgets:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def keys_for(self, host: str, name: str | None) -> tuple:
-        """The keys a connection from `host`, proved as `name` (or not yet), is billed to."""
-        keys = (("ip", address_key(host)),) if self.ip_share else ()
+    def keys_for(self, address: str, name: str | None) -> tuple:
+        """The keys a connection from `address` (an address_key), proved as `name` (or not
+        yet), is billed to."""
+        keys = (("ip", address),) if self.ip_share else ()
         return (*keys, ("user", name)) if name is not None and self.share else keys
 
     def _rate(self, key: tuple) -> tuple[float, float]:
@@ -124,6 +125,17 @@ class Budgets:
             refusals = entry.refusals
             refusals.append(now)
             return len(refusals) == refusals.maxlen and now - refusals[0] <= self.error_window
+
+    def refusal_wait(self, name: str, now: float) -> float:
+        """0, unless `name`'s last max_errors refusals all fall within error_window: then how long
+        until the oldest leaves it. A name that was closed for its refusals waits this out on
+        its next connection, so logging in again and again buys it nothing."""
+        with self._lock:
+            entry = self._entries.get(("user", name))
+            refusals = entry.refusals if entry is not None else None
+            if not refusals or len(refusals) < self.max_errors:
+                return 0.0
+            return max(0.0, refusals[0] + self.error_window - now)
 
     def sweep(self, now: float) -> None:
         """Drop idle entries from the least recently used end (the watchdog's tick)."""

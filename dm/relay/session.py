@@ -20,6 +20,7 @@ from eth_utils import keccak
 from web3 import Web3
 
 from dm import crypto, datadir, wire
+from dm.relay.budget import address_key
 from dm.relay.connection import burst
 from dm.relay.ledger import AlreadyDelivered
 from dm.relay.redeemer import Claim
@@ -92,6 +93,7 @@ class Session:
         self._now = now  # the time of the read being handled
         self.cpu_spent = 0.0  # CPU time of general-path frames not yet billed (dm.relay.budget)
         self._new = True  # no read yet: a new connection starts in its address's debt
+        self._address = address_key(transport.address[0])  # what its CPU is billed to before a name
         self.relayed = 0  # messages this session sent that reached their recipient
         self._deliver_prefix = b""
         # A burst's deliveries, held until the burst ends or something else must be written
@@ -255,18 +257,19 @@ class Session:
     def pause_needed(self, now: float) -> float:
         """Seconds this connection must wait before its next read (and before its first): the
         CPU its last read cost off the fast path is billed to its address and name
-        (dm.relay.budget), which outlive the connection. 0 when it billed nothing (a read of
-        plain sends is never paused, even when a neighbour on the same address is in debt) or
-        they are within their shares. When it is not 0, an unfinished frame's clock waits too."""
+        (dm.relay.budget), which outlive the connection, and a name closed for its refusals
+        waits until its window has room. 0 when it billed nothing (a read of plain sends is
+        never paused, even when a neighbour on the same address is in debt) or all is within
+        bounds. When it is not 0, an unfinished frame's clock waits too."""
         spent = self.cpu_spent + self.decoder.cpu
         if not spent and not self._new:
             return 0.0
         self.cpu_spent = self.decoder.cpu = 0.0
         self._new = False
-        if not self.node.cpu_share:
-            return 0.0
         budgets = self.node.budgets
-        pause = budgets.charge(budgets.keys_for(self.transport.address[0], self.name), spent, now)
+        pause = budgets.refusal_wait(self.name, now) if self.name is not None else 0.0
+        if self.node.cpu_share:
+            pause = max(pause, budgets.charge(budgets.keys_for(self._address, self.name), spent, now))
         if pause and self.decoder.mid_frame:  # the node's pause never counts against the client's frame timeout
             self.frame_started_at, self._frame_clock_waits = None, True
         return pause
