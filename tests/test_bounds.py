@@ -25,6 +25,7 @@ from dm.chain.faucet import TOP_UP_INTERVAL, Faucet, faucet_signer
 from dm.cli import node as node_cli
 from dm.relay import node as relay_node
 from dm.relay import snapshot_log
+from dm.relay.budget import address_key
 from dm.relay.channels import ChannelRegistry
 from helpers import login, start_node
 from test_abuse import assert_ping_works, codes, read_frame, read_until_closed
@@ -417,6 +418,9 @@ def test_max_budgets_bounds_the_names_and_addresses_remembered(extra_nodes, data
     assert len(node.budgets) <= 3
     node.budgets.sweep(time.monotonic() + node.error_window + 60)  # refilled, refusals out of the window
     assert len(node.budgets) == 0
+    # an IPv6 host usually has a /64 to itself: one budget for all of it
+    assert address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9") != address_key("2001:db8:1:3::1")
+    assert address_key("::ffff:10.0.0.1") == "10.0.0.1"
 
 
 def test_a_returning_user_is_topped_up_at_most_once_per_interval(tester_chain, data_dir):

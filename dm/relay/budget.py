@@ -23,7 +23,7 @@ import threading
 CPU_BURST = 0.25  # seconds of CPU a name may spend at once (a 10,000-leaf book is ~0.03 s)
 IP_CPU_SHARE = 0.5  # of a core, per address (node.py --ip-cpu-share)
 IP_CPU_BURST = 2.5  # seconds at once per address: a few thousand handshakes
-MAX_BUDGETS = 100_000  # addresses and names remembered (node.py --max-budgets), a few hundred bytes each
+MAX_BUDGETS = 50_000  # names and addresses remembered (node.py --max-budgets): ~270 B each, ~1 KB with refusals
 
 
 def address_key(host: str) -> str:
