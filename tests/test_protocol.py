@@ -58,6 +58,52 @@ def test_oversize_length_is_rejected_before_the_body_arrives():
         decoder.feed(wire.encode({"type": "ping"}))
 
 
+def test_a_frame_over_max_other_that_is_not_a_send_is_skipped_unbuffered():
+    """An 8 MB `book` was buffered whole, then copied twice before it was refused: tens of ms of
+    copying that hold the interpreter lock (every other connection waits). Now the decoder
+    looks at its first bytes and drops the rest as it comes; the frames around it are kept."""
+    big = wire.encode({"type": "book", "root": "00" * 32, "leaves": ["11" * 32] * 124_000})
+    stream = wire.encode({"type": "ping"}) + big + wire.encode({"type": "ping", "req": 2})
+    decoder = FrameDecoder(max_other=wire.MAX_OTHER_FRAME)
+    payloads, most_buffered = [], 0
+    for i in range(0, len(stream), 262144):  # the node's reads
+        payloads += decoder.feed(stream[i:i + 262144])
+        most_buffered = max(most_buffered, decoder.buffered)
+    assert most_buffered < 262144 + 64  # one read at most, never the 8 MB body
+    assert [wire.parse(p) for p in (payloads[0], payloads[2])] == [{"type": "ping"}, {"type": "ping", "req": 2}]
+    skipped = payloads[1]
+    assert type(skipped) is wire.Oversized and skipped.length == len(big) - 4 and skipped.startswith(b'{"type":"book"')
+    assert not decoder.mid_frame and decoder.cpu == 0.0
+
+
+@settings(max_examples=200)
+@given(st.lists(st.sampled_from([b'{"type":"send","x":"' + b"y" * 40 + b'"}', b'{"type":"book","x":"' + b"y" * 40 + b'"}',
+                                 b'{"type":"ping"}', b'{"type":"se"}']), max_size=5),
+       st.integers(min_value=1, max_value=70))
+def test_skipping_gives_the_same_frames_in_any_split(payloads, step):
+    """Over max_other (30 bytes here): a send whole, anything else an Oversized placeholder."""
+    stream = b"".join(wire.frame(p) for p in payloads)
+    expected = [p if len(p) <= 30 or p.startswith(wire.SEND_TYPE_PREFIX) else p[:len(wire.SEND_TYPE_PREFIX)]
+                for p in payloads]
+    for split in (None, step, 1):
+        decoder = FrameDecoder(max_other=30)
+        got = feed_all(decoder, stream, split)
+        assert got == expected
+        assert [type(p) is wire.Oversized for p in got] == [len(p) > 30 and not p.startswith(wire.SEND_TYPE_PREFIX)
+                                                           for p in payloads]
+        assert not decoder.mid_frame
+
+
+def test_assembling_a_big_send_is_billed():
+    """A send may be 8 MB; copying it together costs the node milliseconds, which the decoder
+    counts (`cpu`) for the node to bill to the sender (dm.relay.budget)."""
+    payload = b'{"type":"send",' + b" " * (2 * 1024 * 1024) + b"}"
+    decoder = FrameDecoder(max_other=wire.MAX_OTHER_FRAME)
+    stream = wire.frame(payload)
+    got = feed_all(decoder, stream, 262144)
+    assert got == [payload] and decoder.cpu > 0
+
+
 def test_the_cap_is_exact():
     decoder = FrameDecoder(max_frame=10)
     assert decoder.feed(struct.pack(">I", 10) + b"x" * 10) == [b"x" * 10]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 # A 1,000-leaf book takes ~3,000 hashes. safe-pysha3 (pulled in by
 # eth-tester[py-evm] on CPython) does one in ~1 us; eth_utils.keccak takes ~9 us.
@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - any other eth-hash backend
 __all__ = ["leaf_hash", "hash_pair", "MerkleTree", "BookSecrets", "KnownBook", "redemption_args"]
 
 CODE_SIZE = 32
+HASHES_PER_PAUSE = 256  # a tree's builder calls `pause` this often: well under a millisecond of hashing
 
 
 def _check_bytes32(value: bytes, what: str) -> bytes:
@@ -73,7 +74,9 @@ def _parent(j: int) -> int:
 class MerkleTree:
     """An OZ-core Merkle tree over leaf hashes given in leaf-index order."""
 
-    def __init__(self, leaves: Sequence[bytes]):
+    def __init__(self, leaves: Sequence[bytes], pause: Callable[[], None] | None = None):
+        """`pause`, when given, is called every HASHES_PER_PAUSE hashes: a node lets other
+        threads run there, so a 10,000-leaf book never holds the interpreter lock for long."""
         if not leaves:
             raise ValueError("a Merkle tree needs at least one leaf")
         n = len(leaves)
@@ -83,6 +86,8 @@ class MerkleTree:
             tree[last - i] = _check_bytes32(leaf, f"leaf {i}")
         for k in range(n - 2, -1, -1):  # inner nodes, bottom-up
             tree[k] = hash_pair(tree[2 * k + 1], tree[2 * k + 2])
+            if pause is not None and not k % HASHES_PER_PAUSE:
+                pause()
         self.tree = tree
         self.size = n
         self.root: bytes = tree[0]
@@ -242,8 +247,8 @@ class BookSecrets:
 class KnownBook:
     """The relayer's side: a book as announced by its sender (root and leaf hashes)."""
 
-    def __init__(self, root: bytes, leaf_hashes: Sequence[bytes]):
-        self.tree = MerkleTree(leaf_hashes)
+    def __init__(self, root: bytes, leaf_hashes: Sequence[bytes], pause: Callable[[], None] | None = None):
+        self.tree = MerkleTree(leaf_hashes, pause)
         if self.tree.root != root:
             raise ValueError("announced leaves do not hash to the announced root")
         self.root = root

@@ -5,9 +5,11 @@ must be able to pay at once) and tops returning users up in the background.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 
 from web3 import Web3
@@ -18,6 +20,9 @@ from dm.chain import ethereum
 log = logging.getLogger("node")
 USER_GRANT_BTK = 10_000 * ethereum.TOKEN  # what a new user is given on a dev chain
 USER_GRANT_ETH = 100 * 10**18  # gas money on a dev chain
+# A returning user is looked at no more often than this: each look is two chain calls (milliseconds
+# of the node's CPU), and a client that logs in again and again must not queue one per login.
+TOP_UP_INTERVAL = 10.0
 
 
 def give_eth(w3: Web3, address: str, amount: int) -> None:
@@ -61,11 +66,14 @@ class Faucet:
 
     Thread-safety: fund_now() runs on the caller's thread and top_up_later() only queues for
     the one worker thread; both may run at once, which is safe because the Signer hands out
-    nonces under its own lock."""
+    nonces under its own lock. `_queued` (name -> when it was last queued, oldest first) is
+    read and written under `_lock` by the connection threads."""
 
-    def __init__(self, token: ethereum.BountyToken, signer: ethereum.Signer):
-        self.token, self.signer = token, signer
+    def __init__(self, token: ethereum.BountyToken, signer: ethereum.Signer, clock=time.monotonic):
+        self.token, self.signer, self.clock = token, signer, clock
         self._queue: queue.Queue = queue.Queue()
+        self._queued: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -82,6 +90,15 @@ class Faucet:
             log.warning("could not fund %s: %s", name, exc)
 
     def top_up_later(self, name: str, address: str) -> None:
+        """Queue a look at `name`'s balance, unless one was queued in the last TOP_UP_INTERVAL."""
+        now = self.clock()
+        with self._lock:
+            queued = self._queued
+            while queued and now - next(iter(queued.values())) >= TOP_UP_INTERVAL:
+                queued.popitem(last=False)  # oldest first: what is left is one per recent name
+            if name in queued:
+                return
+            queued[name] = now
         self._queue.put((name, address))
 
     def _worker(self) -> None:

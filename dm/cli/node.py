@@ -18,6 +18,7 @@ from dm import datadir, wire
 from dm.chain import DEFAULT_RPC_URL
 from dm.relay import (CPU_SHARE, DEV_CONFIRMATIONS, ERROR_WINDOW, LOOKUPS_PER_SECOND, MAX_BOOKS_PER_USER,
                       REAL_CONFIRMATIONS, TESTER_CONFIRMATIONS)
+from dm.relay.budget import IP_CPU_SHARE, MAX_BUDGETS
 from dm.relay.channels import MAX_CHANNELS_PER_USER, MAX_MEMBERS
 from dm.relay.ledger import MAX_UNCLAIMED
 from dm.relay.presence import MAX_WATCHES
@@ -51,7 +52,8 @@ def build_node(args):
                     claim_timeout=args.claim_timeout, max_unclaimed=args.max_unclaimed,
                     max_errors=args.max_errors, error_window=args.error_window, max_books=args.max_books,
                     max_book_leaves=args.max_book_leaves, max_channels=args.max_channels,
-                    max_members=args.max_members, cpu_share=args.cpu_share,
+                    max_members=args.max_members, cpu_share=args.cpu_share, ip_cpu_share=args.ip_cpu_share,
+                    max_budgets=args.max_budgets,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait,
                                       "confirmations": args.confirmations},
                     cluster_options=cluster_options(args))
@@ -138,7 +140,8 @@ def parse_args(argv=None):
                              "codes within seconds, so %(default)d is minutes of traffic, and it bounds what a "
                              "recipient that never pays (or a colluding pair) gets for free (default: %(default)d)")
     limits.add_argument("--max-errors", type=_positive(int), default=20, metavar="N",
-                        help="refusals within --error-window that close a connection (default: %(default)d)")
+                        help="refusals within --error-window that close a connection; counted per user over all "
+                             "its connections, so reconnecting does not reset them (default: %(default)d)")
     limits.add_argument("--error-window", type=_positive(float), default=ERROR_WINDOW, metavar="SECONDS",
                         help="the sliding window --max-errors counts over; answered frames in between do not "
                              "reset it (default: %(default)g)")
@@ -153,9 +156,16 @@ def parse_args(argv=None):
                         help="members of one channel; each channel line is one paid copy per member "
                              "(default: %(default)d)")
     limits.add_argument("--cpu-share", type=_positive(float, zero=True), default=CPU_SHARE, metavar="FRACTION",
-                        help="CPU one connection may use on frames other than plain sends (handshakes, books, "
-                             "lookups), as a share of a core; past it the connection waits, so others go first. "
-                             "0 turns pacing off (default: %(default)g)")
+                        help="CPU one user may use on frames other than plain sends (handshakes, books, "
+                             "lookups), as a share of a core, over all its connections and across reconnects; past it "
+                             "its connections wait, so others go first. 0 turns pacing off (default: %(default)g)")
+    limits.add_argument("--ip-cpu-share", type=_positive(float, zero=True), default=IP_CPU_SHARE, metavar="FRACTION",
+                        help="the same, for everything that comes from one IP address (an IPv6 /64), handshakes "
+                             "included; wide, since many honest users may share an address. Behind a proxy, where "
+                             "every client has the proxy's address, use 0 (default: %(default)g)")
+    limits.add_argument("--max-budgets", type=_positive(int), default=MAX_BUDGETS, metavar="N",
+                        help="addresses and users whose CPU use and refusals the node remembers; past it the least "
+                             "recently seen is forgotten (default: %(default)d)")
     parser.add_argument("--cluster", metavar="nats://HOST:PORT[,...]",
                         help="join a network of nodes over these NATS servers (JetStream on); without it the "
                              "node works alone")

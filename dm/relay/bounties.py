@@ -244,14 +244,15 @@ class BountyIndex:
             self.books_by_hex.setdefault(root_hex, book)
         return book
 
-    def announce_book(self, sender: str, root: bytes, leaves: list[bytes]) -> OpenBook | None:
+    def announce_book(self, sender: str, root: bytes, leaves: list[bytes], pause=None) -> OpenBook | None:
         """`sender` tells us the leaf hashes of its book, so we can check codes and build
-        multiproofs ourselves. Returns None if no such book of `sender`'s pays us."""
+        multiproofs ourselves. Returns None if no such book of `sender`'s pays us. `pause` is
+        called between stretches of hashing (dm.chain.books.MerkleTree)."""
         book = self.book(sender, root)
         if book is None or len(leaves) != book.size:
             return None
         if book.tree is None:
-            book.tree = KnownBook(root, leaves)  # raises ValueError when the leaves do not make the root
+            book.tree = KnownBook(root, leaves, pause)  # raises ValueError when the leaves do not make the root
             if self.books_dir is not None:
                 self.books_dir.mkdir(parents=True, exist_ok=True)
                 saved = self._saved_leaves(sender, root)

@@ -9,6 +9,7 @@
     online     name -> the session that proved it                (here)
     presence   who hears of whom coming, going, joining, leaving dm.relay.presence
     server     sockets, threads, the watchdog                    dm.relay.server
+    budgets    CPU shares and refusals, per address and per name dm.relay.budget
     send_rule  the one rule set for a send                       dm.relay.rules
     layer      the key-release layer over every relayed text     dm.relay.sealing
     cluster    with --cluster: the other nodes, over NATS         dm.cluster (None when alone)
@@ -26,6 +27,7 @@ from dm.chain import ethereum
 from dm.chain.faucet import Faucet
 from dm.relay import CPU_SHARE, ERROR_WINDOW, MAX_BOOKS_PER_USER
 from dm.relay.bounties import BountyIndex
+from dm.relay.budget import CPU_BURST, IP_CPU_BURST, IP_CPU_SHARE, MAX_BUDGETS, Budgets
 from dm.relay.channels import CHANNELS_PAGE, MAX_CHANNELS_PER_USER, MAX_MEMBERS, ChannelRegistry
 from dm.relay.ledger import MAX_UNCLAIMED, DeliveryLedger
 from dm.relay.pins import PinStore
@@ -54,14 +56,17 @@ class Node:
                  max_errors: int = 20, error_window: float = ERROR_WINDOW, claim_timeout: float = 3600,
                  max_unclaimed: int = MAX_UNCLAIMED, max_books: int = MAX_BOOKS_PER_USER,
                  max_book_leaves: int = wire.MAX_BOOK_LEAVES, max_channels: int = MAX_CHANNELS_PER_USER,
-                 max_members: int = MAX_MEMBERS, cpu_share: float = CPU_SHARE, max_watches: int = MAX_WATCHES,
+                 max_members: int = MAX_MEMBERS, cpu_share: float = CPU_SHARE, ip_cpu_share: float = IP_CPU_SHARE,
+                 max_budgets: int = MAX_BUDGETS, cpu_burst: float = CPU_BURST, ip_cpu_burst: float = IP_CPU_BURST,
+                 max_watches: int = MAX_WATCHES,
                  clock=time.monotonic, cluster_options: dict | None = None):
         self.token, self.signer, self.index, self.faucet = token, signer, index, faucet
-        self.max_errors, self.error_window = max_errors, error_window
+        self.budgets = Budgets(share=cpu_share, ip_share=ip_cpu_share, burst=cpu_burst, ip_burst=ip_cpu_burst,
+                               max_errors=max_errors, error_window=error_window, max_entries=max_budgets)
         self.max_books, self.max_book_leaves = max_books, max_book_leaves
         # only a send may be larger (dm.wire.MAX_OTHER_FRAME), unless books may be: 67 bytes a leaf
         self.max_other_frame = max(wire.MAX_OTHER_FRAME, 70 * max_book_leaves + 1024)
-        self.cpu_share = cpu_share  # of a core, per connection, for general-path frames; 0: unpaced
+        self.cpu_share = cpu_share  # of a core, per name, for general-path frames; 0: unpaced
         node_dir = data_dir / "node"
         self.node_id = datadir.ensure_secret(node_dir / "node_id", lambda: secrets.token_hex(16))
         self.pins = PinStore(node_dir / "pins.json")
@@ -131,6 +136,23 @@ class Node:
     def relayed(self) -> int:
         return self.server.relayed
 
+    # --max-errors and --error-window live with the refusals they count (dm.relay.budget)
+    @property
+    def max_errors(self) -> int:
+        return self.budgets.max_errors
+
+    @max_errors.setter
+    def max_errors(self, value: int) -> None:
+        self.budgets.max_errors = value
+
+    @property
+    def error_window(self) -> float:
+        return self.budgets.error_window
+
+    @error_window.setter
+    def error_window(self, value: float) -> None:
+        self.budgets.error_window = value
+
     # --- who is online ------------------------------------------------------------------
 
     def go_online(self, session) -> None:
@@ -196,6 +218,7 @@ class Node:
         EXPIRED_SWEEP_SECONDS, the bounties and books that expired on chain."""
         chain_now = self.index.clock()
         self.ledger.forget_settled(now, chain_now)
+        self.budgets.sweep(now)
         if now - self._swept_at >= EXPIRED_SWEEP_SECONDS:
             self._swept_at = now
             dropped = self.index.forget_expired(chain_now)

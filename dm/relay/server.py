@@ -107,6 +107,9 @@ class Server:
     def _serve(self, session: Session) -> None:
         transport, clock = session.transport, self.clock
         try:
+            pause = session.pause_needed(clock())
+            if pause:  # its address is over its CPU share: reconnecting does not skip the wait
+                time.sleep(pause)
             while not transport.closed:
                 try:
                     data = transport.sock.recv(RECV_SIZE)
@@ -116,7 +119,7 @@ class Server:
                     break
                 session.receive(data, clock())
                 pause = session.pause_needed(clock())
-                if pause:  # over its CPU share (dm.relay.session.CPU_SHARE): others go first
+                if pause:  # over its CPU share (dm.relay.budget): others go first
                     time.sleep(pause)
                 session.answered(clock())
         finally:

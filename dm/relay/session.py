@@ -20,7 +20,7 @@ from eth_utils import keccak
 from web3 import Web3
 
 from dm import crypto, datadir, wire
-from dm.relay import CPU_SHARE
+from dm.relay.budget import address_key
 from dm.relay.connection import burst
 from dm.relay.ledger import AlreadyDelivered
 from dm.relay.redeemer import Claim
@@ -35,17 +35,25 @@ _RECEIPT_HEAD = b'{"type":"receipt","msg_id":"'
 _RECEIPT_DELIVERED = b'","status":"delivered"}'
 _RECEIPT_FIXED = len(_RECEIPT_HEAD) + len(_RECEIPT_DELIVERED)
 _BACKSLASH = 92
-# CPU a connection may spend on frames the fast reader does not take (handshakes, `book`
-# hashing, parsing, lookups): a share of one core, with a burst allowance. A connection past it
-# is paused (its thread sleeps, the GIL free) until its share has paid the debt back, so one
-# hostile connection cannot keep other connections' messages waiting. An honest client's
-# handshake, books and requests cost a few ms now and then and never come near it.
-CPU_BURST = 0.25  # seconds of CPU a quiet connection may spend at once (a 10,000-leaf book is ~0.1 s)
 
 
 def _confusable(name: str, look_alike: str) -> ProtocolError:
     return ProtocolError("name_confusable", f"the name {name!r} looks like {look_alike!r}, already pinned on this "
                          "node: choose a clearly different name", fatal=True)
+
+
+# Hashing a 10,000-leaf book takes tens of ms; in stretches this short, a thread waiting for the
+# interpreter lock (another connection's message) gets it within about a millisecond.
+LEAVES_PER_PAUSE = 2000
+
+
+def _let_others_run() -> None:
+    time.sleep(0)  # releases the interpreter lock, so a waiting thread goes first
+
+
+def _too_large(limit: int) -> ProtocolError:
+    return ProtocolError("frame_too_large", f"only a send may be larger than {limit} bytes, and it must begin "
+                         'with {"type":"send"')
 
 
 def receipt(msg_id: str, status: str) -> bytes:
@@ -67,7 +75,8 @@ class Session:
     def __init__(self, node, transport, now: float):
         self.node = node
         self.transport = transport
-        self.decoder = wire.FrameDecoder()
+        # frames over max_other_frame that are not sends are skipped unbuffered (wire.Oversized)
+        self.decoder = wire.FrameDecoder(max_other=node.max_other_frame)
         self.phase = "connected"
         self.name: str | None = None
         self.eth_address = ""  # the account the name is pinned with, once proved
@@ -77,12 +86,14 @@ class Session:
         self.connected_at = self.last_frame_at = now
         self.frame_started_at: float | None = None
         self.errors = 0  # refusals this session
-        # The times of the last max_errors refusals: that many within error_window closes the
-        # connection, whatever was answered in between (a ping no longer wipes the slate).
+        # The times of the last max_errors refusals before a name is proved (after, the name's,
+        # in node.budgets): that many within error_window closes the connection, whatever was
+        # answered in between (a ping no longer wipes the slate).
         self._refusal_times: collections.deque[float] = collections.deque(maxlen=max(1, node.max_errors))
         self._now = now  # the time of the read being handled
-        self.cpu_spent = 0.0  # CPU time of general-path frames not yet set against the budget
-        self._cpu_budget, self._cpu_budget_at = CPU_BURST, now
+        self.cpu_spent = 0.0  # CPU time of general-path frames not yet billed (dm.relay.budget)
+        self._new = True  # no read yet: a new connection starts in its address's debt
+        self._address = address_key(transport.address[0])  # what its CPU is billed to before a name
         self.relayed = 0  # messages this session sent that reached their recipient
         self._deliver_prefix = b""
         # A burst's deliveries, held until the burst ends or something else must be written
@@ -222,9 +233,15 @@ class Session:
     def _refuse(self, exc: ProtocolError) -> None:
         self._write_held(burst.outbox)
         self.errors += 1
-        refusals = self._refusal_times
-        if exc.code != "unclaimed_limit":  # back-pressure on an honest burst, not a client's mistake
+        close = exc.fatal
+        if exc.code == "unclaimed_limit":  # back-pressure on an honest burst, not a client's mistake
+            pass
+        elif self.name is not None:  # counted per name: a new connection starts where the last one ended
+            close = self.node.budgets.refused(self.name, self._now) or close
+        else:
+            refusals = self._refusal_times
             refusals.append(self._now)
+            close = close or (len(refusals) == refusals.maxlen and self._now - refusals[0] <= self.node.error_window)
         refusal = exc.to_message()
         if exc.req is not None:
             refusal["req"] = exc.req
@@ -232,24 +249,30 @@ class Session:
             self.transport.send(refusal)
         except (ProtocolError, ValueError):  # an unencodable ref: answer without it
             self.transport.send(wire.error(exc.code, exc.message))
-        if exc.fatal or (len(refusals) == refusals.maxlen and self._now - refusals[0] <= self.node.error_window):
+        if close:
             self.transport.close()
 
     # --- the general path: parse, check, dispatch ------------------------------------
 
     def pause_needed(self, now: float) -> float:
-        """Seconds this connection must wait before its next read to stay within CPU_SHARE
-        (0 when within it). When it is not 0, an unfinished frame's clock waits too."""
-        share = self.node.cpu_share
-        if not share:
+        """Seconds this connection must wait before its next read (and before its first): the
+        CPU its last read cost off the fast path is billed to its address and name
+        (dm.relay.budget), which outlive the connection, and a name closed for its refusals
+        waits until its window has room. 0 when it billed nothing (a read of plain sends is
+        never paused, even when a neighbour on the same address is in debt) or all is within
+        bounds. When it is not 0, an unfinished frame's clock waits too."""
+        spent = self.cpu_spent + self.decoder.cpu
+        if not spent and not self._new:
             return 0.0
-        budget = min(CPU_BURST, self._cpu_budget + (now - self._cpu_budget_at) * share) - self.cpu_spent
-        self._cpu_budget, self._cpu_budget_at, self.cpu_spent = budget, now, 0.0
-        if budget >= 0:
-            return 0.0
-        if self.decoder.mid_frame:  # the node's pause never counts against the client's frame timeout
+        self.cpu_spent = self.decoder.cpu = 0.0
+        self._new = False
+        budgets = self.node.budgets
+        pause = budgets.refusal_wait(self.name, now) if self.name is not None else 0.0
+        if self.node.cpu_share:
+            pause = max(pause, budgets.charge(budgets.keys_for(self._address, self.name), spent, now))
+        if pause and self.decoder.mid_frame:  # the node's pause never counts against the client's frame timeout
             self.frame_started_at, self._frame_clock_waits = None, True
-        return -budget / share
+        return pause
 
     def _handle(self, payload: bytes) -> tuple | None:
         """A frame the fast reader did not take. Returns (header, deliver body) for a send,
@@ -257,14 +280,15 @@ class Session:
         against the connection's budget (pause_needed)."""
         started = time.thread_time()
         try:
+            if type(payload) is wire.Oversized:  # its body was never buffered (dm.wire.frames)
+                raise _too_large(self.node.max_other_frame)
             return self._handle_general(payload)
         finally:
             self.cpu_spent += time.thread_time() - started
 
     def _handle_general(self, payload: bytes) -> tuple | None:
         if len(payload) > self.node.max_other_frame and not payload.startswith(wire.SEND_TYPE_PREFIX):
-            raise ProtocolError("frame_too_large", f"only a send may be larger than {self.node.max_other_frame} "
-                                'bytes, and it must begin with {"type":"send"')
+            raise _too_large(self.node.max_other_frame)
         message = wire.parse(payload)
         self._req = req = wire.request_id(message)
         try:
@@ -452,8 +476,11 @@ class Session:
                 raise ProtocolError("limit_reached", f"you have {node.max_books} open books announced on this node "
                                     "(its --max-books): use them up, or wait until one expires")
         try:
-            leaves = [bytes.fromhex(leaf.removeprefix("0x")) for leaf in message["leaves"]]
-            book = index.announce_book(self.eth_address, root, leaves)
+            hexes, leaves = message["leaves"], []
+            for start in range(0, len(hexes), LEAVES_PER_PAUSE):
+                leaves += [bytes.fromhex(leaf.removeprefix("0x")) for leaf in hexes[start:start + LEAVES_PER_PAUSE]]
+                _let_others_run()
+            book = index.announce_book(self.eth_address, root, leaves, pause=_let_others_run)
         except (ValueError, TypeError, AttributeError):
             raise ProtocolError("bad_field", "book.leaves do not make book.root") from None
         if book is None:

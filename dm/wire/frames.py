@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 from .errors import ProtocolError
-from .limits import MAX_CONTAINERS, MAX_FRAME
+from .limits import MAX_CONTAINERS, MAX_FRAME, SEND_TYPE_PREFIX
 
 HEADER = struct.Struct(">I")
+_PREFIX = len(SEND_TYPE_PREFIX)
 
 
 def encode(message: dict) -> bytes:
@@ -24,19 +26,34 @@ def frame(payload: bytes) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
+class Oversized(bytes):
+    """What a FrameDecoder gives for a frame over its `max_other` that does not begin with
+    SEND_TYPE_PREFIX: the first bytes only. The rest was dropped as it arrived, never buffered:
+    copying 8 MB into one buffer holds the interpreter lock for milliseconds at a time."""
+
+    length: int  # the length its header announced
+
+
 class FrameDecoder:
     """Accepts bytes in any split and returns whole frame payloads.
 
     The length is checked against the cap as soon as the 4 header bytes are
     in, before any body is buffered. After an error the decoder stays broken:
     a length-prefixed stream cannot be resynchronised.
+
+    With `max_other`, a longer frame must begin with SEND_TYPE_PREFIX: one that does not
+    comes out as an Oversized placeholder, in order, and its body is skipped. `cpu` adds up
+    the CPU time spent assembling frames over `max_other`, for the node to bill.
     """
 
-    def __init__(self, max_frame: int = MAX_FRAME):
+    def __init__(self, max_frame: int = MAX_FRAME, max_other: int | None = None):
         self.max_frame = max_frame
+        self.max_other = max_frame if max_other is None else max_other
         self._buffer = bytearray()
         self._need: int | None = None  # body length of the frame being read
+        self._skip = 0  # bytes of an Oversized frame's body still to drop
         self._error: ProtocolError | None = None
+        self.cpu = 0.0
 
     @property
     def buffered(self) -> int:
@@ -44,17 +61,35 @@ class FrameDecoder:
 
     @property
     def mid_frame(self) -> bool:
-        return bool(self._buffer) or self._need is not None
+        return bool(self._buffer) or self._need is not None or self._skip > 0
 
     def feed(self, data: bytes) -> list[bytes]:
+        need = self._need
+        if need is None or need <= self.max_other:
+            return self._feed(data)
+        started = time.thread_time()  # a big frame's copies: billed, since they hold the lock
+        try:
+            return self._feed(data)
+        finally:
+            self.cpu += time.thread_time() - started
+
+    def _feed(self, data: bytes) -> list[bytes]:
         if self._error:
             raise self._error
+        if self._skip:
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return []
+            data = data[self._skip:]
+            self._skip = 0
         need = self._need
         buffer = self._buffer
+        max_other = self.max_other
         if buffer:
             buffer += data
-            if need is not None and len(buffer) < need:  # still inside one frame's body: no copy
-                return []
+            if need is not None and len(buffer) < need and (
+                    need <= max_other or len(buffer) < _PREFIX or buffer.startswith(SEND_TYPE_PREFIX)):
+                return []  # still inside one frame's body: no copy
             data = bytes(buffer)
             buffer.clear()
         # Frames are sliced straight out of `data`: one copy per frame.
@@ -72,6 +107,20 @@ class FrameDecoder:
                         "frame_too_large", f"a {need}-byte frame exceeds the {self.max_frame}-byte cap", fatal=True)
                     self._need = None
                     raise self._error
+            if need > max_other:
+                if end - pos < _PREFIX:
+                    break
+                if not data.startswith(SEND_TYPE_PREFIX, pos):
+                    skipped = Oversized(data[pos:pos + _PREFIX])
+                    skipped.length = need
+                    frames.append(skipped)
+                    if end - pos < need:  # the rest is dropped as it comes
+                        self._skip = need - (end - pos)
+                        pos, need = end, None
+                        break
+                    pos += need
+                    need = None
+                    continue
             if end - pos < need:
                 break
             frames.append(data[pos:pos + need])
