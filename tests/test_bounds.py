@@ -420,6 +420,27 @@ def test_reconnecting_does_not_reset_max_errors(extra_nodes, data_dir):
     assert codes([first, *frames]) == ["unknown_peer"] * 5  # max_errors a window, over all connections
 
 
+def test_a_recipient_returning_codes_as_fast_as_it_reads_is_never_paused(extra_nodes, data_dir):
+    """A valid first claim is the code that pays the node: it is not billed to the CPU budgets.
+    (Billed, 2,000 piped lines made their recipient's claims wait behind --cpu-share, and the
+    e2e test of them stalled.) Here the share is so small that billing 300 claims would pause
+    bob for minutes."""
+    node = extra_nodes("paying-claims")
+    with logged_in_sockets(node.port, data_dir, "alice", "bob") as socks:
+        alice, bob = socks["alice"], socks["bob"]
+        book = open_announced_book(node, data_dir, alice, "alice", 300)
+        node.budgets.share, node.budgets.burst = 1e-6, 1e-4
+        alice.sendall(b"".join(send_frame("bob", f"m{i}", book.root.hex(), i) for i in range(300)))
+        assert [f["status"] for f in read_frames(alice, 300)] == ["delivered"] * 300
+        assert len(read_frames(bob, 300)) == 300
+        releases = []
+        for chunk in range(0, 300, 50):  # six reads: billed, the second would wait out the first's debt
+            bob.sendall(b"".join(wire.encode({"type": "claim", "msg_id": f"m{i}", "code": book.codes[i].hex()})
+                                 for i in range(chunk, chunk + 50)))
+            releases += read_frames(bob, 50, timeout=10)
+    assert [(f["type"], f["msg_id"]) for f in releases] == [("release", f"m{i}") for i in range(300)]
+
+
 def test_max_budgets_bounds_the_names_and_addresses_remembered(extra_nodes, data_dir):
     """--max-budgets: the table of budgets and refusal windows holds at most that many names
     and addresses; past it the least recently seen is forgotten (and with it, its refusals).

@@ -96,7 +96,8 @@ def test_a_100kb_message_and_2000_piped_lines_all_arrive_in_order(running, proce
     alice.write("\n".join(lines) + "\n")
     alice.close_stdin()  # end of input: alice waits for every acknowledgement, then exits
     assert alice.proc.wait(240) == 0, alice.errors[-5:]
-    wait_until(lambda: len(bob.lines) == 2001, timeout=120, message=f"2000 lines (have {len(bob.lines)})")
+    wait_until(lambda: len(bob.lines) == 2001, timeout=120,
+               message=f"2000 lines (have {len(bob.lines)}; bob's last errors: {bob.errors[-3:]})")
     assert bob.lines[1:] == [f"[alice] {line}" for line in lines]
     assert not [e for e in alice.errors if "not delivered" in e]
 

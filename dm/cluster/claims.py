@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from itertools import islice
 
-from eth_utils import keccak
+from dm.chain.books import keccak  # safe-pysha3: ~10x faster than eth_utils.keccak
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError

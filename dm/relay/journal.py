@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from eth_utils import keccak
+from dm.chain.books import keccak  # safe-pysha3: ~10x faster than eth_utils.keccak
 
 log = logging.getLogger("node")
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from eth_utils import keccak
+from dm.chain.books import keccak  # safe-pysha3: ~10x faster than eth_utils.keccak
 
 from dm.chain import ethereum
 from dm.relay import DEV_CONFIRMATIONS, REAL_CONFIRMATIONS, TESTER_CONFIRMATIONS
