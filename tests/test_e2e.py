@@ -85,7 +85,9 @@ def running(tmp_path, processes, anvil_chain):
 def test_a_100kb_message_and_2000_piped_lines_all_arrive_in_order(running, processes):
     env, port = running["env"], running["port"]
     make_users(running["data_dir"], "alice", "bob")
-    start_node(processes, env, port)
+    # Room for every line to wait for its code at once: this test is about order and size; a
+    # recipient that falls behind by --max-unclaimed is the next test's.
+    start_node(processes, env, port, "--max-unclaimed", "4000")
     bob = start_client(processes, env, port, "bob", "alice")
     alice = start_client(processes, env, port, "alice", "bob", "--book-size", "500")
     big = "".join(chr(0x41 + i % 26) for i in range(100_000))
@@ -100,6 +102,27 @@ def test_a_100kb_message_and_2000_piped_lines_all_arrive_in_order(running, proce
                message=f"2000 lines (have {len(bob.lines)}; bob's last errors: {bob.errors[-3:]})")
     assert bob.lines[1:] == [f"[alice] {line}" for line in lines]
     assert not [e for e in alice.errors if "not delivered" in e]
+
+
+def test_lines_refused_for_unclaimed_codes_are_sent_again_not_lost(running, processes):
+    """--max-unclaimed is back-pressure: with 20, a piped burst of 300 lines outruns bob's codes,
+    the node refuses the excess with unclaimed_limit, and alice's client sends those again once
+    codes have come back. Every line arrives (the order of the lines that were held back may
+    change); none is reported not delivered. (Before, each refused line was dropped.)"""
+    env, port = running["env"], running["port"]
+    make_users(running["data_dir"], "alice", "bob")
+    start_node(processes, env, port, "--max-unclaimed", "20")
+    bob = start_client(processes, env, port, "bob", "alice")
+    alice = start_client(processes, env, port, "alice", "bob", "--book-size", "400")
+    lines = [f"held line {i:03d}" for i in range(300)]
+    alice.write("\n".join(lines) + "\n")
+    alice.close_stdin()
+    assert alice.proc.wait(240) == 0, alice.errors[-5:]
+    wait_until(lambda: len(bob.lines) == 300, timeout=120, message=f"300 lines (have {len(bob.lines)})")
+    assert sorted(bob.lines) == [f"[alice] {line}" for line in lines]
+    assert not [e for e in alice.errors if "not delivered" in e]
+    assert any("holds sends back" in e for e in alice.errors)  # the cap was reached, and said so once
+    assert len([e for e in alice.errors if "holds sends back" in e]) < 300
 
 
 def test_claiming_a_name_without_its_key_is_refused(running, processes, tmp_path):

@@ -34,6 +34,10 @@ RECONNECT_FIRST_DELAY = 0.25
 WRITE_CHUNK = 1 << 20  # resent frames go out in writes of about this many bytes
 SHOWN_MEMORY = 100_000  # (sender, msg_id) -> bounty of messages shown, to drop a resent copy quietly
 # Refusals after which trying again cannot help: someone else logged in with our name.
+# A send refused with unclaimed_limit (the recipient, or we, have --max-unclaimed deliveries
+# waiting for their codes) is back-pressure, not a failure: it waits this long, then goes again
+# with the same msg_id and bounty (nothing was reserved for it).
+BACKPRESSURE_RETRY = 0.5
 _FINAL_CODES = {"name_in_use", "name_taken", "auth_failed", "name_confusable", "weak_key", "invalid_name"}
 from dm.wire.handshake import ClientHandshake
 
@@ -112,6 +116,7 @@ class ChatClient:
         self._final: str | None = None  # why the node ended the session for good (e.g. name_in_use)
         self._waiting_for: set[str] = set()  # peers that messages wait for (worker thread only)
         self._shown: collections.OrderedDict = collections.OrderedDict()  # (sender, msg_id) -> bounty; worker only
+        self._held_back: collections.OrderedDict[str, float] = collections.OrderedDict()  # msg_id -> resend at; worker only
         self.payer = None
         self.token = None
         self.welcome: dict = {}
@@ -378,11 +383,13 @@ class ChatClient:
     def _worker(self) -> None:
         while True:
             try:  # wakes at least once a second to report keys the node withholds
-                message = self._inbox.get(timeout=min(1.0, self._receiver.release_timeout / 4))
+                wait = min(1.0, self._receiver.release_timeout / 4, BACKPRESSURE_RETRY if self._held_back else 1.0)
+                message = self._inbox.get(timeout=wait)
             except queue.Empty:
                 message = {"type": NOTICE, "text": None}
             for notice in self._receiver.overdue():
                 self.events.notice(notice)
+            self._resend_held_back()
             kind = message["type"]
             try:
                 if kind == CLOSED:
@@ -503,6 +510,12 @@ class ChatClient:
     def _on_error(self, message: dict) -> None:
         ref = message.get("ref")
         text = f"{message.get('message')} ({message.get('code')})"
+        if message.get("code") == "unclaimed_limit" and ref and self._outbox.get(ref) is not None:
+            if not self._held_back:
+                self.events.notice(f"(the node holds sends back: {message.get('message')}; "
+                                   "they go again by themselves)")
+            self._held_back[ref] = time.monotonic() + BACKPRESSURE_RETRY  # still unanswered: piped input waits
+            return
         if message.get("code") in _FINAL_CODES:
             self._final = f"the node ended this session: {text}"
         if ref and (ref in self.outstanding or self._outbox.get(ref) is not None):
@@ -512,6 +525,18 @@ class ChatClient:
             self.events.notice(notice)
         else:
             self.events.notice(f"node: {text}")
+
+    def _resend_held_back(self) -> None:
+        """Send again, oldest first, the messages refused with unclaimed_limit whose wait is over."""
+        now, due = time.monotonic(), []
+        for msg_id, at in list(self._held_back.items()):
+            if at > now:
+                break
+            del self._held_back[msg_id]
+            entry = self._outbox.get(msg_id)
+            if entry is not None:
+                due.append(entry)
+        self._resend(due)
 
     def _on_deliver(self, message: dict) -> None:
         incoming, claim = self._receiver.deliver(message)
