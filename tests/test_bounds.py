@@ -429,10 +429,11 @@ def test_a_recipient_returning_codes_as_fast_as_it_reads_is_never_paused(extra_n
     with logged_in_sockets(node.port, data_dir, "alice", "bob") as socks:
         alice, bob = socks["alice"], socks["bob"]
         book = open_announced_book(node, data_dir, alice, "alice", 300)
-        node.budgets.share, node.budgets.burst = 1e-6, 1e-4
         alice.sendall(b"".join(send_frame("bob", f"m{i}", book.root.hex(), i) for i in range(300)))
         assert [f["status"] for f in read_frames(alice, 300)] == ["delivered"] * 300
         assert len(read_frames(bob, 300)) == 300
+        # Only now: alice's book was billed, and her thread may bill it after answering.
+        node.budgets.share, node.budgets.burst = 1e-6, 1e-4
         releases = []
         for chunk in range(0, 300, 50):  # six reads: billed, the second would wait out the first's debt
             bob.sendall(b"".join(wire.encode({"type": "claim", "msg_id": f"m{i}", "code": book.codes[i].hex()})
