@@ -33,11 +33,11 @@ from dm.client.sending import MAX_TEXT_BYTES, Outstanding, Sender, Unanswered, c
 RECONNECT_FIRST_DELAY = 0.25
 WRITE_CHUNK = 1 << 20  # resent frames go out in writes of about this many bytes
 SHOWN_MEMORY = 100_000  # (sender, msg_id) -> bounty of messages shown, to drop a resent copy quietly
-# Refusals after which trying again cannot help: someone else logged in with our name.
 # A send refused with unclaimed_limit (the recipient, or we, have --max-unclaimed deliveries
 # waiting for their codes) is back-pressure, not a failure: it waits this long, then goes again
 # with the same msg_id and bounty (nothing was reserved for it).
 BACKPRESSURE_RETRY = 0.5
+# Refusals after which trying again cannot help: someone else logged in with our name.
 _FINAL_CODES = {"name_in_use", "name_taken", "auth_failed", "name_confusable", "weak_key", "invalid_name"}
 from dm.wire.handshake import ClientHandshake
 
