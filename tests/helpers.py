@@ -1,8 +1,11 @@
-"""The one node factory and the one raw wire login the tests share (conftest's fixtures and
-the child-process node in test_abuse both build nodes here)."""
+"""The one node factory, the one raw wire login and the one frame-filtering proxy the tests share
+(conftest's fixtures and the child-process node in test_abuse both build nodes here)."""
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
+import time
 from pathlib import Path
 
 from dm import crypto, datadir, wire
@@ -88,3 +91,59 @@ class Transport:
         """What was written since the last take()."""
         written, self.written = bytes(self.written), bytearray()
         return written
+
+
+class FrameProxy:
+    """A real TCP proxy in front of a node. The client's bytes go through as they are; each frame
+    from the node goes through from_node(message), which says "pass", "drop" (this frame only) or
+    "cut" (drop it and hang up). A connection after the first (a reconnect) waits `hold` seconds."""
+
+    def __init__(self, node_port: int, hold: float = 0.0):
+        self.node_port, self.hold = node_port, hold
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def from_node(self, message: dict) -> str:
+        return "pass"
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                if self.connections:
+                    time.sleep(self.hold)
+                upstream = socket.create_connection(("127.0.0.1", self.node_port))
+                self.sockets += [client, upstream]
+                self.connections += 1
+                threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+                threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source, sink, from_node: bool) -> None:
+        decoder = wire.FrameDecoder()
+        with contextlib.suppress(OSError, wire.ProtocolError):
+            while data := source.recv(65536):
+                if not from_node:
+                    sink.sendall(data)
+                elif not self._pass(decoder.feed(data), sink):
+                    break
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _pass(self, payloads: list[bytes], sink) -> bool:
+        """Pass the node's frames on as from_node says; False once it says cut."""
+        for payload in payloads:
+            verdict = self.from_node(wire.parse(payload))
+            if verdict == "cut":
+                return False
+            if verdict == "pass":
+                sink.sendall(wire.HEADER.pack(len(payload)) + payload)
+        return True
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()

@@ -8,10 +8,7 @@ Real node, real sockets, real chain (eth-tester).
 from __future__ import annotations
 
 import base64
-import contextlib
 import queue
-import socket
-import threading
 
 import pytest
 
@@ -19,7 +16,7 @@ from conftest import logged_in_sockets, make_users, wait_until
 from dm import crypto, datadir, wire
 from dm.chain import ethereum
 from dm.client.core import ChatClient, Events
-from helpers import OPAQUE_ENVELOPE
+from helpers import OPAQUE_ENVELOPE, FrameProxy
 from test_abuse import read_frame
 from test_relay_burst import open_announced_book
 
@@ -138,46 +135,19 @@ def test_a_colluding_pair_gets_at_most_32_bytes_a_message_past_the_node(pair):
     assert visible <= wire.MAX_VISIBLE
 
 
-class ReleaseDroppingProxy:
-    """A real TCP proxy in front of the node that passes every frame but `release`: a node that
-    takes the code and keeps the key, as the client sees it."""
+class ReleaseDroppingProxy(FrameProxy):
+    """Passes every frame but `release`: a node that takes the code and keeps the key, as the
+    client sees it."""
 
     def __init__(self, node_port: int):
-        self.node_port = node_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.dropped: list[dict] = []
-        self.sockets: list[socket.socket] = [self.listener]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(node_port)
 
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            client, _ = self.listener.accept()
-            upstream = socket.create_connection(("127.0.0.1", self.node_port))
-            self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            self._pump(upstream, client, True)
-
-    def _pump(self, source, sink, filtered: bool) -> None:
-        decoder = wire.FrameDecoder()
-        with contextlib.suppress(OSError, wire.ProtocolError):
-            while data := source.recv(65536):
-                if not filtered:
-                    sink.sendall(data)
-                    continue
-                for payload in decoder.feed(data):
-                    message = wire.parse(payload)
-                    if message["type"] == "release":
-                        self.dropped.append(message)
-                    else:
-                        sink.sendall(wire.HEADER.pack(len(payload)) + payload)
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            sock.close()
+    def from_node(self, message: dict) -> str:
+        if message["type"] == "release":
+            self.dropped.append(message)
+            return "drop"
+        return "pass"
 
 
 def test_a_node_that_takes_the_code_and_keeps_the_key_is_reported(tester_node):

@@ -12,7 +12,6 @@ import contextlib
 import json
 import queue
 import socket
-import threading
 import time
 
 import pytest
@@ -24,7 +23,7 @@ from dm.chain.faucet import faucet_signer
 from dm.client.core import ChatClient, Events
 from dm.relay.journal import Claim, Journal
 from dm.relay.ledger import DeliveryLedger
-from helpers import login, start_node
+from helpers import FrameProxy, login, start_node
 from test_abuse import read_frame
 from test_relay_burst import open_announced_book
 
@@ -214,59 +213,20 @@ def test_a_claim_is_remembered_for_the_claim_timeout_after_it_then_freed(tmp_pat
 # --- (d) the client: the connection drops between claim and release --------------------------------
 
 
-class CuttingProxy:
-    """A real TCP proxy in front of the node that, on the first `release` it sees, drops it and
-    cuts the connection; every later connection passes everything. So the node has the code and
-    the client never got the key, as when a connection drops between claim and release."""
+class CuttingProxy(FrameProxy):
+    """On the first `release` it sees, drops it and cuts the connection; every later connection
+    passes everything. So the node has the code and the client never got the key, as when a
+    connection drops between claim and release. `hold`: how long a reconnect waits."""
 
     def __init__(self, node_port: int, hold: float = 0.0):
-        self.node_port, self.hold = node_port, hold  # hold: how long a reconnect waits to be let through
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.cut: list[str] = []  # the msg_id of the release dropped
-        self.connections = 0
-        self.sockets: list[socket.socket] = [self.listener]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(node_port, hold)
 
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self.listener.accept()
-                if self.connections:
-                    time.sleep(self.hold)
-                upstream = socket.create_connection(("127.0.0.1", self.node_port))
-                self.sockets += [client, upstream]
-                self.connections += 1
-                threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-                threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
-
-    def _pump(self, source, sink, filtered: bool) -> None:
-        decoder = wire.FrameDecoder()
-        with contextlib.suppress(OSError, wire.ProtocolError):
-            while data := source.recv(65536):
-                if not filtered:
-                    sink.sendall(data)
-                    continue
-                if not self._pass(decoder.feed(data), sink):
-                    break
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def _pass(self, payloads: list[bytes], sink) -> bool:
-        """Pass frames on; False (cut here) at the first release."""
-        for payload in payloads:
-            message = wire.parse(payload)
-            if message["type"] == "release" and not self.cut:
-                self.cut.append(message["msg_id"])
-                return False
-            sink.sendall(wire.HEADER.pack(len(payload)) + payload)
-        return True
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
+    def from_node(self, message: dict) -> str:
+        if message["type"] == "release" and not self.cut:
+            self.cut.append(message["msg_id"])
+            return "cut"
+        return "pass"
 
 
 def test_a_client_whose_connection_drops_between_claim_and_release_shows_the_message_after_reconnecting(
