@@ -16,12 +16,12 @@ from typing import Any, Sequence
 
 from eth_abi import decode as abi_decode
 from eth_account import Account
-from eth_utils import function_abi_to_4byte_selector, keccak
+from eth_utils import function_abi_to_4byte_selector
 from web3 import Web3
 from web3.exceptions import ContractCustomError, ContractLogicError, ContractPanicError, Web3Exception
 
 from dm import PROJECT_ROOT
-from dm.chain import DEFAULT_RPC_URL
+from dm.chain import DEFAULT_RPC_URL, books
 
 __all__ = ["ARTIFACT_PATH", "DEFAULT_RPC_URL", "TESTER_URL", "TOKEN", "BOUNTY_STATES", "ChainError", "ContractRevert",
            "connect", "is_connected", "load_artifact", "new_account", "address_of", "BountyInfo", "BookInfo", "Signer",
@@ -374,5 +374,5 @@ def is_dev_chain(w3: Web3) -> bool:
 
 
 def code_hash(code: bytes) -> bytes:
-    """The bounty key: keccak256 of the 32-byte code."""
-    return keccak(code)
+    """The bounty key: keccak256 of the 32-byte code (dm.chain.books.keccak, the project's one)."""
+    return books.keccak(code)
