@@ -6,14 +6,19 @@ else's next leaves: the node relayed it, and the owner's own messages were then 
 """
 from __future__ import annotations
 
+import contextlib
 import secrets
+import socket
 import time
 
 import pytest
 
-from dm import wire
-from conftest import logged_in_sockets
-from helpers import OPAQUE_ENVELOPE
+from conftest import logged_in_sockets, wait_until
+from dm import datadir, wire
+from dm.chain import ethereum
+from dm.chain.books import keccak
+from dm.chain.faucet import faucet_signer, fund_user
+from helpers import OPAQUE_ENVELOPE, login
 from test_abuse import read_frame
 from test_relay_burst import open_announced_book, send_frame
 
@@ -116,3 +121,79 @@ def test_a_connection_whose_frames_are_all_answered_is_not_cut_by_the_frame_time
     assert all(a is not None and a["code"] == "unpaid" for a in answers), answers[-1]
     socks["bob"].sendall(ping[5:])
     assert read_frame(socks["bob"], timeout=5) == {"type": "pong"}
+
+
+def _signer(node, data_dir, name: str) -> ethereum.Signer:
+    token = node.token
+    signer = ethereum.Signer(token.w3, datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    fund_user(token, faucet_signer(token.w3, data_dir), signer.address)
+    return signer
+
+
+def _single_send(to: str, msg_id: str, code_hash: bytes) -> bytes:
+    return wire.encode({"type": "send", "to": to, "msg_id": msg_id, "bounty": {"code_hash": code_hash.hex()},
+                        "envelope": OPAQUE_ENVELOPE})
+
+
+def test_a_copied_bounty_hash_sent_first_does_not_block_its_owner(trio):
+    """Bounties are keyed by (sender, hash) on chain, so anyone may register a hash someone else
+    registered (it is public in the event) and send on it first. The node used to key what a
+    bounty carried by the hash alone: the copy took it, and the owner's message was refused
+    ("that bounty already paid for another message"). Each account's bounty carries its own
+    message; the code pays the owner's bounty only."""
+    node, socks = trio
+    alice, bob = _signer(node.node, node.data_dir, "alice"), _signer(node.node, node.data_dir, "bob")
+    token, relayer = node.node.token, node.node.signer.address
+    expiry = token.w3.eth.get_block("latest")["timestamp"] + 86_400
+    code = secrets.token_bytes(32)
+    code_hash = keccak(code)
+    token.register(alice, code_hash, relayer, expiry)
+    token.register(bob, code_hash, relayer, expiry)  # bob copied it from alice's BountyRegistered event
+
+    socks["bob"].sendall(_single_send("carol", "bob-1", code_hash))  # bob's own bounty: relayed, his to pay
+    assert read_frame(socks["bob"]) == {"type": "receipt", "msg_id": "bob-1", "status": "delivered"}
+    assert read_frame(socks["carol"])["msg_id"] == "bob-1"
+
+    socks["alice"].sendall(_single_send("carol", "alice-1", code_hash))
+    assert read_frame(socks["alice"]) == {"type": "receipt", "msg_id": "alice-1", "status": "delivered"}
+    assert read_frame(socks["carol"])["msg_id"] == "alice-1"
+
+    socks["carol"].sendall(wire.encode({"type": "claim", "msg_id": "alice-1", "code": code.hex()}))
+    assert read_frame(socks["carol"])["type"] == "release"
+    wait_until(lambda: token.bounty(alice.address, code_hash).state == "redeemed", message="alice's bounty to pay")
+    assert token.bounty(bob.address, code_hash).state == "open"  # alice's code paid alice's bounty only
+    # Once the code is known, bob's copy pays for bob's own message when it is read: each
+    # account's bounty pays once, for that account's message.
+    socks["carol"].sendall(wire.encode({"type": "claim", "msg_id": "bob-1", "code": code.hex()}))
+    assert read_frame(socks["carol"])["type"] == "release"
+    wait_until(lambda: token.bounty(bob.address, code_hash).state == "redeemed", message="bob's bounty to pay")
+    assert token.balance_of(relayer) == 2 * ethereum.TOKEN
+
+
+def test_a_message_sent_before_its_sender_moved_to_another_account_is_paid_from_the_old_one(trio):
+    """A name keeps its RSA key but may log in with another Ethereum account (the pin "moves").
+    The claim used to look the payer up in the pins at claim time: a code returned after the
+    move named the new account, whose bounty does not exist, so the message that was read was
+    never paid. The delivery now records the account whose bounty carried it."""
+    node, socks = trio
+    alice = _signer(node.node, node.data_dir, "alice")
+    token, relayer = node.node.token, node.node.signer.address
+    code = secrets.token_bytes(32)
+    code_hash = keccak(code)
+    token.register(alice, code_hash, relayer, token.w3.eth.get_block("latest")["timestamp"] + 86_400)
+    socks["alice"].sendall(_single_send("bob", "before-move", code_hash))
+    assert read_frame(socks["alice"]) == {"type": "receipt", "msg_id": "before-move", "status": "delivered"}
+    assert read_frame(socks["bob"])["msg_id"] == "before-move"
+
+    socks["alice"].close()
+    key_path = datadir.eth_key_path(node.data_dir, "alice")
+    key_path.unlink()
+    datadir.write_secret(key_path, "0x" + secrets.token_hex(32))  # a new account, same RSA key
+    with contextlib.closing(socket.create_connection(("127.0.0.1", node.port), timeout=10)) as moved:
+        assert login(moved, node.data_dir, "alice")["type"] == "welcome"
+        assert node.node.pins.get("alice")["eth_address"] != alice.address
+
+        socks["bob"].sendall(wire.encode({"type": "claim", "msg_id": "before-move", "code": code.hex()}))
+        assert read_frame(socks["bob"])["type"] == "release"
+        wait_until(lambda: token.bounty(alice.address, code_hash).state == "redeemed",
+                   message="the old account's bounty to pay")

@@ -8,10 +8,11 @@ from dm.relay.journal import Claim, DeliveryLog, Journal, restore
 from dm.relay.ledger import SETTLED, DeliveryLedger
 
 ROOT = "ab" * 32
+ALICE = "0x" + "a1" * 20  # alice's account: the payer of her deliveries (dm.relay.ledger.paying)
 
 
-def delivery(i: int, at: float) -> tuple:
-    return (f"m{i}", "alice", "bob", ("book", ROOT, i), at)
+def delivery(i: int, at: float, payer: tuple = (ALICE,)) -> tuple:
+    return (f"m{i}", "alice", "bob", ("book", ROOT, i) + payer, at)
 
 
 def write_through_the_writer_thread(path, deliveries_by_burst) -> DeliveryLog:
@@ -60,7 +61,22 @@ def test_restore_brings_back_pending_deliveries_and_used_bounties_but_not_claime
                                 ledger, time.monotonic, lambda sender, paid_by: paid_by[2] != 3)
         assert (pending, used) == (1, 3), run  # m3's book "expired": forgotten altogether
         assert sorted(ledger.pending) == ["m0"]
-        assert ledger.used[("book", ROOT, 0)] is ledger.pending["m0"]
-        assert ledger.used[("book", ROOT, 1)] is SETTLED and ledger.used[("book", ROOT, 2)] is SETTLED
-        assert ("book", ROOT, 3) not in ledger.used
+        assert ledger.used[("book", ROOT, 0, ALICE)] is ledger.pending["m0"]
+        assert ledger.used[("book", ROOT, 1, ALICE)] is SETTLED and ledger.used[("book", ROOT, 2, ALICE)] is SETTLED
+        assert ("book", ROOT, 3, ALICE) not in ledger.used
         assert list(ledger.expiring) == [ledger.pending["m0"]]
+
+
+def test_a_log_written_before_deliveries_named_their_payer_is_restored_with_the_senders_account(tmp_path):
+    """An older node recorded the bounty key alone; its sender's pinned account completes it, and
+    a delivery whose sender is no longer pinned cannot pay anyone: it is dropped."""
+    path = tmp_path / "node" / "deliveries.log"
+    now = time.monotonic()
+    old = [delivery(0, now, payer=()), ("m1", "gone", "bob", ("single", "cd" * 32), now)]
+    write_through_the_writer_thread(path, [old])
+    ledger = DeliveryLedger(claim_timeout=60)
+    pending, used = restore(DeliveryLog(path), Journal(tmp_path / "node" / "journal.jsonl"), ledger,
+                            time.monotonic, lambda sender, paid_by: True, {"alice": ALICE}.get)
+    assert (pending, used) == (1, 1)
+    assert ledger.pending["m0"][3] == ("book", ROOT, 0, ALICE)
+    assert ledger.used[("book", ROOT, 0, ALICE)] is ledger.pending["m0"]

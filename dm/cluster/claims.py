@@ -276,8 +276,12 @@ class ClaimForwarder:
             log.warning("cluster: dropped a malformed forwarded code")
             return None
         node = self.node
-        pin = node.pins.get(sender)
-        payer = pin["eth_address"] if pin is not None else ""  # bounties are keyed by their sender's account
+        delivery = node.ledger.awaiting(msg_id, recipient)
+        if delivery is not None and delivery[3][0] in ("book", "single"):  # it names the account that paid
+            payer = delivery[3][-1]
+        else:  # bounties are keyed by their sender's account
+            pin = node.pins.get(sender)
+            payer = pin["eth_address"] if pin is not None else ""
         if kind == "single":
             valid = len(code) == 32 and keccak(code).hex() == ref
             claim = Claim(msg_id, sender, code, payer=payer)
@@ -289,7 +293,6 @@ class ClaimForwarder:
         if not valid:
             log.warning("cluster: dropped a forwarded code for %s that does not open our bounty", msg_id)
             return None
-        delivery = node.ledger.awaiting(msg_id, recipient)
         if delivery is not None:
             node.ledger.settle(delivery)
         if claim.key in self._seen:

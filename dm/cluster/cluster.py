@@ -115,12 +115,12 @@ class Cluster:
     def route(self, transport, delivery: tuple, body: bytes) -> None:
         """A reserved delivery for a user not connected here (a connection thread). The ledger
         knows `delivery` by identity: the router releases or confirms that very tuple."""
-        paid_by = delivery[3]
+        paid_by = delivery[3]  # the bounty key and its payer (dm.relay.ledger.paying)
         if paid_by[0] == "book":  # the leaf hash lets the recipient's node check the code
-            book = self.node.index.books_by_hex.get(paid_by[1])
-            pay = [*paid_by, book.tree.tree.leaf(paid_by[2]).hex()]
+            book = self.node.index.announced_book(paid_by[1], paid_by[3])
+            pay = [*paid_by[:3], book.tree.tree.leaf(paid_by[2]).hex()]
         else:
-            pay = [*paid_by, "", ""]
+            pay = [*paid_by[:2], "", ""]
         # The recipient's node releases this node's layer key for a valid code (key release
         # across nodes): the nodes of one network trust each other with it, never a client.
         pay.append(self.node.layer.key(delivery[1], delivery[0], paid_by).hex())

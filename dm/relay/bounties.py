@@ -279,14 +279,17 @@ class BountyIndex:
             self._close_single((sender, code_hash))
 
     def bounty_expiry(self, paid_by: tuple) -> int | None:
-        """The chain expiry of a bounty key (dm.wire.bounty_key), None when the index no longer
-        holds it (then it has expired, or was redeemed or refunded)."""
+        """The chain expiry of a delivery's bounty (with its payer: dm.relay.ledger.paying),
+        None when the index no longer holds it (then it has expired, or was redeemed or refunded)."""
         if paid_by[0] == "book":
-            book = self.books_by_hex.get(paid_by[1])
+            root_hex, payer = paid_by[1], paid_by[-1]
+            book = self.books_by_hex.get(root_hex)  # the usual case, as dm.relay.rules finds it
+            if book is None or book.sender != payer:
+                book = self._books.get((payer, bytes.fromhex(root_hex)))
             return book.expiry if book is not None else None
-        code_hash = bytes.fromhex(paid_by[1])
-        sender = self._single_senders.get(code_hash)
-        return None if sender is None else self._bounties.get((sender, code_hash))
+        if paid_by[0] == "single":
+            return self._bounties.get((paid_by[-1], bytes.fromhex(paid_by[1])))
+        return None
 
     def open_books_announced(self, sender: str, chain_now: float) -> int:
         """How many books `sender` announced that have not expired by `chain_now`."""

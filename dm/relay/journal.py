@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from dm.chain.books import keccak  # safe-pysha3: ~10x faster than eth_utils.keccak
+from dm.relay.ledger import BOUNTY_KEY_LENGTH, paying
 
 log = logging.getLogger("node")
 
@@ -80,10 +81,10 @@ class Claim:
 
     @property
     def paid_by(self) -> tuple:
-        """The bounty as the ledger keys it (dm.wire.bounty_key)."""
+        """The bounty as the ledger keys it, with its payer (dm.relay.ledger.paying)."""
         if self.book:
-            return ("book", self.book.hex(), self.index)
-        return ("single", keccak(self.code).hex())
+            return ("book", self.book.hex(), self.index, self.payer)
+        return ("single", keccak(self.code).hex(), self.payer)
 
     def to_json(self) -> dict:
         return {"msg_id": self.msg_id, "sender": self.sender, "code": self.code.hex(),
@@ -334,18 +335,25 @@ class DeliveryLog:
 
 
 def restore(log_: DeliveryLog, journal: Journal, ledger, clock: Callable[[], float],
-            still_payable: Callable[[str, tuple], bool]) -> tuple[int, int]:
+            still_payable: Callable[[str, tuple], bool],
+            account_of: Callable[[str], str | None] = lambda sender: None) -> tuple[int, int]:
     """Put what a previous run left back into `ledger`, and compact the delivery log.
 
     A delivery whose code never came back and whose claim timeout has not run out is pending
     again (its code is accepted and paid); every recorded bounty stays used while
     `still_payable(sender, paid_by)` says it could still pay; a claim the journal kept for
     its re-claim window is remembered again (whether or not its bounty could still pay: the
-    key is owed for the code taken). Returns (pending, used)."""
+    key is owed for the code taken). A delivery recorded before paid_by named its payer gets
+    its sender's pinned account, `account_of(sender)`. Returns (pending, used)."""
     recorded = log_.load()
     wall_now, mono_now = time.time(), clock()
     pending, kept = [], []
     for msg_id, sender, recipient, paid_by, delivered_wall in recorded:
+        if len(paid_by) == BOUNTY_KEY_LENGTH.get(paid_by[0]):
+            account = account_of(sender)
+            if account is None:
+                continue
+            paid_by = paying(paid_by, account)
         if not still_payable(sender, paid_by):
             continue
         age = wall_now - delivered_wall

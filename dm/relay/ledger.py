@@ -1,7 +1,10 @@
 """The delivery ledger: which bounties carried a message, and which deliveries wait for their code.
 
-A delivery is a plain tuple, `Delivery = (msg_id, sender, recipient, paid_by, delivered_at)`,
-with paid_by from dm.wire.bounty_key. Plain tuples on purpose: millions can be pending, and
+A delivery is a plain tuple, `Delivery = (msg_id, sender, recipient, paid_by, delivered_at)`.
+Its paid_by is the bounty key (dm.wire.bounty_key) with the paying account appended
+(`paying`): ("book", root hex, index, payer) or ("single", code hash hex, payer). Bounties are
+keyed by their sender on chain, so one hash (or root) registered by two accounts is two
+bounties, and the one a copier sends on first must not take the owner's. Plain tuples on purpose: millions can be pending, and
 CPython's collector stops tracking tuples of plain values but rescans every class instance on
 each full collection, which doubled the relay's cost per message.
 
@@ -25,6 +28,16 @@ Delivery = tuple
 # A claim kept for a re-claim: (delivery, keccak256 of its code, when it was claimed on the node's clock).
 Claimed = tuple
 SETTLED = ("settled",)  # in `used`, restored from the delivery log: the bounty carried a message, msg_id unknown
+
+
+# How long a bounty key (dm.wire.bounty_key) is without the payer: a delivery log written before
+# the payer was recorded holds such keys (dm.relay.journal.restore completes them).
+BOUNTY_KEY_LENGTH = {"book": 3, "single": 2}
+
+
+def paying(paid_by: tuple, payer: str) -> tuple:
+    """A delivery's paid_by: the bounty key and the account whose bounty it is."""
+    return paid_by + (payer,)
 
 
 class AlreadyDelivered(ProtocolError):

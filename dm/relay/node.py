@@ -102,7 +102,7 @@ class Node:
     def start(self) -> None:
         self.index.sync()
         pending, used = restore(self.delivery_log, self.redeemer.journal, self.ledger, self.clock,
-                                self._still_payable)
+                                self._still_payable, self._account_of)
         if pending or used:
             log.info("journal: %d delivery(ies) from an earlier run await their code; %d bounty(ies) stay used",
                      pending, used)
@@ -228,10 +228,13 @@ class Node:
     # --- getting paid ---------------------------------------------------------------------
 
     def _still_payable(self, sender: str, paid_by: tuple) -> bool:
-        """Whether a bounty recorded in an earlier run could still pay (so must stay used)."""
+        """Whether a bounty recorded in an earlier run could still pay (so must stay used).
+        `paid_by` names its payer (dm.relay.ledger.paying)."""
+        return paid_by[0] in ("book", "single") and self.index.still_open(paid_by[-1], paid_by)
+
+    def _account_of(self, sender: str) -> str | None:
         pin = self.pins.get(sender)
-        return pin is not None and paid_by[0] in ("book", "single") and \
-            self.index.still_open(pin["eth_address"], paid_by)
+        return pin["eth_address"] if pin is not None else None
 
     def _on_redeemed(self, result: Redeemed) -> None:
         log.info("redeemed %d code(s) in tx %s (gas %d): +%d BTK, %d BTK this run", result.paid,

@@ -191,14 +191,15 @@ class Session:
                         if node.cluster is not None and header[0] not in node.online:
                             # Not connected here: another node of the network may have them;
                             # the receipt follows that node's answer (dm.cluster.routing).
-                            delivery = (msg_id, self.name, header[0], header[2], now)
+                            delivery = (msg_id, self.name, header[0], header[2] + (self.eth_address,), now)
                             reserve(delivery)
                             node.cluster.route(transport, delivery, body)
                         else:
                             transport.send_bytes(receipt(msg_id, "offline"))
                             node.presence.subscribe(self.name, [header[0]], strict=False)  # told when they come
                     else:
-                        delivery = (msg_id, self.name, header[0], header[2], now)
+                        # the payer's account with the bounty: dm.relay.ledger.paying
+                        delivery = (msg_id, self.name, header[0], header[2] + (self.eth_address,), now)
                         frames = held.get(recipient)
                         # at most max_unclaimed deliveries wait for their code, per sender and per
                         # recipient: the ledger's counts plus this burst's (sent_left, frames)
@@ -513,7 +514,7 @@ class Session:
             # The sending node's layer key travelled with the message (node to node).
             self._paying_claim = True
             return {"type": "release", "msg_id": msg_id, "key": paid_by[6]}
-        payer = node.pins.get(sender)["eth_address"]  # bounties are keyed by their sender's account
+        payer = paid_by[-1]  # the account whose bounty carried it (bounties are keyed by it on chain)
         claim_fields = {"payer": payer, "recipient": self.name, "at": time.time()}
         if paid_by[0] == "single":
             code_hash = keccak(code)
