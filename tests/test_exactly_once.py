@@ -297,3 +297,35 @@ def test_a_squatted_root_neither_blocks_the_victim_nor_is_used_by_her_restarted_
     assert inbox.get(timeout=10).text == "after a restart"
     assert again.payer._book.root not in (squatted.root, copied.root)
     assert msg_id
+
+
+def test_a_book_whose_opening_a_rollback_dropped_carries_no_more_messages(tester_node):
+    """A chain that drops the block that opened a book (a reorg; a dev chain restarted from an
+    older state) left the book open in the node's index: messages on it were relayed and their
+    keys released, and their codes could never be redeemed. The index now notices that the last
+    block it read is gone, and learns the chain's bounties again: the book is refused `unpaid`."""
+    from test_relay_burst import open_announced_book
+
+    node = tester_node.node
+    tester = node.token.w3.provider.ethereum_tester
+    with logged_in_sockets(tester_node.port, tester_node.data_dir, "alice", "bob") as socks:
+        before_the_book = tester.take_snapshot()
+        book = open_announced_book(node, tester_node.data_dir, socks["alice"], "alice", 4)
+        root = book.root.hex()
+        node.index.sync()
+        socks["alice"].sendall(send_frame("bob", "m0", root, 0))
+        assert read_frame(socks["alice"]) == {"type": "receipt", "msg_id": "m0", "status": "delivered"}
+        assert read_frame(socks["bob"])["msg_id"] == "m0"
+
+        height = node.token.w3.eth.block_number
+        tester.revert_to_snapshot(before_the_book)  # the block with openBook is gone
+        tester.mine_blocks(height - node.token.w3.eth.block_number + 2)  # and the chain grew past it
+        node.index.sync()
+        assert node.index.rewinds == 1
+        socks["alice"].sendall(send_frame("bob", "m1", root, 1))
+        refusal = read_frame(socks["alice"])
+        assert (refusal["type"], refusal["code"], refusal["ref"]) == ("error", "unpaid", "m1")
+        # m0's code opens a book the chain no longer holds: it cannot be paid, so it gets no key
+        socks["bob"].sendall(wire.encode({"type": "claim", "msg_id": "m0", "code": book.codes[0].hex()}))
+        answer = read_frame(socks["bob"])
+        assert (answer["type"], answer["code"]) == ("error", "bad_code"), answer

@@ -9,6 +9,12 @@ here: a copy of Alice's registration by Mallory is Mallory's own bounty, and nev
 stands in for Alice's. A bounty or book leaves the index when its redemption or refund
 is seen (also one from an earlier run: the index replays those events too, so a restarted
 node does not take a bounty it already redeemed for open).
+
+A chain that drops blocks the index has read (a reorg; a dev chain restarted from an older
+state) may drop the `openBook` or `registerBounty` behind a bounty the index holds as open:
+messages on it would be relayed, read, and never paid. So each sync first checks that the
+last block it read is still the chain's; if not, the index forgets what events told it and
+reads them again from the contract's deploy block.
 """
 from __future__ import annotations
 
@@ -59,7 +65,9 @@ class BountyIndex:
     the one in `_books`), whose `tree` is set once. `_expiring` (a heap of what the index
     holds, by expiry) and `announced_by` (sender -> the roots it announced) are written under
     `_lock`; forget_expired() drops what has expired from every table and from disk (the
-    watchdog thread)."""
+    watchdog thread). A rewind (_rewind: the chain dropped blocks the index had read) clears
+    every table under `_lock` and counts `rewinds`; a lookup inserts what it found (under
+    `_lock`) only if no rewind happened since it asked, so a dropped book never comes back."""
 
     def __init__(self, token: ethereum.BountyToken, relayer: str, books_dir: Path | None = None,
                  clock: Callable[[], float] = time.time, from_block: int = 0,
@@ -75,7 +83,10 @@ class BountyIndex:
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._synced_at = float("-inf")  # time.monotonic() when the last sync started
-        self._next_block = from_block  # the contract's deploy block: no events before it
+        self._from_block = from_block  # the contract's deploy block: no events before it
+        self._next_block = from_block
+        self._last_read: tuple[int, bytes] | None = None  # (number, hash) of the last block synced
+        self.rewinds = 0  # how often the chain dropped blocks the index had read (_rewind)
         self.miss_syncs = 0  # syncs that unknown bounties caused
         self.lookups = 0  # direct chain lookups of unknown bounties
         self.lookups_per_second = lookups_per_second
@@ -92,7 +103,14 @@ class BountyIndex:
 
     def _sync(self) -> None:  # with _sync_lock held
         self._synced_at = time.monotonic()
-        latest = self.token.w3.eth.block_number
+        eth = self.token.w3.eth
+        head = eth.get_block("latest")
+        latest = head["number"]
+        if self._last_read is not None:
+            number, block_hash = self._last_read
+            kept = head if number == latest else eth.get_block(number) if number < latest else None
+            if kept is None or bytes(kept["hash"]) != block_hash:
+                self._rewind(number, latest)
         if latest < self._next_block:
             return
         span = {"from_block": self._next_block, "to_block": latest}
@@ -129,6 +147,21 @@ class BountyIndex:
                 if self._books.pop(key, None) is not None:
                     self._closed.add(key)
         self._next_block = latest + 1
+        self._last_read = (latest, bytes(head["hash"]))
+
+    def _rewind(self, number: int, latest: int) -> None:  # with _sync_lock held
+        """The chain no longer holds block `number`, the last one synced: forget what events
+        said, and read them again from the deploy block. Announced leaves stay on disk, and
+        book() loads them again for a book the chain still holds."""
+        log.warning("the chain no longer holds block %d, the last one read for bounties (now at %d): a reorg, or "
+                    "the dev chain restarted from an older state; reading its bounties and books again", number, latest)
+        with self._lock:
+            self.rewinds += 1
+            for table in (self._bounties, self._single_senders, self._books, self._closed, self._expiring,
+                          self.books_by_hex, self._announced):
+                table.clear()
+        self._next_block = self._from_block
+        self._last_read = None
 
     def _close_single(self, key: tuple[str, bytes]) -> None:  # with _lock held
         if self._bounties.pop(key, None) is not None:
@@ -182,10 +215,13 @@ class BountyIndex:
         expiry = self._bounties.get(key)
         if expiry is None and key not in self._closed:
             if self._may_look_up():
+                rewinds = self.rewinds
                 info = self.token.bounty(sender, code_hash)
                 if info.state == "open" and info.relayer == self.relayer:
                     expiry = info.expiry
                     with self._lock:
+                        if rewinds != self.rewinds:  # the chain dropped blocks meanwhile: ask again next time
+                            return None
                         self._bounties[key] = expiry
                         self._single_senders.setdefault(code_hash, sender)
                         heapq.heappush(self._expiring, (expiry, key))
@@ -205,10 +241,13 @@ class BountyIndex:
             if key in self._closed:
                 return None
             if self._may_look_up():
+                rewinds = self.rewinds
                 info = self.token.book(sender, root)
                 if info.relayer != self.relayer or info.refunded or info.size == 0:
                     return None
                 with self._lock:
+                    if rewinds != self.rewinds:  # the chain dropped blocks meanwhile: ask again next time
+                        return None
                     book = self._books.get(key)
                     if book is None:
                         self._books[key] = book = OpenBook(info.size, info.expiry, sender)
@@ -237,11 +276,15 @@ class BountyIndex:
         key = (root_hex, sender)
         book = self._announced.get(key)
         if book is None:
+            generation = self.rewinds
             book = self.book(sender, bytes.fromhex(root_hex))
             if book is None or book.tree is None:
                 return None
-            self._announced[key] = book
-            self.books_by_hex.setdefault(root_hex, book)
+            with self._lock:
+                if generation != self.rewinds:  # a rewind since: the book may be gone
+                    return None
+                self._announced[key] = book
+                self.books_by_hex.setdefault(root_hex, book)
         return book
 
     def announce_book(self, sender: str, root: bytes, leaves: list[bytes], pause=None) -> OpenBook | None:
