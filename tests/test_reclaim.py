@@ -20,6 +20,7 @@ from conftest import logged_in_sockets, make_users, wait_until
 from dm import crypto, datadir, wire
 from dm.chain import ethereum
 from dm.chain.faucet import faucet_signer
+from dm.client.awaiting import AwaitingLog
 from dm.client.core import ChatClient, Events
 from dm.relay.journal import Claim, Journal
 from dm.relay.ledger import DeliveryLedger
@@ -281,3 +282,85 @@ def test_a_re_claim_after_the_claim_timeout_is_refused_and_the_user_is_told_what
         for client in clients:
             client.close()
         proxy.close()
+
+
+class ReleaseDroppingProxy(FrameProxy):
+    """Passes everything but `release`: the node has the code, and the client never gets the key."""
+
+    def __init__(self, node_port: int):
+        self.dropped: list[str] = []
+        super().__init__(node_port)
+
+    def from_node(self, message: dict) -> str:
+        if message["type"] == "release":
+            self.dropped.append(message["msg_id"])
+            return "drop"
+        return "pass"
+
+
+def test_a_client_restarted_before_its_key_came_claims_again_and_shows_the_message(tester_node):
+    """The claims waiting for their key were kept in the client's memory only: a client that quit
+    (or crashed) after its code reached the node and before the key came had paid for a message
+    it could never read. They are kept on disk now (clients/NAME/awaiting.jsonl, mode 0600), and
+    the restarted client claims them again; the node answers with the same key, paid once."""
+    data_dir = tester_node.data_dir
+    make_users(data_dir, "alice", "bob")
+    proxy = ReleaseDroppingProxy(tester_node.port)
+    node = tester_node.node
+
+    def bob_client(port: int, shown: queue.Queue) -> ChatClient:
+        client = ChatClient("127.0.0.1", port, "bob", data_dir, rpc_url=ethereum.TESTER_URL,
+                            w3=node.token.w3, events=Events(message=shown.put))
+        client.connect()
+        return client
+
+    first_run: queue.Queue = queue.Queue()
+    bob = bob_client(proxy.port, first_run)
+    try:
+        alice = tester_node.client("alice", book_size=2)
+        msg_id = alice.send_text("bob", "read after a restart")
+        wait_until(lambda: proxy.dropped == [msg_id], timeout=20, message="the claim and its dropped release")
+        assert journaled(data_dir, msg_id) == 1  # the node has the code: it will be paid
+        with pytest.raises(queue.Empty):
+            first_run.get(timeout=0.5)
+    finally:
+        bob.close()
+        proxy.close()
+    stored = data_dir / "clients" / "bob" / "awaiting.jsonl"
+    assert stored.stat().st_mode & 0o777 == 0o600
+
+    second_run: queue.Queue = queue.Queue()
+    bob = bob_client(tester_node.port, second_run)  # a new process would do the same: nothing in memory
+    try:
+        message = second_run.get(timeout=20)
+        assert (message.sender, message.text, message.genuine) == ("alice", "read after a restart", True)
+        wait_until(lambda: node.token.balance_of(node.signer.address) == ethereum.TOKEN, timeout=20,
+                   message="the redemption")
+        assert journaled(data_dir, msg_id) == 1  # the re-claim was answered, not journaled again
+    finally:
+        bob.close()
+    third_run: queue.Queue = queue.Queue()
+    bob = bob_client(tester_node.port, third_run)  # shown once: nothing waits any more
+    try:
+        with pytest.raises(queue.Empty):
+            third_run.get(timeout=1)
+    finally:
+        bob.close()
+
+
+def test_the_claims_file_keeps_only_what_waits_and_a_torn_or_damaged_line_costs_only_itself(tmp_path):
+    path = tmp_path / "clients" / "bob" / "awaiting.jsonl"
+    log = AwaitingLog(path)
+    assert log.load() == []
+    for msg_id in ("a", "b", "c"):
+        log.add({"type": "deliver", "msg_id": msg_id, "from": "alice"})
+    log.done("a")
+    with open(path, "a") as handle:  # a crash: no close(), a line cut short, and one not a deliver
+        handle.write('{"deliver": 7}\n{"deliver": {"msg_id": "d", "fr')
+    again = AwaitingLog(path)
+    assert [d["msg_id"] for d in again.load()] == ["b", "c"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(path.read_text().splitlines()) == 2  # compacted on load
+    again.done("b")
+    again.close()
+    assert [json.loads(line)["deliver"]["msg_id"] for line in path.read_text().splitlines()] == ["c"]

@@ -22,6 +22,7 @@ from typing import Callable
 
 from dm import crypto, datadir, wire
 from dm.chain import ethereum
+from dm.client.awaiting import AwaitingLog
 from dm.client.connection import CLOSED, RECONNECT_FOR, RECONNECT_MAX_DELAY, Connection, NodeUnreachable
 from dm.client.errors import ClientError
 from dm.client.outbox import Outbox, Queued
@@ -44,6 +45,7 @@ from dm.wire.handshake import ClientHandshake
 NOTICE = "_notice"  # put on the inbox by the client itself: {"type": NOTICE, "text": ...}
 _NOT_CONNECTED = "not connected to the node: restart the client (queued messages go out then)"
 _RESEND_ALL = "_resend_all"  # put on the inbox by connect(): send the outbox of an earlier run
+_CLAIM_STORED = "_claim_stored"  # put on the inbox by connect(): claim again what an earlier run claimed
 
 __all__ = ["ChatClient", "ClientError", "Events", "Incoming", "MAX_TEXT_BYTES", "Outstanding", "Queued",
            "check_length"]
@@ -107,7 +109,8 @@ class ChatClient:
         self._inbox = queue.Queue()  # every connection's reader feeds this one worker
         self._connection = Connection(self.host, self.port, self._inbox)
         self._peer_keys = PeerKeys(data_dir, self.client_dir / "peers.json", self._lookup)
-        self._receiver = Receiver(self.me, self.rsa_key, self.peer_key, release_timeout)
+        self._receiver = Receiver(self.me, self.rsa_key, self.peer_key, release_timeout,
+                                  store=AwaitingLog(self.client_dir / "awaiting.jsonl"))
         self._unanswered = Unanswered()
         self._outbox = Outbox(self.client_dir / "outbox.journal")
         self._sender: Sender | None = None  # once the node named whom to pay
@@ -142,6 +145,7 @@ class ChatClient:
                                            self.expiry_seconds, self.book_size, self.client_dir / "books",
                                            self._announce_book)
         self._sender = Sender(self.me, self.rsa_key, self.payer, self._unanswered)
+        self._inbox.put({"type": _CLAIM_STORED})  # claims whose key never came to an earlier run
         if len(self._outbox):  # from an earlier run: through the worker, like every resend
             self._inbox.put({"type": _RESEND_ALL})
 
@@ -166,6 +170,8 @@ class ChatClient:
         self._state = "closed"
         self._connection.close()
         self._outbox.close()
+        if self._receiver.store is not None:
+            self._receiver.store.close()
 
     @property
     def is_closed(self) -> bool:
@@ -397,6 +403,9 @@ class ChatClient:
                         continue  # an older connection, already replaced
                     if not self._connection_ended(message["reason"]):
                         return
+                elif kind == _CLAIM_STORED:
+                    if self._receiver.restore():
+                        self._claim_again()
                 elif kind == _RESEND_ALL:
                     self._resend(self._outbox.take_waiting())
                 elif kind == NOTICE:

@@ -9,7 +9,8 @@
 A node that took the code but sends no key within `release_timeout` is reported (overdue()).
 A claim whose key has not come is sent again on the next connection (reclaims()): the node
 answers a repeated claim with the same key and is not paid twice. The claims waiting here are
-kept in memory only, so a client restarted before their keys came cannot claim them again.
+also kept on disk (dm.client.awaiting), so a client restarted before their keys came claims
+them again (restore()).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dm import crypto
+from dm.client.awaiting import AwaitingLog
 from dm.client.connection import RELEASE_TIMEOUT
 from dm.client.errors import ClientError
 
@@ -53,23 +55,25 @@ class Receiver:
     """Opens what the node delivers and releases.
 
     Thread-safety: meant for the client's worker thread alone (deliver, release, overdue,
-    reclaims and refused are called only there); the replay guard and the unwrap cache it owns
-    are thread-safe anyway.
+    reclaims, refused and restore are called only there), and so is its `store`; the replay
+    guard and the unwrap cache it owns are thread-safe anyway.
     """
 
     def __init__(self, me: str, rsa_key, peer_key: Callable[[str], object],
-                 release_timeout: float = RELEASE_TIMEOUT, clock=time.monotonic):
-        """`peer_key(name)` returns the sender's pinned public key, or raises ClientError."""
+                 release_timeout: float = RELEASE_TIMEOUT, clock=time.monotonic, store: AwaitingLog | None = None):
+        """`peer_key(name)` returns the sender's pinned public key, or raises ClientError.
+        `store` keeps the claims waiting for their key on disk (None: in memory only)."""
         self.me, self.rsa_key, self.peer_key = me, rsa_key, peer_key
-        self.release_timeout, self.clock = release_timeout, clock
+        self.release_timeout, self.clock, self.store = release_timeout, clock, store
+        self._stored = store.load() if store is not None else []  # for restore(), once connected
         self.replay_guard = crypto.ReplayGuard()
         self.unwrap_cache = crypto.UnwrapCache()  # one RSA unwrap per sender's session key
         self.awaiting: collections.OrderedDict[str, Awaiting] = collections.OrderedDict()  # msg_id -> claim, oldest first
 
-    def deliver(self, message: dict) -> tuple[Incoming | None, dict | None]:
+    def deliver(self, message: dict, stored: bool = False) -> tuple[Incoming | None, dict | None]:
         """For a `deliver`: (what to show now, the `claim` to send back). A genuine message
         shows nothing yet (its text waits for the node's key); one that is not genuine is
-        shown as such and its code is not returned."""
+        shown as such and its code is not returned. `stored`: it comes from the store already."""
         sender, msg_id, envelope = message["from"], message["msg_id"], message["envelope"]
         channel = message.get("channel")
         try:
@@ -86,15 +90,38 @@ class Receiver:
         except (crypto.EnvelopeError, ClientError) as exc:
             return Incoming(sender, "", msg_id, False, getattr(exc, "reason", None) or str(exc), channel), None
         self.awaiting[msg_id] = Awaiting(opened, envelope["ciphertext"], channel, self.clock())
+        if self.store is not None and not stored:
+            self.store.add(message)  # before the claim goes: the code pays for it
         while len(self.awaiting) > MAX_AWAITING:
-            self.awaiting.popitem(last=False)
+            self._forget(self.awaiting.popitem(last=False)[0])
         return None, {"type": "claim", "msg_id": msg_id, "code": opened.code.hex()}
+
+    def restore(self) -> int:
+        """The claims an earlier run made whose key never came wait again (reclaims() sends them
+        on the connection); one that no longer opens (its sender's key changed) is forgotten.
+        Returns how many wait."""
+        stored, self._stored = self._stored, []
+        for message in stored:
+            if message.get("msg_id") in self.awaiting:
+                continue
+            try:
+                _, claim = self.deliver(message, stored=True)
+            except (KeyError, TypeError, AttributeError):  # a record damaged on disk
+                claim = None
+            if claim is None:
+                self._forget(message.get("msg_id"))
+        return len(self.awaiting)
+
+    def _forget(self, msg_id: str) -> None:
+        if self.store is not None:
+            self.store.done(msg_id)
 
     def release(self, message: dict) -> Incoming | None:
         """For a `release`: the message it opens (None for a key we did not wait for)."""
         waiting = self.awaiting.pop(message["msg_id"], None)
         if waiting is None:
             return None
+        self._forget(message["msg_id"])
         opened, channel = waiting.opened, waiting.channel
         try:
             key = bytes.fromhex(message["key"])
@@ -127,6 +154,7 @@ class Receiver:
         waiting = self.awaiting.pop(msg_id, None)
         if waiting is None:
             return None
+        self._forget(msg_id)
         sender = waiting.opened.sender
         return f"{sender}'s message {msg_id} cannot be read: the node refused its code ({reason}). " \
                f"Ask {sender} to send it again."
