@@ -197,3 +197,26 @@ def test_a_message_sent_before_its_sender_moved_to_another_account_is_paid_from_
         assert read_frame(socks["bob"])["type"] == "release"
         wait_until(lambda: token.bounty(alice.address, code_hash).state == "redeemed",
                    message="the old account's bounty to pay")
+
+
+def test_a_code_returned_too_late_to_be_redeemed_opens_nothing(trio):
+    """A code that comes back when its bounty is about to expire cannot be redeemed any more (the
+    contract refuses an expired bounty), yet the node released the key for it: a recipient (or a
+    pair colluding, with a book of short expiry) read messages that never paid. A claim now needs
+    the bounty to outlive the node's redemption (--batch-wait plus a margin); otherwise it is
+    refused `expired`, nothing is journaled, and the message stays sealed."""
+    node, socks = trio
+    book = open_announced_book(node.node, node.data_dir, socks["alice"], "alice", 2)
+    socks["alice"].sendall(send_frame("bob", "late", book.root.hex(), 0))
+    assert read_frame(socks["alice"]) == {"type": "receipt", "msg_id": "late", "status": "delivered"}
+    assert read_frame(socks["bob"])["msg_id"] == "late"
+
+    expiry = node.node.index.bounty_expiry(("book", book.root.hex(), 0, node.node.pins.get("alice")["eth_address"]))
+    node.node.index.clock = lambda: expiry - 5  # the book runs out in 5 s: too soon to redeem
+    socks["bob"].sendall(wire.encode({"type": "claim", "msg_id": "late", "code": book.codes[0].hex()}))
+    refusal = read_frame(socks["bob"])
+    assert (refusal["type"], refusal["code"], refusal["ref"]) == ("error", "expired", "late"), refusal
+    assert "send it again" in refusal["message"]
+    journal = node.data_dir / "node" / "journal.jsonl"
+    assert not journal.exists() or '"late"' not in journal.read_text()
+    assert node.node.ledger.sent_waiting.get("alice", 0) == 0  # it no longer counts against alice's cap

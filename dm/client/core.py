@@ -529,7 +529,7 @@ class ChatClient:
             self._final = f"the node ended this session: {text}"
         if ref and (ref in self.outstanding or self._outbox.get(ref) is not None):
             self._settle(ref, "refused", text)
-        elif ref and message.get("code") in ("unknown_message", "bad_code") and \
+        elif ref and message.get("code") in ("unknown_message", "bad_code", "expired") and \
                 (notice := self._receiver.refused(ref, text)) is not None:
             self.events.notice(notice)
         else:

@@ -34,7 +34,13 @@ from dm.relay import LOOKUPS_PER_SECOND
 from dm.relay.outage import CHAIN
 
 log = logging.getLogger("node")
-EXPIRY_MARGIN = 30  # seconds a bounty must still have to run when a message is accepted
+# Seconds a bounty must still have to run when its code comes back, on top of --batch-wait: the
+# node redeems a code within --batch-wait and one transaction, and must do so before the bounty
+# expires, or it releases a key it is never paid for (dm.relay.session, on_claim).
+REDEEM_MARGIN = 15
+# Seconds a bounty must still have to run when a message is accepted (also on top of
+# --batch-wait): the recipient then has at least EXPIRY_MARGIN - REDEEM_MARGIN to claim it.
+EXPIRY_MARGIN = 30
 MISS_SYNC_SECONDS = 0.25  # past the lookup budget, an unknown bounty catches the index up at most this often
 
 
@@ -206,10 +212,12 @@ class BountyIndex:
         thread.start()
         return thread
 
-    def single_payer(self, sender: str, code_hash: bytes, now: float | None = None) -> str | None:
+    def single_payer(self, sender: str, code_hash: bytes, now: float | None = None,
+                     margin: float = EXPIRY_MARGIN) -> str | None:
         """`sender` when its single bounty behind `code_hash` is open, bound to this node and not
-        about to expire at `now` (chain time). Otherwise another sender whose open bounty has that
-        hash, if the index knows one (so the refusal can say whose it is), or None."""
+        about to expire at `now` (chain time: it has more than `margin` seconds left). Otherwise
+        another sender whose open bounty has that hash, if the index knows one (so the refusal can
+        say whose it is), or None."""
         now = self.clock() if now is None else now
         key = (sender, code_hash)
         expiry = self._bounties.get(key)
@@ -230,7 +238,7 @@ class BountyIndex:
                 expiry = self._bounties.get(key)
         if expiry is None:
             return self._single_senders.get(code_hash)
-        return sender if expiry > now + EXPIRY_MARGIN else None
+        return sender if expiry > now + margin else None
 
     def book(self, sender: str, root: bytes) -> OpenBook | None:
         """`sender`'s book with that root bound to this node, None if there is none; with its

@@ -26,7 +26,7 @@ from dm import datadir, wire
 from dm.chain import ethereum
 from dm.chain.faucet import Faucet
 from dm.relay import CPU_SHARE, ERROR_WINDOW, MAX_BOOKS_PER_USER
-from dm.relay.bounties import BountyIndex
+from dm.relay.bounties import EXPIRY_MARGIN, REDEEM_MARGIN, BountyIndex
 from dm.relay.budget import CPU_BURST, IP_CPU_BURST, IP_CPU_SHARE, MAX_BUDGETS, Budgets
 from dm.relay.channels import CHANNELS_PAGE, MAX_CHANNELS_PER_USER, MAX_MEMBERS, ChannelRegistry
 from dm.relay.ledger import MAX_UNCLAIMED, DeliveryLedger
@@ -90,8 +90,12 @@ class Node:
         if cluster_options is not None:  # imported only here: a node alone never loads nats
             from dm.cluster.cluster import Cluster
             self.cluster = Cluster(self, **cluster_options)
+        # What a bounty must have left: at a claim, enough for the redeemer to get its code mined
+        # (--batch-wait plus a margin); at a send, more, so that its recipient has time to claim.
+        self.claim_margin = REDEEM_MARGIN + self.redeemer.batch_wait
         self.send_rule = make_send_rule(self.pins.names, self.channels, index, self.online,
-                                        resolve=self.cluster.resolve if self.cluster is not None else None)
+                                        resolve=self.cluster.resolve if self.cluster is not None else None,
+                                        expiry_margin=EXPIRY_MARGIN + self.redeemer.batch_wait)
         self.server = Server(self, host, port, max_connections=max_connections,
                              handshake_timeout=handshake_timeout, frame_timeout=frame_timeout,
                              idle_timeout=idle_timeout, clock=clock)

@@ -25,9 +25,11 @@ from dm.wire import MAX_FRAME, ProtocolError
 from dm.wire.send import SendHeader
 
 
-def make_send_rule(pinned, channels, index, online: dict, resolve: Callable | None = None) -> Callable:
+def make_send_rule(pinned, channels, index, online: dict, resolve: Callable | None = None,
+                   expiry_margin: float = EXPIRY_MARGIN) -> Callable:
     """rule_on_send bound to the node's parts: `pinned` (names with a pin, a live view),
     `channels` (a ChannelRegistry), `index` (a BountyIndex), `online` (name -> session).
+    A bounty must have more than `expiry_margin` seconds left (dm.relay.bounties).
     `resolve` (with --cluster) fetches a pin made on another node into `pinned`; it is asked
     only for a name not pinned here, so a known recipient costs nothing more."""
     members_of, online_get = channels.members.get, online.get
@@ -49,10 +51,10 @@ def make_send_rule(pinned, channels, index, online: dict, resolve: Callable | No
                 book = books_get(paid_by[1])
                 if book is None or book.sender != sender_address:  # books are keyed by (sender, root)
                     book = announced_book(paid_by[1], sender_address) or book
-                payable = book is not None and paid_by[2] < book.size and book.expiry > chain_now + EXPIRY_MARGIN
+                payable = book is not None and paid_by[2] < book.size and book.expiry > chain_now + expiry_margin
                 payer = book.sender if payable else None
             else:
-                payer = single_payer(sender_address, bytes.fromhex(paid_by[1]), chain_now)
+                payer = single_payer(sender_address, bytes.fromhex(paid_by[1]), chain_now, expiry_margin)
         except (ethereum.ChainError, OSError) as exc:
             raise ProtocolError("unpaid", f"could not check the bounty: {exc}", ref=msg_id) from None
         if payer is None:

@@ -529,6 +529,12 @@ class Session:
             code_hash = keccak(code) if valid else b""
         if not valid:
             raise ProtocolError("bad_code", ref=msg_id)
+        expiry = node.index.bounty_expiry(paid_by)
+        if expiry is None or expiry <= node.index.clock() + node.claim_margin:
+            # Too late to redeem before the bounty expires: the key would never be paid for.
+            ledger.settle(delivery)  # it waits for no code any more
+            raise ProtocolError("expired", "that message's bounty runs out before the node could redeem its code, "
+                                "so the node does not open it: ask its sender to send it again", ref=msg_id)
         if not ledger.settle(delivery):
             raise ProtocolError("unknown_message", ref=msg_id)
         node.redeemer.submit(claim, sync=False)  # fsynced at the end of this burst, before the release goes out

@@ -27,6 +27,7 @@ ERRORS = {
     "unpaid": "the message carries no open bounty bound to this node",
     "bad_code": "that code does not match the message's bounty",
     "unknown_message": "no pending message with that id",
+    "expired": "the message's bounty runs out before the node could be paid for it: ask its sender to send it again",
     "bad_channel": "channel names are '#' and 1-31 letters, digits, '_', '-' or '.'",
     "not_a_member": "join the channel first (or the recipient is not in it)",
     "watch_limit": "you watch as many names as this node allows: unwatch some first",
