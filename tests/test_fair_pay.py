@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import logged_in_sockets, wait_until
-from dm import datadir, wire
+from dm import crypto, datadir, wire
 from dm.chain import ethereum
 from dm.chain.books import keccak
 from dm.chain.faucet import faucet_signer, fund_user
@@ -220,3 +220,38 @@ def test_a_code_returned_too_late_to_be_redeemed_opens_nothing(trio):
     journal = node.data_dir / "node" / "journal.jsonl"
     assert not journal.exists() or '"late"' not in journal.read_text()
     assert node.node.ledger.sent_waiting.get("alice", 0) == 0  # it no longer counts against alice's cap
+
+
+def test_one_hash_under_two_accounts_of_one_name_never_shares_a_layer_key(trio):
+    """The same code hash registered by two accounts is two bounties, each carrying a message. A
+    name that moved from one account to the other, sending the same msg_id on both, would have
+    had both messages sealed under one key (the key was derived from sender, msg_id and hash):
+    the key released for the first, paid message opened the second, never paid. The payer's
+    account is part of the key's derivation now."""
+    node, socks = trio
+    token, relayer = node.node.token, node.node.signer.address
+    first = _signer(node.node, node.data_dir, "alice")
+    code = secrets.token_bytes(32)
+    code_hash = keccak(code)
+    expiry = token.w3.eth.get_block("latest")["timestamp"] + 86_400
+    token.register(first, code_hash, relayer, expiry)
+    socks["alice"].sendall(_single_send("bob", "same-id", code_hash))
+    assert read_frame(socks["alice"])["status"] == "delivered"
+    sealed_first = read_frame(socks["bob"])["envelope"]["ciphertext"]
+    socks["bob"].sendall(wire.encode({"type": "claim", "msg_id": "same-id", "code": code.hex()}))
+    released = read_frame(socks["bob"])["key"]
+
+    socks["alice"].close()
+    key_path = datadir.eth_key_path(node.data_dir, "alice")
+    key_path.unlink()
+    datadir.write_secret(key_path, "0x" + secrets.token_hex(32))
+    second = _signer(node.node, node.data_dir, "alice")
+    token.register(second, code_hash, relayer, expiry)
+    with contextlib.closing(socket.create_connection(("127.0.0.1", node.port), timeout=10)) as moved:
+        assert login(moved, node.data_dir, "alice")["type"] == "welcome"
+        moved.sendall(_single_send("bob", "same-id", code_hash))
+        assert read_frame(moved)["status"] == "delivered"
+    sealed_second = read_frame(socks["bob"])["envelope"]["ciphertext"]
+    assert sealed_second != sealed_first  # the same end-to-end ciphertext, under another key
+    with pytest.raises(crypto.WrongRelease):
+        crypto.open_node_layer(bytes.fromhex(released), sealed_second)

@@ -99,7 +99,8 @@ def test_a_release_lost_with_the_connection_is_sent_again_for_the_same_code_and_
         with logged_in(node.port, data_dir, "bob") as bob:
             first = claim(bob, "m0", slots[0].code)
             assert opened_text(first, delivers[0], slots[0]) == "read me once"
-            assert first["key"] == node.layer.key("alice", "m0", ("book", book.root.hex(), 0)).hex()
+            paid_by = ("book", book.root.hex(), 0, account(data_dir, "alice"))
+            assert first["key"] == node.layer.key("alice", "m0", paid_by).hex()
             wait_until(lambda: node.token.is_leaf_spent(account(data_dir, "alice"), book.root, 0), timeout=20,
                        message="the redemption")
             assert claim(bob, "m0", slots[0].code) == first  # after the redemption too: the same key

@@ -137,7 +137,8 @@ def test_a_burst_with_bad_frames_in_the_middle_gets_one_right_answer_per_frame(t
     assert read_frame(bob)["msg_id"] == "m11"
     bob.sendall(wire.encode({"type": "claim", "msg_id": "m2", "code": book.codes[1].hex()}))
     bob.sendall(wire.encode({"type": "claim", "msg_id": "m2", "code": book.codes[1].hex()}))
-    release = {"type": "release", "msg_id": "m2", "key": node.layer.key("alice", "m2", ("book", root, 1)).hex()}
+    paid_by = ("book", root, 1, node.pins.get("alice")["eth_address"])
+    release = {"type": "release", "msg_id": "m2", "key": node.layer.key("alice", "m2", paid_by).hex()}
     assert read_frames(bob, 2) == [release, release]
     journal = (data_dir / "node" / "journal.jsonl").read_text()
     assert sum(json.loads(line)["msg_id"] == "m2" for line in journal.splitlines()

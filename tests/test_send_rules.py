@@ -153,8 +153,9 @@ def test_the_fast_reader_accepts_only_what_the_general_parser_reads_the_same(spe
     message = wire.check_client_message(wire.parse(payload), "ready")  # must not raise
     assert send_header(message) == header
     prefix = deliver_prefix("alice")
-    fast = relayed(splice_deliver, prefix, payload, LAYER.seal, "alice", header.msg_id, header.paid_by)
-    assert fast == relayed(encode_deliver, "alice", message, LAYER.seal)
+    payer = "0x" + "a1" * 20
+    fast = relayed(splice_deliver, prefix, payload, LAYER.seal, "alice", header.msg_id, header.paid_by + (payer,))
+    assert fast == relayed(encode_deliver, "alice", message, LAYER.seal, payer)
     if isinstance(fast, tuple):  # refused alike by both: only for the envelope's content
         assert fast[0] == "bad_field" and fast[1] == header.msg_id
         return
@@ -164,11 +165,12 @@ def test_the_fast_reader_accepts_only_what_the_general_parser_reads_the_same(spe
     sent = message["envelope"]
     assert {**deliver["envelope"], "ciphertext": sent["ciphertext"]} == sent
     assert deliver["envelope"]["ciphertext"] != sent["ciphertext"]
-    key = LAYER.key("alice", header.msg_id, header.paid_by)
+    key = LAYER.key("alice", header.msg_id, header.paid_by + (payer,))
     assert crypto.open_node_layer(key, deliver["envelope"]["ciphertext"]) == base64.b64decode(sent["ciphertext"])
-    with pytest.raises(crypto.WrongRelease):
-        crypto.open_node_layer(LAYER.key("alice", header.msg_id + "x", header.paid_by),
-                               deliver["envelope"]["ciphertext"])
+    for other in (("alice", header.msg_id + "x", header.paid_by + (payer,)),
+                  ("alice", header.msg_id, header.paid_by + ("0x" + "b2" * 20,))):  # another msg_id, another payer
+        with pytest.raises(crypto.WrongRelease):
+            crypto.open_node_layer(LAYER.key(*other), deliver["envelope"]["ciphertext"])
 
 
 def test_the_fast_reader_takes_what_clients_write():

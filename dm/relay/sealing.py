@@ -4,10 +4,11 @@ Every relayed envelope's `ciphertext` (the only part that carries the text) goes
 the node's own AEAD layer: ChaCha20-Poly1305 with a key fresh per message, so its nonce is
 fixed (ChaCha20's key setup is cheaper than AES-GCM's, and a key is set up per message).
 The key is derived, not stored: BLAKE2b keyed with the node's secret over the message's
-identity (sender, msg_id and the bounty that pays for it). The node keeps nothing per message
-for it, and recomputes the key when the recipient's valid code comes back in `claim`. A
-msg_id reused with another bounty gets another key, and a bounty carries one message only
-(dm.relay.ledger), so no key and nonce ever seal two texts. The node never sees the text: the
+identity (sender, msg_id, and the bounty that pays for it with its payer's account). The node
+keeps nothing per message for it, and recomputes the key when the recipient's valid code comes
+back in `claim`. A msg_id reused with another bounty (or the same hash under another account)
+gets another key, and a bounty carries one message only (dm.relay.ledger), so no key and nonce
+ever seal two texts. The node never sees the text: the
 ciphertext under its layer is the sender's end-to-end one.
 """
 from __future__ import annotations
@@ -41,11 +42,12 @@ def load_secret(node_dir: Path) -> bytes:
 
 
 def identity(sender: str, msg_id: str, paid_by: tuple) -> bytes:
-    """What a message's layer key is derived from. Names hold no NUL and the bounty part none
-    either, so the last NUL splits it unambiguously whatever the msg_id holds."""
+    """What a message's layer key is derived from; `paid_by` is the bounty and its payer
+    (dm.relay.ledger.paying). Names hold no NUL and the bounty part none either, so the last
+    NUL splits it unambiguously whatever the msg_id holds."""
     if paid_by[0] == "book":
-        return f"{sender}\0{msg_id}\0b:{paid_by[1]}:{paid_by[2]}".encode()
-    return f"{sender}\0{msg_id}\0s:{paid_by[1]}".encode()
+        return f"{sender}\0{msg_id}\0b:{paid_by[1]}:{paid_by[2]}:{paid_by[3]}".encode()
+    return f"{sender}\0{msg_id}\0s:{paid_by[1]}:{paid_by[2]}".encode()
 
 
 class NodeLayer:
@@ -82,6 +84,6 @@ class NodeLayer:
         except binascii.Error:
             raise ProtocolError("bad_field", "envelope.ciphertext must be standard base64", ref=msg_id) from None
         keyed = self._keyed.copy()
-        keyed.update(f"{sender}\0{msg_id}\0b:{paid_by[1]}:{paid_by[2]}".encode() if paid_by[0] == "book"
-                     else f"{sender}\0{msg_id}\0s:{paid_by[1]}".encode())
+        keyed.update(f"{sender}\0{msg_id}\0b:{paid_by[1]}:{paid_by[2]}:{paid_by[3]}".encode() if paid_by[0] == "book"
+                     else f"{sender}\0{msg_id}\0s:{paid_by[1]}:{paid_by[2]}".encode())
         return _b2a(_aead(keyed.digest()).encrypt(_nonce, raw, None), newline=False)

@@ -174,7 +174,8 @@ class Session:
                 try:
                     header = read_send(payload, plain) if self.phase == "ready" else None
                     if header is not None:
-                        body = splice_deliver(self._deliver_prefix, payload, seal, self.name, header[1], header[2])
+                        paid = header[2] + (self.eth_address,)  # the bounty and its payer (dm.relay.ledger.paying)
+                        body = splice_deliver(self._deliver_prefix, payload, seal, self.name, header[1], paid)
                         plain_id = True
                     else:
                         send = self._handle(payload)
@@ -182,6 +183,7 @@ class Session:
                             sent_left = max_unclaimed - sent_waiting(self.name, 0) - len(in_order)
                             continue
                         (header, body), plain_id = send, False
+                        paid = header[2] + (self.eth_address,)
                     # One relay step for a send, whichever reader read it: the rule set, the
                     # ledger's reservation, then the deliver and receipt held until the burst ends.
                     recipient = rule(header, self.name, self.eth_address, len(body), chain_now)
@@ -191,15 +193,14 @@ class Session:
                         if node.cluster is not None and header[0] not in node.online:
                             # Not connected here: another node of the network may have them;
                             # the receipt follows that node's answer (dm.cluster.routing).
-                            delivery = (msg_id, self.name, header[0], header[2] + (self.eth_address,), now)
+                            delivery = (msg_id, self.name, header[0], paid, now)
                             reserve(delivery)
                             node.cluster.route(transport, delivery, body)
                         else:
                             transport.send_bytes(receipt(msg_id, "offline"))
                             node.presence.subscribe(self.name, [header[0]], strict=False)  # told when they come
                     else:
-                        # the payer's account with the bounty: dm.relay.ledger.paying
-                        delivery = (msg_id, self.name, header[0], header[2] + (self.eth_address,), now)
+                        delivery = (msg_id, self.name, header[0], paid, now)
                         frames = held.get(recipient)
                         # at most max_unclaimed deliveries wait for their code, per sender and per
                         # recipient: the ledger's counts plus this burst's (sent_left, frames)
@@ -305,7 +306,7 @@ class Session:
             if kind == "send":
                 header = send_header(message)
                 try:
-                    return header, encode_deliver(self.name, message, self.node.layer.seal)
+                    return header, encode_deliver(self.name, message, self.node.layer.seal, self.eth_address)
                 except ValueError:  # text that cannot be UTF-8 (a lone surrogate)
                     raise ProtocolError("bad_frame", "the message is not valid text", ref=header.msg_id) from None
             self._write_held(burst.outbox)  # whatever this answers goes after the burst so far

@@ -84,8 +84,9 @@ def deliver_prefix(sender: str) -> bytes:
 def splice_deliver(prefix: bytes, payload: bytes, seal, sender: str, msg_id: str, paid_by: tuple) -> bytes:
     """The deliver payload for a canonical send: the sender's name in place of the type, and
     the ciphertext sealed. `seal(sender, msg_id, paid_by, ciphertext, visible)`
-    (dm.relay.sealing.NodeLayer.seal) gets the ciphertext's base64 bytes and the size of the
-    deliver without them, and returns the sealed base64 bytes."""
+    (dm.relay.sealing.NodeLayer.seal) gets `paid_by` (the bounty and its payer:
+    dm.relay.ledger.paying), the ciphertext's base64 bytes and the size of the deliver
+    without them, and returns the sealed base64 bytes."""
     start = payload.find(_CIPHERTEXT, _SEND_PREFIX_LENGTH) + len(_CIPHERTEXT)
     end = payload.find(b'"', start)
     sealed = seal(sender, msg_id, paid_by, payload[start:end],
@@ -93,9 +94,9 @@ def splice_deliver(prefix: bytes, payload: bytes, seal, sender: str, msg_id: str
     return b"".join((prefix, payload[_SEND_PREFIX_LENGTH:start], sealed, payload[end:]))
 
 
-def encode_deliver(sender: str, message: dict, seal) -> bytes:
+def encode_deliver(sender: str, message: dict, seal, payer: str) -> bytes:
     """The deliver payload for any checked send, in canonical order, the ciphertext sealed by
-    `seal` as in splice_deliver."""
+    `seal` as in splice_deliver (`payer`: the sender's account, whose bounty pays)."""
     envelope = message["envelope"]
     try:
         ciphertext = envelope["ciphertext"].encode("ascii")
@@ -107,6 +108,6 @@ def encode_deliver(sender: str, message: dict, seal) -> bytes:
         deliver["channel"] = message["channel"]
     deliver["envelope"] = {**envelope, "ciphertext": ""}
     visible = len(json.dumps(deliver, separators=(",", ":"), ensure_ascii=False).encode())
-    sealed = seal(sender, message["msg_id"], bounty_key(message["bounty"]), ciphertext, visible)
+    sealed = seal(sender, message["msg_id"], bounty_key(message["bounty"]) + (payer,), ciphertext, visible)
     deliver["envelope"]["ciphertext"] = sealed.decode("ascii")
     return json.dumps(deliver, separators=(",", ":"), ensure_ascii=False).encode()
