@@ -4,9 +4,10 @@ A delivery is a plain tuple, `Delivery = (msg_id, sender, recipient, paid_by, de
 Its paid_by is the bounty key (dm.wire.bounty_key) with the paying account appended
 (`paying`): ("book", root hex, index, payer) or ("single", code hash hex, payer). Bounties are
 keyed by their sender on chain, so one hash (or root) registered by two accounts is two
-bounties, and the one a copier sends on first must not take the owner's. Plain tuples on purpose: millions can be pending, and
-CPython's collector stops tracking tuples of plain values but rescans every class instance on
-each full collection, which doubled the relay's cost per message.
+bounties, and the one a copier sends on first must not take the owner's. Plain tuples on
+purpose: millions can be pending, and CPython's collector stops tracking tuples of plain values
+but rescans every class instance on each full collection, which doubled the relay's cost per
+message.
 
 Everything here is bounded: a delivery leaves `pending` when its code comes back or its claim
 timeout passes, and its bounty leaves `used` once the bounty (or its book) has expired on chain,
