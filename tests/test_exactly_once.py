@@ -329,3 +329,39 @@ def test_a_book_whose_opening_a_rollback_dropped_carries_no_more_messages(tester
         socks["bob"].sendall(wire.encode({"type": "claim", "msg_id": "m0", "code": book.codes[0].hex()}))
         answer = read_frame(socks["bob"])
         assert (answer["type"], answer["code"]) == ("error", "bad_code"), answer
+
+
+def test_a_client_whose_book_a_rollback_dropped_opens_a_new_one(tester_node):
+    """After a rollback dropped the block that opened its book, the client went on paying from it:
+    every line was refused `unpaid` until the client was restarted. Now the first refusal makes it
+    ask the chain; a book the chain no longer holds as its own is dropped (and the account's nonce
+    re-read), the user is told to send that line again, and the next line opens a new book."""
+    from dm.chain.faucet import faucet_signer, fund_user
+
+    node = tester_node.node
+    w3 = node.token.w3
+    tester = w3.provider.ethereum_tester
+    make_users(tester_node.data_dir, "alice", "bob")
+    inbox, receipts, _, events = collecting_events()
+    notices: list[str] = []
+    events.notice = notices.append
+    tester_node.client("bob", collecting_events()[3])
+    before_the_book = tester.take_snapshot()
+    alice = tester_node.client("alice", events, book_size=4)
+    first = alice.send_text("bob", "on the first book")
+    wait_until(lambda: receipts.get(first) == "delivered", message="the first line")
+    dropped_root = alice.payer._book.root
+
+    height = w3.eth.block_number
+    tester.revert_to_snapshot(before_the_book)  # alice's openBook is gone, with her tokens
+    tester.mine_blocks(height - w3.eth.block_number + 2)
+    node.index.sync()
+    fund_user(node.token, faucet_signer(w3, tester_node.data_dir), alice.eth_address)
+
+    assert node.index.rewinds == 1  # alice's book was looked up, not read from events: still noticed
+    refused = alice.send_text("bob", "refused: its book is gone")
+    wait_until(lambda: receipts.get(refused) == "refused", message="the refusal")
+    wait_until(lambda: any("send that line again" in n for n in notices), message="the notice")
+    again = alice.send_text("bob", "on a new book")
+    wait_until(lambda: receipts.get(again) == "delivered", message="the line on a new book")
+    assert alice.payer._book.root != dropped_root

@@ -528,6 +528,9 @@ class ChatClient:
         if message.get("code") in _FINAL_CODES:
             self._final = f"the node ended this session: {text}"
         if ref and (ref in self.outstanding or self._outbox.get(ref) is not None):
+            if message.get("code") == "unpaid" and hasattr(self.payer, "drop_if_gone") and self.payer.drop_if_gone():
+                self.events.notice("your prepaid book is no longer on the chain (was the chain reset or rolled "
+                                   "back?): the next message opens a new one, so send that line again")
             self._settle(ref, "refused", text)
         elif ref and message.get("code") in ("unknown_message", "bad_code", "expired") and \
                 (notice := self._receiver.refused(ref, text)) is not None:

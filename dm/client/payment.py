@@ -21,6 +21,7 @@ from dm.chain.books import BookSecrets
 from dm.client.errors import ClientError
 
 CURSOR_STRIDE = 32  # book cursor is persisted this far ahead, so a crash never reuses a code
+GONE_CHECK_SECONDS = 5.0  # after an `unpaid` refusal, the chain is asked about the book at most this often
 
 
 @dataclass
@@ -85,6 +86,7 @@ class BookPayer:
         self._saved_cursor = 0
         self._expiry = 0
         self._lock = threading.Lock()
+        self._checked_at = float("-inf")  # when drop_if_gone last asked the chain
         self.books_opened = 0
         self.on_open: Callable[[int, int], None] = lambda size, expiry: None  # (codes, expiry): a user notice
         self._resume()
@@ -132,6 +134,26 @@ class BookPayer:
         self._book, self._cursor, self._saved_cursor, self._expiry = book, 0, 0, expiry
         self.books_opened += 1
         self.on_open(book.size, expiry)
+
+    def drop_if_gone(self) -> bool:
+        """The node refused a message `unpaid`: True if the chain no longer holds the current
+        book as ours (a rollback dropped its openBook, say). Then the book is forgotten, so that
+        the next message opens a new one, and the account's nonce is read from the chain again
+        (the rollback left the local one ahead). Asks the chain at most every GONE_CHECK_SECONDS."""
+        with self._lock:
+            book, now = self._book, time.monotonic()
+            if book is None or now - self._checked_at < GONE_CHECK_SECONDS:
+                return False
+            self._checked_at = now
+            try:
+                on_chain = self.token.book(self.signer.address, book.root)
+                if on_chain.relayer == self.relayer and not on_chain.refunded and on_chain.size == book.size:
+                    return False
+                self.signer.resync()
+            except (ethereum.ChainError, OSError, ValueError):
+                return False  # the chain cannot tell now: the next refusal asks again
+            self._book = None
+            return True
 
     def next_bounty(self) -> Bounty:
         return self.next_bounties(1)[0]

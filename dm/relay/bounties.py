@@ -71,7 +71,9 @@ class BountyIndex:
     the one in `_books`), whose `tree` is set once. `_expiring` (a heap of what the index
     holds, by expiry) and `announced_by` (sender -> the roots it announced) are written under
     `_lock`; forget_expired() drops what has expired from every table and from disk (the
-    watchdog thread). A rewind (_rewind: the chain dropped blocks the index had read) clears
+    watchdog thread). `_last_read` and `_next_block` belong to sync (under `_sync_lock`);
+    `_looked_up_at` is set under `_lock` and checked and cleared by sync. A rewind (_rewind:
+    the chain dropped blocks the index had read, or read a lookup's answer from) clears
     every table under `_lock` and counts `rewinds`; a lookup inserts what it found (under
     `_lock`) only if no rewind happened since it asked, so a dropped book never comes back."""
 
@@ -92,6 +94,9 @@ class BountyIndex:
         self._from_block = from_block  # the contract's deploy block: no events before it
         self._next_block = from_block
         self._last_read: tuple[int, bytes] | None = None  # (number, hash) of the last block synced
+        # (number, hash) of the chain's head after the newest direct lookup that found a bounty:
+        # that answer came from the chain as it then was, which the next sync checks too.
+        self._looked_up_at: tuple[int, bytes] | None = None
         self.rewinds = 0  # how often the chain dropped blocks the index had read (_rewind)
         self.miss_syncs = 0  # syncs that unknown bounties caused
         self.lookups = 0  # direct chain lookups of unknown bounties
@@ -112,11 +117,14 @@ class BountyIndex:
         eth = self.token.w3.eth
         head = eth.get_block("latest")
         latest = head["number"]
-        if self._last_read is not None:
-            number, block_hash = self._last_read
-            kept = head if number == latest else eth.get_block(number) if number < latest else None
-            if kept is None or bytes(kept["hash"]) != block_hash:
-                self._rewind(number, latest)
+        for seen in (self._looked_up_at, self._last_read):
+            if seen is not None:
+                number, block_hash = seen
+                kept = head if number == latest else eth.get_block(number) if number < latest else None
+                if kept is None or bytes(kept["hash"]) != block_hash:
+                    self._rewind(number, latest)
+                    break
+        self._looked_up_at = None  # checked: what sync reads from here on covers it
         if latest < self._next_block:
             return
         span = {"from_block": self._next_block, "to_block": latest}
@@ -167,7 +175,15 @@ class BountyIndex:
                           self.books_by_hex, self._announced):
                 table.clear()
         self._next_block = self._from_block
-        self._last_read = None
+        self._last_read = self._looked_up_at = None
+
+    def _note_lookup(self) -> None:
+        """A direct lookup found a bounty: remember the head it was read under, for the next
+        sync to check that the chain still holds it (a rollback may drop it before then)."""
+        head = self.token.w3.eth.get_block("latest")
+        with self._lock:
+            if self._looked_up_at is None or head["number"] > self._looked_up_at[0]:
+                self._looked_up_at = (head["number"], bytes(head["hash"]))
 
     def _close_single(self, key: tuple[str, bytes]) -> None:  # with _lock held
         if self._bounties.pop(key, None) is not None:
@@ -227,6 +243,7 @@ class BountyIndex:
                 info = self.token.bounty(sender, code_hash)
                 if info.state == "open" and info.relayer == self.relayer:
                     expiry = info.expiry
+                    self._note_lookup()
                     with self._lock:
                         if rewinds != self.rewinds:  # the chain dropped blocks meanwhile: ask again next time
                             return None
@@ -253,6 +270,7 @@ class BountyIndex:
                 info = self.token.book(sender, root)
                 if info.relayer != self.relayer or info.refunded or info.size == 0:
                     return None
+                self._note_lookup()
                 with self._lock:
                     if rewinds != self.rewinds:  # the chain dropped blocks meanwhile: ask again next time
                         return None
