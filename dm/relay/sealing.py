@@ -8,8 +8,8 @@ identity (sender, msg_id, and the bounty that pays for it with its payer's accou
 keeps nothing per message for it, and recomputes the key when the recipient's valid code comes
 back in `claim`. A msg_id reused with another bounty (or the same hash under another account)
 gets another key, and a bounty carries one message only (dm.relay.ledger), so no key and nonce
-ever seal two texts. The node never sees the text: the
-ciphertext under its layer is the sender's end-to-end one.
+ever seal two texts. The node never sees the text: the ciphertext under its layer is the
+sender's end-to-end one.
 """
 from __future__ import annotations
 
