@@ -188,6 +188,12 @@ class Redeemer:
                                                     wait=False)
             else:
                 book = self.index.book(payer, root)
+                if book is None and self._gone(payer, root):
+                    log.warning("dropped %d code(s) of book %s of %s: the chain holds no such open book bound to this "
+                                "node any more (a rollback dropped it, or it was refunded); they can never be redeemed",
+                                len(claims), root.hex()[:12], payer)
+                    self.journal.done([c.key for c in claims])
+                    return
                 if book is None or book.tree is None:
                     raise ethereum.ChainError(f"book {root.hex()[:12]} of {payer} is unknown to this node")
                 unique = {c.index: c.code for c in claims}
@@ -202,6 +208,13 @@ class Redeemer:
             return
         CHAIN.answered()
         self.in_flight.append(InFlight(call_hash, claims, root, self.signer.last_nonce, time.monotonic()))
+
+    def _gone(self, payer: str, root: bytes) -> bool:
+        """Whether the chain itself (not the index, which may just not have looked yet) says the
+        book can never pay this node: none of that sender with that root, refunded, or bound to
+        another relayer."""
+        info = self.token.book(payer, root)
+        return info.size == 0 or info.refunded or info.relayer != self.signer.address
 
     def _requeue(self, claims: list[Claim]) -> None:
         with self._cond:
