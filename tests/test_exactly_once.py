@@ -346,10 +346,13 @@ def test_a_client_whose_book_a_rollback_dropped_opens_a_new_one(tester_node):
     notices: list[str] = []
     events.notice = notices.append
     tester_node.client("bob", collecting_events()[3])
+    node.redeemer.batch_wait = 5.0  # the first code waits in the queue until after the rollback
+    journal = tester_node.data_dir / "node" / "journal.jsonl"
     before_the_book = tester.take_snapshot()
     alice = tester_node.client("alice", events, book_size=4)
     first = alice.send_text("bob", "on the first book")
     wait_until(lambda: receipts.get(first) == "delivered", message="the first line")
+    wait_until(lambda: journal.exists() and f'"{first}"' in journal.read_text(), message="bob's claim")
     dropped_root = alice.payer._book.root
 
     height = w3.eth.block_number
@@ -367,7 +370,6 @@ def test_a_client_whose_book_a_rollback_dropped_opens_a_new_one(tester_node):
     assert alice.payer._book.root != dropped_root
     # The first line's code, claimed before the rollback, can never be redeemed: the redeemer
     # drops it from the journal instead of trying it again every batch for ever.
-    journal = tester_node.data_dir / "node" / "journal.jsonl"
     dropped_key = f"{alice.eth_address}:{dropped_root.hex()}:0"
     wait_until(lambda: any(json.loads(line)["op"] == "done" and dropped_key in json.loads(line)["keys"]
                            for line in journal.read_text().splitlines()),
