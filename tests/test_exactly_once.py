@@ -374,3 +374,20 @@ def test_a_client_whose_book_a_rollback_dropped_opens_a_new_one(tester_node):
     wait_until(lambda: any(json.loads(line)["op"] == "done" and dropped_key in json.loads(line)["keys"]
                            for line in journal.read_text().splitlines()),
                message="the dropped book's code to leave the journal")
+
+
+def test_after_unpaid_refusals_the_client_asks_the_chain_about_its_book_at_most_every_5_s(tester_node, monkeypatch):
+    """A burst of lines refused `unpaid` (for any reason) costs the client one chain call per
+    GONE_CHECK_SECONDS, not one per line."""
+    from dm.client import payment
+
+    make_users(tester_node.data_dir, "alice")
+    payer = tester_node.client("alice", collecting_events()[3], book_size=4).payer
+    payer.next_bounty()  # opens a real book
+    calls: list = []
+    real_book = payer.token.book
+    monkeypatch.setattr(payer.token, "book", lambda *args: calls.append(args) or real_book(*args))
+    assert [payer.drop_if_gone() for _ in range(20)] == [False] * 20  # the chain holds it
+    assert len(calls) == 1
+    payer._checked_at -= payment.GONE_CHECK_SECONDS  # as if that long had passed
+    assert payer.drop_if_gone() is False and len(calls) == 2

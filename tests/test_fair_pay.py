@@ -222,6 +222,45 @@ def test_a_code_returned_too_late_to_be_redeemed_opens_nothing(trio):
     assert node.node.ledger.sent_waiting.get("alice", 0) == 0  # it no longer counts against alice's cap
 
 
+def test_the_send_and_claim_expiry_margins_include_the_batch_wait(extra_nodes, data_dir):
+    """A send needs EXPIRY_MARGIN plus --batch-wait left on its bounty, a claim REDEEM_MARGIN plus
+    --batch-wait: a second either side of each bound decides (--batch-wait 5 here, so a margin
+    without it would decide otherwise)."""
+    from dm.relay.bounties import EXPIRY_MARGIN, REDEEM_MARGIN
+
+    node = extra_nodes("margins", redeemer_options={"batch_size": 20, "batch_wait": 5.0})
+    with logged_in_sockets(node.port, data_dir, "alice", "bob") as socks:
+        _margins_decide(node, data_dir, socks, EXPIRY_MARGIN, REDEEM_MARGIN)
+
+
+def _margins_decide(node, data_dir, socks, expiry_margin: float, redeem_margin: float) -> None:
+    index, batch_wait = node.index, node.redeemer.batch_wait
+    assert batch_wait == 5.0
+    book = open_announced_book(node, data_dir, socks["alice"], "alice", 3)
+    expiry = index.bounty_expiry(("book", book.root.hex(), 0, node.pins.get("alice")["eth_address"]))
+    send_bound, claim_bound = expiry - expiry_margin - batch_wait, expiry - redeem_margin - batch_wait
+
+    index.clock = lambda: send_bound + 1
+    socks["alice"].sendall(send_frame("bob", "too-close", book.root.hex(), 0))
+    refusal = read_frame(socks["alice"])
+    assert (refusal["type"], refusal["code"], refusal["ref"]) == ("error", "unpaid", "too-close"), refusal
+    index.clock = lambda: send_bound - 1
+    socks["alice"].sendall(send_frame("bob", "in-time", book.root.hex(), 1))
+    assert read_frame(socks["alice"]) == {"type": "receipt", "msg_id": "in-time", "status": "delivered"}
+    assert read_frame(socks["bob"])["msg_id"] == "in-time"
+
+    index.clock = lambda: claim_bound - 1
+    socks["bob"].sendall(wire.encode({"type": "claim", "msg_id": "in-time", "code": book.codes[1].hex()}))
+    assert read_frame(socks["bob"])["type"] == "release"
+    index.clock = lambda: send_bound - 1
+    socks["alice"].sendall(send_frame("bob", "claimed-late", book.root.hex(), 2))
+    assert read_frame(socks["alice"])["status"] == "delivered"
+    assert read_frame(socks["bob"])["msg_id"] == "claimed-late"
+    index.clock = lambda: claim_bound + 1
+    socks["bob"].sendall(wire.encode({"type": "claim", "msg_id": "claimed-late", "code": book.codes[2].hex()}))
+    assert read_frame(socks["bob"])["code"] == "expired"
+
+
 def test_one_hash_under_two_accounts_of_one_name_never_shares_a_layer_key(trio):
     """The same code hash registered by two accounts is two bounties, each carrying a message. A
     name that moved from one account to the other, sending the same msg_id on both, would have

@@ -170,8 +170,7 @@ class ChatClient:
         self._state = "closed"
         self._connection.close()
         self._outbox.close()
-        if self._receiver.store is not None:
-            self._receiver.store.close()
+        self._receiver.close()
 
     @property
     def is_closed(self) -> bool:

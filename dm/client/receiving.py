@@ -116,6 +116,11 @@ class Receiver:
         if self.store is not None:
             self.store.done(msg_id)
 
+    def close(self) -> None:
+        """The store, compacted (from any thread: the store takes its own lock)."""
+        if self.store is not None:
+            self.store.close()
+
     def release(self, message: dict) -> Incoming | None:
         """For a `release`: the message it opens (None for a key we did not wait for)."""
         waiting = self.awaiting.pop(message["msg_id"], None)
