@@ -117,14 +117,19 @@ class BountyIndex:
         eth = self.token.w3.eth
         head = eth.get_block("latest")
         latest = head["number"]
-        for seen in (self._looked_up_at, self._last_read):
+        looked_up = self._looked_up_at
+        if looked_up is not None and looked_up[0] > latest:
+            looked_up = None  # a lookup after the head was read: the next sync checks it
+        for seen in (looked_up, self._last_read):
             if seen is not None:
                 number, block_hash = seen
                 kept = head if number == latest else eth.get_block(number) if number < latest else None
                 if kept is None or bytes(kept["hash"]) != block_hash:
                     self._rewind(number, latest)
                     break
-        self._looked_up_at = None  # checked: what sync reads from here on covers it
+        with self._lock:
+            if looked_up is not None and self._looked_up_at is looked_up:
+                self._looked_up_at = None  # on the chain read now: from here on, _last_read covers it
         if latest < self._next_block:
             return
         span = {"from_block": self._next_block, "to_block": latest}
