@@ -127,10 +127,8 @@ class BountyIndex:
                 if kept is None or bytes(kept["hash"]) != block_hash:
                     self._rewind(number, latest)
                     break
-        with self._lock:
-            if looked_up is not None and self._looked_up_at is looked_up:
-                self._looked_up_at = None  # on the chain read now: from here on, _last_read covers it
         if latest < self._next_block:
+            self._covered(looked_up)
             return
         span = {"from_block": self._next_block, "to_block": latest}
         ours = {"argument_filters": {"relayer": self.relayer}, **span}
@@ -167,6 +165,15 @@ class BountyIndex:
                     self._closed.add(key)
         self._next_block = latest + 1
         self._last_read = (latest, bytes(head["hash"]))
+        self._covered(looked_up)
+
+    def _covered(self, looked_up: tuple[int, bytes] | None) -> None:  # with _sync_lock held
+        """The lookup note this sync checked is on the chain `_last_read` now ends: drop it, unless
+        a newer lookup replaced it meanwhile. Only once the sync is complete: a sync that fails
+        half-way (say, the chain rolled back under it) leaves it for the next one."""
+        with self._lock:
+            if looked_up is not None and self._looked_up_at is looked_up:
+                self._looked_up_at = None
 
     def _rewind(self, number: int, latest: int) -> None:  # with _sync_lock held
         """The chain no longer holds block `number`, the last one synced: forget what events
