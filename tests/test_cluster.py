@@ -9,6 +9,7 @@ import concurrent.futures
 import json
 import queue
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 from conftest import collecting_events, make_users, wait_until
 from dm import PROJECT_ROOT, crypto, datadir, wire
 from dm.chain import devchain, ethereum
+from dm.chain.books import keccak
 from dm.client.core import ChatClient
 from dm.client.errors import ClientError
 from dm.client.receiving import Receiver
@@ -185,6 +187,80 @@ def test_a_name_pinned_on_one_node_cannot_be_taken_on_another(network, chat, tmp
         thread.join(30)
     kinds = sorted(a.get("code", a["type"]) for a in answers.values())
     assert kinds == ["name_taken", "welcome"], answers
+
+
+def _as_a_node(network, coroutine):
+    """Run `coroutine(nc)` with a NATS connection of the network's, as another node would."""
+    async def run():
+        nc = await nats.connect(network.nats.urls.split(","))
+        try:
+            return await coroutine(nc)
+        finally:
+            await nc.close()
+    return asyncio.run(run())
+
+
+def test_a_code_returned_at_another_node_too_late_to_be_redeemed_opens_nothing(network, chat):
+    """A message relayed to another node carries, besides its layer key, the time after which
+    its code can no longer be redeemed by the sender's node (its bounty's expiry less that
+    node's claim margin). Before, the recipient's node released the key for a valid code at
+    any time: a pair with a book about to expire read across nodes what nobody paid for."""
+    from dm.cluster.routing import user_subject
+    from dm.relay.bounties import REDEEM_MARGIN
+
+    make_users(network.users, "hank")
+    # 1. The sender's node says when: a message to hank while he is offline reaches whoever
+    #    answers for him on the network (here, this test).
+    with socket.create_connection(("127.0.0.1", network.nodes[1].port), timeout=10) as sock:
+        assert login(sock, network.users, "hank")["type"] == "welcome"  # pinned, then offline
+    alice = chat["alice"][0]
+    asked: list = []
+
+    async def answer_for_hank(nc):
+        async def answer(msg):
+            asked.append(msg.headers)
+            await msg.respond(b"offline")
+        subscription = await nc.subscribe(user_subject("hank"), cb=answer)
+        await nc.flush()
+        await asyncio.get_running_loop().run_in_executor(None, _send_raw, alice, "hank", "are you there?")
+        for _ in range(100):
+            if asked:
+                break
+            await asyncio.sleep(0.05)
+        await subscription.unsubscribe()
+
+    _as_a_node(network, answer_for_hank)
+    assert len(asked) == 1
+    pay = json.loads(asked[0]["Dm-Pay"])
+    assert pay[0] == "book"
+    expiry = network.token.book(user_keys(network.users, "alice")[2], bytes.fromhex(pay[1])).expiry
+    assert pay[5] == pytest.approx(expiry - REDEEM_MARGIN - 0.2)  # the nodes run --batch-wait 0.2
+
+    # 2. The recipient's node keeps to it: past that time a valid code gets `expired` and no key.
+    sock = socket.create_connection(("127.0.0.1", network.nodes[1].port), timeout=10)
+    try:
+        assert login(sock, network.users, "hank")["type"] == "welcome"
+        decoder = wire.MessageDecoder()
+        answers = {}
+        for msg_id, claim_by in (("in-time", time.time() + 600), ("too-late", time.time() - 1)):
+            code = secrets.token_bytes(32)
+            pay = ["single", keccak(code).hex(), "", "", "ab" * 32, claim_by]
+            headers = {"Dm-Msg": msg_id, "Dm-From": "alice", "Dm-Origin": "f" * 32, "Dm-Pay": json.dumps(pay),
+                       "Dm-Deadline": f"{time.time() + 5:.3f}"}
+            body = json.dumps({"type": "deliver", "from": "alice", "to": "hank", "msg_id": msg_id}).encode()
+
+            async def deliver(nc):
+                return (await nc.request(user_subject("hank"), body, timeout=5, headers=headers)).data
+            assert _as_a_node(network, deliver) == b"delivered"
+            delivered = list(decoder.feed_messages(sock.recv(65536)))
+            assert [m["msg_id"] for m in delivered] == [msg_id]
+            sock.sendall(wire.encode({"type": "claim", "msg_id": msg_id, "code": code.hex()}))
+            answers[msg_id] = next(iter(decoder.feed_messages(sock.recv(65536))))
+        assert answers["in-time"] == {"type": "release", "msg_id": "in-time", "key": "ab" * 32}
+        too_late = answers["too-late"]
+        assert (too_late["type"], too_late["code"], too_late["ref"]) == ("error", "expired", "too-late"), too_late
+    finally:
+        sock.close()
 
 
 def _raw_recipient(network, node: int, name: str):

@@ -74,7 +74,9 @@ def claims_subject(node_id: str) -> str:
 
 def code_matches(paid_by: tuple, code: bytes) -> bool:
     """Whether `code` opens a remote delivery's bounty; paid_by is
-    ("remote", origin, "book", root hex, leaf index, leaf hash hex) or ("remote", origin, "single", code hash hex, "")."""
+    ("remote", origin, "book", root hex, leaf index, leaf hash hex, ...) or
+    ("remote", origin, "single", code hash hex, "", "", ...), then the layer key and the time
+    (chain seconds) after which the origin can no longer redeem the code (docs/PROTOCOL.md §11.1)."""
     if len(code) != 32:
         return False
     if paid_by[2] == "single":
@@ -158,6 +160,10 @@ class ClaimForwarder:
             code = b""
         if not code_matches(paid_by, code):
             raise ProtocolError("bad_code", ref=msg_id)
+        claim_by = paid_by[7] if len(paid_by) > 7 else None  # absent from a node before it was sent
+        if isinstance(claim_by, (int, float)) and self.node.index.clock() >= claim_by:
+            self.node.ledger.settle(delivery)  # it waits for no code any more
+            raise ProtocolError("expired", ref=msg_id)
         if not self.node.ledger.settle(delivery):
             raise ProtocolError("unknown_message", ref=msg_id)
         origin = paid_by[1]

@@ -124,6 +124,10 @@ class Cluster:
         # The recipient's node releases this node's layer key for a valid code (key release
         # across nodes): the nodes of one network trust each other with it, never a client.
         pay.append(self.node.layer.key(delivery[1], delivery[0], paid_by).hex())
+        # ...and only until this node could still redeem the code (chain time): later, it
+        # refuses the claim `expired`, as this node would (dm.relay.session.on_claim).
+        expiry = self.node.index.bounty_expiry(paid_by)  # None: forgotten since the rule checked it
+        pay.append(round(expiry - self.node.claim_margin, 3) if expiry is not None else 0)
         self.router.route(transport, delivery, body, pay)
 
     def forward_claim(self, delivery: tuple, code_hex: str, transport) -> None:
