@@ -6,6 +6,7 @@ connection) and issue 10 part 2 (`--max-unclaimed`). Real nodes on eth-tester, r
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import gc
 import json
@@ -28,7 +29,7 @@ from dm.relay import node as relay_node
 from dm.relay import snapshot_log
 from dm.relay.budget import address_key
 from dm.relay.channels import ChannelRegistry
-from helpers import login, start_node
+from helpers import OPAQUE_ENVELOPE, login, start_node
 from test_abuse import assert_ping_works, codes, read_frame, read_until_closed
 from test_relay_burst import in_order, open_announced_book, read_frames, send_frame
 
@@ -211,6 +212,28 @@ def test_channel_caps_channels_per_user_and_members_per_channel(extra_nodes, dat
         assert sorted(node.channels.members["#a"]) == ["alice", "bob"]
 
 
+def test_max_visible_bounds_what_a_recipient_reads_before_it_pays(extra_nodes, data_dir):
+    """--max-visible: the bytes of a deliver outside its sealed text, on both readers."""
+    node = extra_nodes("visible", handshake_timeout=20, max_visible=600)
+    with logged_in_sockets(node.port, data_dir, "alice", "bob") as socks:
+        book = open_announced_book(node, data_dir, socks["alice"], "alice", 3)
+        root = book.root.hex()
+        wrapped = {size: base64.b64encode(bytes(size)).decode() for size in (150, 300)}
+        def send(msg_id: str, index: int, wrapped_key: str) -> bytes:  # canonical: the fast reader
+            return wire.encode({"type": "send", "to": "bob", "msg_id": msg_id, "bounty": {"book": root, "index": index},
+                                "envelope": {**OPAQUE_ENVELOPE, "wrapped_key": wrapped_key}})
+
+        fits, over = send("fits", 0, wrapped[150]), send("over", 1, wrapped[300])
+        # the general reader: the same message, its keys in another order
+        general = wire.encode({"envelope": {**OPAQUE_ENVELOPE, "wrapped_key": wrapped[300]}, "type": "send", "to": "bob",
+                               "msg_id": "over-general", "bounty": {"book": root, "index": 2}})
+        socks["alice"].sendall(fits + over + general)
+        frames = read_frames(socks["alice"], 3)
+        assert in_order(frames) == [("fits", "delivered"), ("over", "bad_field"), ("over-general", "bad_field")]
+        assert all("--max-visible" in frame["message"] for frame in frames[1:])
+        assert read_frame(socks["bob"])["msg_id"] == "fits"
+
+
 def test_a_ping_every_19_errors_no_longer_keeps_a_connection_alive(tester_node):
     """max_errors counted refusals in a row, and any answered frame reset the count: a ping
     every 19 errors kept one connection making 32,000 failed lookups a second. Now the last
@@ -233,7 +256,8 @@ def test_every_limit_is_a_node_py_flag(data_dir):
                                 "--host", "127.0.0.1", "--claim-timeout", "7", "--max-unclaimed", "11",
                                 "--max-errors", "13", "--error-window", "2.5", "--max-books", "17",
                                 "--max-book-leaves", "19", "--max-channels", "23", "--max-members", "29",
-                                "--cpu-share", "0.5", "--ip-cpu-share", "0.3", "--max-budgets", "31"])
+                                "--cpu-share", "0.5", "--ip-cpu-share", "0.3", "--max-budgets", "31",
+                                "--max-visible", "37"])
     node, anvil = node_cli.build_node(args)
     try:
         assert anvil is None
@@ -242,6 +266,7 @@ def test_every_limit_is_a_node_py_flag(data_dir):
         assert (node.channels.max_channels, node.channels.max_members, node.cpu_share) == (23, 29, 0.5)
         budgets = node.budgets
         assert (budgets.share, budgets.ip_share, budgets.max_entries, budgets.max_errors) == (0.5, 0.3, 31, 13)
+        assert node.layer.max_visible == 37
     finally:
         node.server.listener.close()
         node.stop()

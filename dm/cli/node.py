@@ -53,7 +53,7 @@ def build_node(args):
                     max_errors=args.max_errors, error_window=args.error_window, max_books=args.max_books,
                     max_book_leaves=args.max_book_leaves, max_channels=args.max_channels,
                     max_members=args.max_members, cpu_share=args.cpu_share, ip_cpu_share=args.ip_cpu_share,
-                    max_budgets=args.max_budgets,
+                    max_budgets=args.max_budgets, max_visible=args.max_visible,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait,
                                       "confirmations": args.confirmations},
                     cluster_options=cluster_options(args))
@@ -154,6 +154,12 @@ def parse_args(argv=None):
                         help="channels a user may be in at once (default: %(default)d)")
     limits.add_argument("--max-members", type=_positive(int), default=MAX_MEMBERS, metavar="N",
                         help="members of one channel; each channel line is one paid copy per member "
+                             "(default: %(default)d)")
+    limits.add_argument("--max-visible", type=_positive(int), default=wire.MAX_VISIBLE, metavar="BYTES",
+                        help="bytes of a relayed message its recipient can read before it returns the code (all "
+                             "but the sealed text: keys, signature, ids); it bounds what a colluding pair passes "
+                             "unpaid. A message of RSA-2048 keys needs about 1,200, one of RSA-4096 keys to a "
+                             "1,000-member channel about 2,400; past it a send is refused bad_field "
                              "(default: %(default)d)")
     limits.add_argument("--cpu-share", type=_positive(float, zero=True), default=CPU_SHARE, metavar="FRACTION",
                         help="CPU one user may use on frames other than plain sends (handshakes, books, "

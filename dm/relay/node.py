@@ -58,7 +58,7 @@ class Node:
                  max_book_leaves: int = wire.MAX_BOOK_LEAVES, max_channels: int = MAX_CHANNELS_PER_USER,
                  max_members: int = MAX_MEMBERS, cpu_share: float = CPU_SHARE, ip_cpu_share: float = IP_CPU_SHARE,
                  max_budgets: int = MAX_BUDGETS, cpu_burst: float = CPU_BURST, ip_cpu_burst: float = IP_CPU_BURST,
-                 max_watches: int = MAX_WATCHES,
+                 max_watches: int = MAX_WATCHES, max_visible: int = wire.MAX_VISIBLE,
                  clock=time.monotonic, cluster_options: dict | None = None):
         self.token, self.signer, self.index, self.faucet = token, signer, index, faucet
         self.budgets = Budgets(share=cpu_share, ip_share=ip_cpu_share, burst=cpu_burst, ip_burst=ip_cpu_burst,
@@ -73,7 +73,7 @@ class Node:
         self.channels = ChannelRegistry(node_dir / "channels.json", max_channels, max_members)
         self.ledger = DeliveryLedger(claim_timeout, max_unclaimed, index.bounty_expiry)
         self._swept_at = float("-inf")
-        self.layer = NodeLayer(load_secret(node_dir))
+        self.layer = NodeLayer(load_secret(node_dir), max_visible)
         self.clock = clock
         self.delivery_log = DeliveryLog(node_dir / "deliveries.log")
         self.delivery_log.feed = self.ledger.unjournaled  # the writer thread drains what the hot path appends

@@ -13,7 +13,7 @@ MAX_MSG_ID = 64
 MAX_CONTAINERS = 1000
 # What a recipient can read of a deliver before it returns the code: every byte but the
 # node-sealed ciphertext. Enough for RSA-4096 keys and a batch proof of 32 hashes (~3.5 KB);
-# it bounds what a colluding pair can pass by the node unpaid (docs/PROTOCOL.md §10).
+# it bounds what a colluding pair can pass by the node unpaid (docs/PROTOCOL.md §10); node.py --max-visible.
 MAX_VISIBLE = 4096
 # Leaves in one `book` frame: 10,000 leaves are a 670 KB frame and about 12 ms of hashing;
 # the reference client makes books of at most this size (client.py --book-size).
