@@ -289,6 +289,12 @@ def test_one_hash_under_two_accounts_of_one_name_never_shares_a_layer_key(trio):
     with contextlib.closing(socket.create_connection(("127.0.0.1", node.port), timeout=10)) as moved:
         assert login(moved, node.data_dir, "alice")["type"] == "welcome"
         moved.sendall(_single_send("bob", "same-id", code_hash))
+        # while bob's claim of that msg_id is remembered (for a re-claim), it names no other message to him
+        refusal = read_frame(moved)
+        assert (refusal["type"], refusal["code"], refusal["ref"]) == ("error", "bad_field", "same-id"), refusal
+        ledger = node.node.ledger
+        ledger.forget_settled(time.monotonic() + ledger.claim_timeout + 1)  # past the claim timeout
+        moved.sendall(_single_send("bob", "same-id", code_hash))
         assert read_frame(moved)["status"] == "delivered"
     sealed_second = read_frame(socks["bob"])["envelope"]["ciphertext"]
     assert sealed_second != sealed_first  # the same end-to-end ciphertext, under another key

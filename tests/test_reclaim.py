@@ -26,7 +26,7 @@ from dm.relay.journal import Claim, Journal
 from dm.relay.ledger import DeliveryLedger
 from helpers import FrameProxy, login, start_node
 from test_abuse import read_frame
-from test_relay_burst import open_announced_book
+from test_relay_burst import open_announced_book, send_frame
 
 
 def private_key(data_dir, name):
@@ -179,6 +179,27 @@ def test_a_re_claim_by_another_user_or_with_a_wrong_code_is_refused_and_leaves_t
         # m1 was never claimed: its first claim is a claim like any other, journaled once
         assert opened_text(claim(socks["bob"], "m1", slots[1].code), delivers[1], slots[1]) == "other"
     assert journaled(data_dir, "m0") == journaled(data_dir, "m1") == 1
+
+
+def test_another_user_reusing_a_claimed_msg_id_leaves_the_recipient_s_re_claim(tester_node):
+    """carol sends and claims a message of her own under the msg_id bob already claimed from
+    alice. Before, the node kept one claim per msg_id, so carol's replaced bob's: his re-claim
+    (for a release he lost) got unknown_message, and a message paid for could no longer be read."""
+    node, data_dir = tester_node.node, tester_node.data_dir
+    with logged_in_sockets(node.port, data_dir, "alice", "bob", "carol") as socks:
+        book, delivers, slots = deliver(node, data_dir, socks["alice"], socks["bob"], ["for bob"])
+        assert opened_text(claim(socks["bob"], "m0", slots[0].code), delivers[0], slots[0]) == "for bob"
+
+        carol, own = socks["carol"], open_announced_book(node, data_dir, socks["carol"], "carol", 2)
+        carol.sendall(send_frame("carol", "m0", own.root.hex(), 0))  # to herself: the same msg_id, another recipient
+        assert {read_frame(carol)["type"], read_frame(carol)["type"]} == {"receipt", "deliver"}
+        assert claim(carol, "m0", own.codes[0])["type"] == "release"
+        # the same msg_id to bob while his claim of it is remembered would hide that claim: refused
+        carol.sendall(send_frame("bob", "m0", own.root.hex(), 1))
+        refusal = read_frame(carol)
+        assert (refusal["type"], refusal["code"], refusal["ref"]) == ("error", "bad_field", "m0"), refusal
+
+        assert opened_text(claim(socks["bob"], "m0", slots[0].code), delivers[0], slots[0]) == "for bob"
 
 
 # --- the re-claim window: the claim timeout, after the claim ---------------------------------------

@@ -106,14 +106,15 @@ class Journal:
 
     Thread-safety: every write and fsync is under `_lock`. Connection threads append claims
     without syncing and sync once at the end of their burst, before they answer anyone; the
-    redeemer thread appends done lines. `pending`, `claimed`, `claimed_msg_ids` and `forwards`
+    redeemer thread appends done lines. `pending`, `claimed`, `claimed_ids` and `forwards`
     are read at start, before any thread writes (dm.cluster.claims takes `forwards` once)."""
 
     def __init__(self, path: Path, keep_claimed_for: float = 0.0):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.pending, everything, self.forwards = self._replay()
-        self.claimed_msg_ids = {claim.msg_id for claim in everything}  # redeemed or not
+        # (msg_id, recipient) of every claim, redeemed or not; recipient "" in a line older than it
+        self.claimed_ids = {(claim.msg_id, claim.recipient) for claim in everything}
         since = time.time() - keep_claimed_for
         self.claimed = [c for c in everything if c.recipient and c.at >= since]  # oldest first
         tmp = path.with_suffix(".tmp")
@@ -357,7 +358,8 @@ def restore(log_: DeliveryLog, journal: Journal, ledger, clock: Callable[[], flo
         if not still_payable(sender, paid_by):
             continue
         age = wall_now - delivered_wall
-        if msg_id is not None and msg_id not in journal.claimed_msg_ids and age <= ledger.claim_timeout:
+        was_claimed = (msg_id, recipient) in journal.claimed_ids or (msg_id, "") in journal.claimed_ids
+        if msg_id is not None and not was_claimed and age <= ledger.claim_timeout:
             pending.append((msg_id, sender, recipient, paid_by, mono_now - age))
             kept.append((msg_id, sender, recipient, paid_by, delivered_wall))
         else:  # used, and no longer waiting for its code: kept without its msg_id, never pending again

@@ -89,7 +89,9 @@ class DeliveryLedger:
         self.received_waiting: dict[str, int] = {}  # recipient -> the same
         self._count_lock = threading.Lock()
         self._used_until: list[tuple[float, tuple]] = []  # heap of (bounty expiry, bounty) no longer pending
-        self.claimed: dict[str, Claimed] = {}  # msg_id -> its claim, for the claim timeout after it
+        # (msg_id, recipient) -> its claim, for the claim timeout after it: another user's message
+        # under the same msg_id must not replace it
+        self.claimed: dict[tuple[str, str], Claimed] = {}
         self._claimed_order: collections.deque[Claimed] = collections.deque()  # the same, oldest claim first
 
     def reserve(self, delivery: Delivery) -> None:
@@ -101,7 +103,8 @@ class DeliveryLedger:
             if taken == msg_id or (type(taken) is tuple and taken[0] == msg_id and taken[2] == delivery[2]):
                 raise AlreadyDelivered(msg_id)
             raise ProtocolError("unpaid", "that bounty already paid for another message", ref=msg_id)
-        if self.pending.setdefault(msg_id, delivery) is not delivery:
+        # A msg_id its recipient claimed is kept for a re-claim (claimed_by): not for another message to them.
+        if (msg_id, delivery[2]) in self.claimed or self.pending.setdefault(msg_id, delivery) is not delivery:
             self.used.pop(paid_by, None)
             raise ProtocolError("bad_field", "msg_id is already in use", ref=msg_id)
 
@@ -142,7 +145,7 @@ class DeliveryLedger:
         restore already dropped those that can no longer pay), and claims still in their
         re-claim window, oldest first. Before the node serves anyone."""
         for record in claimed:
-            self.claimed[record[0][0]] = record
+            self.claimed[record[0][0], record[0][2]] = record
             self._claimed_order.append(record)
         for paid_by in used:
             self.used[paid_by] = SETTLED
@@ -175,13 +178,12 @@ class DeliveryLedger:
         code may have the key again (claimed_by), for the claim timeout from `now`. Called after
         the journal line is written, so a re-claim's fsync (at the end of its burst) covers it."""
         record = (delivery, code_hash, now)
-        self.claimed[delivery[0]] = record
+        self.claimed[delivery[0], delivery[2]] = record
         self._claimed_order.append(record)
 
     def claimed_by(self, msg_id: str, recipient: str) -> Claimed | None:
         """The claim of this message by `recipient`, while it is remembered."""
-        record = self.claimed.get(msg_id)
-        return record if record is not None and record[0][2] == recipient else None
+        return self.claimed.get((msg_id, recipient))
 
     def forget_settled(self, now: float, chain_now: float | None = None) -> None:
         """Drop deliveries whose code came back, and those that waited longer than the claim
@@ -191,9 +193,10 @@ class DeliveryLedger:
         claimed, order, oldest = self.claimed, self._claimed_order, now - self.claim_timeout
         while order and order[0][2] < oldest:
             record = order.popleft()
-            kept = claimed.pop(record[0][0], None)
+            key = (record[0][0], record[0][2])
+            kept = claimed.pop(key, None)
             if kept is not None and kept is not record:  # a newer claim of a reused msg_id: keep it
-                claimed.setdefault(record[0][0], kept)
+                claimed.setdefault(key, kept)
         expiring, pending, used = self.expiring, self.pending, self.used
         used_until, expiry_of = self._used_until, self.bounty_expiry
         while expiring:
