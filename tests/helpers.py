@@ -78,6 +78,9 @@ class Transport:
     def send(self, message: dict) -> bool:
         return self.send_bytes(wire.encode(message))
 
+    post = send_bytes  # a notice: nothing to wait for here
+    has_posted = False
+
     def queue(self, frames: list[bytes], outbox) -> bool:
         return self.send_bytes(b"".join(frames))
 
@@ -86,6 +89,10 @@ class Transport:
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self, message: dict) -> None:
+        self.send(message)
+        self.close()
 
     def take(self) -> bytes:
         """What was written since the last take()."""

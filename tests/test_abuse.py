@@ -27,6 +27,7 @@ from web3 import Web3
 from conftest import ROOT, RunningNode, collecting_events, make_users, wait_until
 from dm import crypto, datadir, wire
 from dm.client.core import Events, Outstanding
+from dm.relay import connection
 from helpers import OPAQUE_ENVELOPE, login, user_keys
 
 LOCAL = "127.0.0.1"
@@ -771,3 +772,51 @@ def test_an_unclaimed_delivery_is_forgotten_after_the_claim_timeout(extra_nodes,
         sender.outstanding[msg_id + "x"] = object()
         sender._write(dict(reused, msg_id=msg_id + "x"))
         wait_until(lambda: receipts.get(msg_id + "x") == "refused", timeout=5, message="the reuse to be refused")
+
+
+def _stuck_reader(port: int, data_dir: Path, name: str, stack: contextlib.ExitStack) -> socket.socket:
+    """A logged-in client with a tiny receive buffer, in #pub."""
+    sock = socket.socket()
+    stack.callback(sock.close)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((LOCAL, port))
+    sock.settimeout(10)
+    assert login(sock, data_dir, name)["type"] == "welcome"
+    sock.sendall(wire.encode({"type": "join", "channel": "#pub"}))
+    assert read_frame(sock)["type"] == "channels"
+    return sock
+
+
+def test_a_client_that_stops_reading_delays_no_one_else(tester_node, monkeypatch):
+    """jam asks for megabytes of replies and never reads: its own connection thread waits on
+    its socket, as it should. Before, every other thread that had a notice for jam (carol's
+    login, which jam hears of through #pub; jam's own name logging in again elsewhere) waited on
+    jam's socket too, for the 10 s send timeout and then as long again to close it."""
+    data_dir, port = tester_node.data_dir, tester_node.port
+    monkeypatch.setattr(tester_node.node, "cpu_share", 0)  # no pacing: the jammers' replies fill their sockets
+    make_users(data_dir, "carol", "jam", "jam2")
+    with contextlib.ExitStack() as stack:
+        carol = connect(port, stack, timeout=10)
+        assert login(carol, data_dir, "carol")["type"] == "welcome"
+        carol.sendall(wire.encode({"type": "join", "channel": "#pub"}))
+        assert read_frame(carol)["type"] == "channels"
+        carol.close()
+        jam = _stuck_reader(port, data_dir, "jam", stack)
+        jam.sendall(b"".join(wire.encode({"type": "lookup", "name": "carol", "req": i}) for i in range(40_000)))
+        time.sleep(1.5)  # the node's writes to jam are stuck by now
+        again = {}
+        for name in ("carol", "jam"):  # carol comes online (jam is told); jam logs in again (the old one is told)
+            started = time.monotonic()
+            again[name] = connect(port, stack, timeout=30)
+            assert login(again[name], data_dir, name, timeout=30)["type"] == "welcome"
+            assert time.monotonic() - started < 2, f"{name}'s login waited {time.monotonic() - started:.1f}s"
+        assert_ping_works(again["carol"])  # (jam waits: its flood of lookups put it over its CPU share)
+        # Notices pile up for a client that reads none: past MAX_POSTED bytes it is closed.
+        monkeypatch.setattr(connection, "MAX_POSTED", 600)
+        stuck = _stuck_reader(port, data_dir, "jam2", stack)
+        stuck.sendall(b"".join(wire.encode({"type": "lookup", "name": "carol", "req": i}) for i in range(40_000)))
+        time.sleep(1.5)
+        for _ in range(10):  # each login and logout of carol is a presence notice for jam2 (~60 bytes)
+            with contextlib.closing(connect(port, stack, timeout=10)) as sock:
+                assert login(sock, data_dir, "carol")["type"] == "welcome"
+        wait_until(lambda: "jam2" not in tester_node.node.online, 10, message="jam2's connection to be closed")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import time
 
 import pytest
 
@@ -108,8 +109,9 @@ def test_a_forged_sender_is_not_shown_as_genuine(tester_node):
 
 
 def test_a_replayed_envelope_is_reported_not_shown(tester_node):
-    """The node relays a second copy once the first was claimed (it keeps no
-    message); the recipient's replay guard must catch it."""
+    """While bob's claim of a message is remembered (the claim timeout), the node refuses
+    another message to him under its msg_id; after that it relays a second copy (it keeps
+    no message), and the recipient's replay guard must catch it."""
     make_users(tester_node.data_dir, "alice", "bob")
     bob_inbox, _, _, bob_events = collecting_events()
     _, _, alice_paid, alice_events = collecting_events()
@@ -128,6 +130,11 @@ def test_a_replayed_envelope_is_reported_not_shown(tester_node):
     assert first.genuine
     wait_until(lambda: msg_id in alice_paid, message="the first copy to be claimed and paid")
     original_write(wire.encode(dict(sent[-1], bounty=alice.payer.next_bounty().wire)))  # same envelope, fresh bounty
+    with pytest.raises(queue.Empty):
+        bob_inbox.get(timeout=1)
+    ledger = tester_node.node.ledger
+    ledger.forget_settled(time.monotonic() + ledger.claim_timeout + 1)  # past the claim timeout
+    original_write(wire.encode(dict(sent[-1], bounty=alice.payer.next_bounty().wire)))
     second = bob_inbox.get(timeout=10)
     assert not second.genuine and "replay" in second.problem.lower()
 

@@ -132,8 +132,7 @@ class Router:
     def _kick(self, name: str) -> None:
         session = self.node.online.get(name)
         if session is not None:
-            session.transport.send(wire.error("name_in_use", f"{name} connected again on another node"))
-            session.transport.close()
+            session.transport.abort(wire.error("name_in_use", f"{name} connected again on another node"))
 
     def _deliver_here(self, name: str, headers: dict, body: bytes) -> str:
         """Write the deliver to the local client and hold the delivery in this node's ledger

@@ -165,8 +165,8 @@ class Node:
             previous = self.online.get(session.name)
             self.online[session.name] = session
         if previous is not None and previous is not session:
-            previous.transport.send(wire.error("name_in_use", f"{session.name} connected again from elsewhere"))
-            previous.transport.close()
+            # never waits for the old connection: it may be one that stopped reading
+            previous.transport.abort(wire.error("name_in_use", f"{session.name} connected again from elsewhere"))
         if self.cluster is not None:
             self.cluster.user_online(session.name)
         log.info("+ %s connected from %s", session.name, session.transport.address[0])
@@ -197,10 +197,10 @@ class Node:
         return sorted(names)
 
     def _notify(self, name: str, frame: bytes) -> None:
-        """A presence notice for `name`, if it is online (any thread)."""
+        """A presence notice for `name`, if it is online (any thread; never waits on its socket)."""
         session = self.online.get(name)
         if session is not None:
-            session.transport.send_bytes(frame)
+            session.transport.post(frame)
 
     def _channels_of(self, name: str) -> list[frozenset]:
         return [members for members in list(self.channels.members.values()) if name in members]
@@ -249,4 +249,4 @@ class Node:
         for sender, msg_ids in by_sender.items():
             session = self.online.get(sender)
             if session is not None:
-                session.transport.send({"type": "paid", "msg_ids": msg_ids, "tx": result.tx_hash})
+                session.transport.post(wire.encode({"type": "paid", "msg_ids": msg_ids, "tx": result.tx_hash}))

@@ -118,6 +118,8 @@ class Server:
                 if not data:
                     break
                 session.receive(data, clock())
+                if transport.has_posted:  # notices the socket had no room for when they came
+                    transport.flush_posted()
                 pause = session.pause_needed(clock())
                 if pause:  # over its CPU share (dm.relay.budget): others go first
                     time.sleep(pause)
@@ -150,6 +152,8 @@ class Server:
             with self.lock:
                 sessions = list(self.sessions)
             for session in sessions:
+                if session.transport.has_posted:
+                    session.transport.flush_posted()
                 reason = session.timeout_reason(now, self.handshake_timeout, self.frame_timeout,
                                                 self.idle_timeout)
                 if reason:
