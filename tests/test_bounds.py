@@ -10,6 +10,7 @@ import base64
 import contextlib
 import gc
 import json
+import secrets
 import socket
 import statistics
 import threading
@@ -23,7 +24,7 @@ from conftest import logged_in_sockets, make_users, wait_until
 from dm import wire
 from dm.chain import ethereum
 from dm.chain.books import HASHES_PER_PAUSE, BookSecrets, MerkleTree
-from dm.chain.faucet import TOP_UP_INTERVAL, Faucet, faucet_signer
+from dm.chain.faucet import TOP_UP_INTERVAL, USER_GRANT_BTK, Faucet, faucet_signer
 from dm.cli import node as node_cli
 from dm.relay import node as relay_node
 from dm.relay import snapshot_log
@@ -232,6 +233,45 @@ def test_max_visible_bounds_what_a_recipient_reads_before_it_pays(extra_nodes, d
         assert in_order(frames) == [("fits", "delivered"), ("over", "bad_field"), ("over-general", "bad_field")]
         assert all("--max-visible" in frame["message"] for frame in frames[1:])
         assert read_frame(socks["bob"])["msg_id"] == "fits"
+
+
+# --- pins: the names one address may pin, and all names ---------------------------------------------
+
+def pin_names(port: int, data_dir: Path, owner: str, names: list[str], source: str = "127.0.0.1") -> list[dict]:
+    """The audit's client: one connection per name, each proved with `owner`'s RSA key and
+    Ethereum account, from `source`. The node's answer to each `auth`, in order."""
+    answers = []
+    for name in names:
+        with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
+            answers.append(login(sock, data_dir, owner, as_name=name))
+    return answers
+
+
+def test_one_key_from_one_address_cannot_pin_new_names_without_end(extra_nodes, data_dir):
+    """The audit: a client opened one connection per new random name, all with the same RSA key
+    and Ethereum account, and pinned 300 names in 9.5 s (pins.jsonl from 2 KB to 172 KB), none
+    refused and none ever freed: 2.7 million names a day, all in memory. With the node's
+    default flags, an address now pins at most 100 new names at once; past them the auth of a
+    new name is refused, naming the flag and when to try again."""
+    node = extra_nodes("pin-flood")
+    make_users(data_dir, "mallory", "alice")
+    faucet = faucet_signer(node.token.w3, data_dir).address
+    faucet_before = node.token.balance_of(faucet)
+    flood = [f"m{secrets.token_hex(8)}" for _ in range(120)]
+    answers = pin_names(node.port, data_dir, "mallory", flood, source="127.0.0.2")
+    welcomed = sum(answer["type"] == "welcome" for answer in answers)
+    print(f"{welcomed} of {len(flood)} new names pinned from one address; pins.jsonl "
+          f"{node.pins._store.log_path.stat().st_size:,} bytes")
+    assert welcomed <= 100, welcomed
+    refusal = answers[-1]
+    assert refusal["code"] == "limit_reached" and "--new-names-per-hour" in refusal["message"], refusal
+    assert len(node.pins) == welcomed
+    # a name it pinned still logs in from there, and another address still pins a new name
+    assert pin_names(node.port, data_dir, "mallory", flood[:1], source="127.0.0.2")[0]["type"] == "welcome"
+    assert pin_names(node.port, data_dir, "alice", ["alice"], source="127.0.0.3")[0]["type"] == "welcome"
+    # the dev faucet: one Ethereum account is given one grant, however many names prove it (an
+    # account per name would cost a grant per name, so the same bound caps what it gives away)
+    assert faucet_before - node.token.balance_of(faucet) <= 2 * USER_GRANT_BTK
 
 
 def test_a_ping_every_19_errors_no_longer_keeps_a_connection_alive(tester_node):
