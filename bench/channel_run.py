@@ -20,7 +20,9 @@ from harness.workers import Workers
 
 RSA_KEYS = 8
 PER_WORKER = 250  # member clients per worker process
-NODE_OPTIONS = {"log_level": "info", "batch_size": 1000, "batch_wait": 2, "max_connections": 5000}
+# Every member connects from 127.0.0.1, one address: --new-names-per-hour 0 lets it pin them all.
+NODE_OPTIONS = {"log_level": "info", "batch_size": 1000, "batch_wait": 2, "max_connections": 5000,
+                "new_names_per_hour": 0}
 
 
 def ms_after(t0: float, at: float | None) -> float | None:

@@ -49,7 +49,9 @@ from channel_run import ChannelBench
 from harness.node import NodeProcess
 
 RESULTS = RESULTS_DIR / "cluster.json"
-NODE_OPTIONS = {"log_level": "info", "batch_size": 1000, "batch_wait": 1, "max_connections": 5000}
+# Every user connects from 127.0.0.1, one address: --new-names-per-hour 0 lets it pin them all.
+NODE_OPTIONS = {"log_level": "info", "batch_size": 1000, "batch_wait": 1, "max_connections": 5000,
+                "new_names_per_hour": 0}
 BATCH = 100  # messages per send_many in the throughput runs
 
 

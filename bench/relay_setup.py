@@ -17,7 +17,8 @@ from harness.workers import Workers
 
 PAIRS = 4
 ENVELOPE_SIZE = 512
-UNBOUNDED = ["--max-unclaimed", str(10**9), "--max-book-leaves", str(10**6), "--cpu-share", "0"]
+UNBOUNDED = ["--max-unclaimed", str(10**9), "--max-book-leaves", str(10**6), "--cpu-share", "0",
+             "--new-names-per-hour", "0"]
 RSA_KEYS = 8  # shared across the many connection names (the node pins name -> key, not key -> name)
 
 raise_nofile()  # at import: the main process and every spawned worker
@@ -95,7 +96,8 @@ class RelayBench:
         while measuring. With --profile it runs under cProfile (bench/results/relay-node-PHASE.prof).
         The node's per-user bounds are lifted (UNBOUNDED): the receivers never return codes, and
         each sender announces one book of up to 100,000 leaves, whose hashing would otherwise be
-        paced by the per-connection CPU share. The per-message path is the same either way."""
+        paced by the per-connection CPU share, and every name is pinned from 127.0.0.1. The
+        per-message path is the same either way."""
         data = self.tmp / f"node-{phase}"
         (data / "node").mkdir(parents=True, mode=0o700)
         shutil.copy(self.chain.data / "deployment.json", data / "deployment.json")

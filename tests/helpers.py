@@ -46,11 +46,13 @@ def user_keys(data_dir: Path, name: str):
     return rsa_key, crypto.public_key_pem(rsa_key), eth
 
 
-def login(sock: socket.socket, data_dir: Path, name: str, *, signing_key=None, timeout: float = 10) -> dict:
-    """The client's handshake (dm.wire.handshake) on a raw socket. Returns the node's answer to
-    `auth`: the welcome, or the error frame it refused with."""
+def login(sock: socket.socket, data_dir: Path, name: str, *, signing_key=None, as_name: str | None = None,
+          timeout: float = 10) -> dict:
+    """The client's handshake (dm.wire.handshake) on a raw socket, with `name`'s keys, claiming
+    `as_name` (default: `name`). Returns the node's answer to `auth`: the welcome, or the error
+    frame it refused with."""
     rsa_key, pem, eth = user_keys(data_dir, name)
-    handshake = ClientHandshake(name, pem, eth, lambda data: crypto.sign(signing_key or rsa_key, data))
+    handshake = ClientHandshake(as_name or name, pem, eth, lambda data: crypto.sign(signing_key or rsa_key, data))
     sock.settimeout(timeout)
     sock.sendall(handshake.hello())
     try:

@@ -7,9 +7,11 @@ connection) and issue 10 part 2 (`--max-unclaimed`). Real nodes on eth-tester, r
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import gc
 import json
+import secrets
 import socket
 import statistics
 import threading
@@ -23,11 +25,11 @@ from conftest import logged_in_sockets, make_users, wait_until
 from dm import wire
 from dm.chain import ethereum
 from dm.chain.books import HASHES_PER_PAUSE, BookSecrets, MerkleTree
-from dm.chain.faucet import TOP_UP_INTERVAL, Faucet, faucet_signer
+from dm.chain.faucet import TOP_UP_INTERVAL, USER_GRANT_BTK, Faucet, faucet_signer
 from dm.cli import node as node_cli
 from dm.relay import node as relay_node
 from dm.relay import snapshot_log
-from dm.relay.budget import address_key
+from dm.relay.budget import NEW_NAMES_PER_HOUR, address_key
 from dm.relay.channels import ChannelRegistry
 from helpers import OPAQUE_ENVELOPE, login, start_node
 from test_abuse import assert_ping_works, codes, read_frame, read_until_closed
@@ -234,6 +236,104 @@ def test_max_visible_bounds_what_a_recipient_reads_before_it_pays(extra_nodes, d
         assert read_frame(socks["bob"])["msg_id"] == "fits"
 
 
+# --- pins: the names one address may pin, and all names ---------------------------------------------
+
+def pin_names(port: int, data_dir: Path, owner: str, names: list[str], source: str = "127.0.0.1") -> list[dict]:
+    """The audit's client: one connection per name, each proved with `owner`'s RSA key and
+    Ethereum account, from `source`. The node's answer to each `auth`, in order."""
+    answers = []
+    for name in names:
+        with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
+            answers.append(login(sock, data_dir, owner, as_name=name))
+    return answers
+
+
+def test_one_key_from_one_address_cannot_pin_new_names_without_end(extra_nodes, data_dir):
+    """The audit: a client opened one connection per new random name, all with the same RSA key
+    and Ethereum account, and pinned 300 names in 9.5 s (pins.jsonl from 2 KB to 172 KB), none
+    refused and none ever freed: 2.7 million names a day, all in memory. With the node's
+    default flags, an address now pins at most 100 new names at once; past them the auth of a
+    new name is refused, naming the flag and when to try again."""
+    node = extra_nodes("pin-flood")
+    make_users(data_dir, "mallory", "alice")
+    faucet = faucet_signer(node.token.w3, data_dir).address
+    faucet_before = node.token.balance_of(faucet)
+    flood = [f"m{secrets.token_hex(8)}" for _ in range(NEW_NAMES_PER_HOUR + 20)]
+    answers = pin_names(node.port, data_dir, "mallory", flood, source="127.0.0.2")
+    welcomed = sum(answer["type"] == "welcome" for answer in answers)
+    print(f"{welcomed} of {len(flood)} new names pinned from one address; pins.jsonl "
+          f"{node.pins._store.log_path.stat().st_size:,} bytes")
+    assert [answer["type"] for answer in answers] == ["welcome"] * NEW_NAMES_PER_HOUR + ["error"] * 20
+    refusal = answers[-1]
+    assert refusal["code"] == "limit_reached" and "--new-names-per-hour" in refusal["message"], refusal
+    assert "try again in 1 minute;" in refusal["message"], refusal  # one comes back every 36 s
+    assert len(node.pins) == welcomed
+    # a name it pinned still logs in from there, and another address still pins a new name
+    assert pin_names(node.port, data_dir, "mallory", flood[:1], source="127.0.0.2")[0]["type"] == "welcome"
+    assert pin_names(node.port, data_dir, "alice", ["alice"], source="127.0.0.3")[0]["type"] == "welcome"
+    # the dev faucet: one Ethereum account is given one grant, however many names prove it (an
+    # account per name would cost a grant per name, so the same bound caps what it gives away)
+    assert faucet_before - node.token.balance_of(faucet) <= 2 * USER_GRANT_BTK
+
+
+def test_new_names_per_hour_is_per_address_and_refills_with_the_hour(extra_nodes, data_dir):
+    """--new-names-per-hour: a token bucket per address (dm.relay.budget), as many at once. The
+    node's clock is the test's: an hour passes without sleeping. A refused auth closes the
+    connection, as every refused auth does; pinned names still log in from that address."""
+    now = [1000.0]
+    node = extra_nodes("new-names", new_names_per_hour=3, clock=lambda: now[0])
+    make_users(data_dir, "mallory", "alice")
+    answers = pin_names(node.port, data_dir, "mallory", ["n1", "n2", "n3", "n4"], source="127.0.0.2")
+    assert [answer["type"] for answer in answers] == ["welcome"] * 3 + ["error"]
+    refusal = answers[-1]
+    assert refusal["code"] == "limit_reached" and "--new-names-per-hour" in refusal["message"], refusal
+    assert "3 new names an hour" in refusal["message"] and "try again in 20 minutes" in refusal["message"]
+    assert "n4" not in node.pins
+    assert [a["type"] for a in pin_names(node.port, data_dir, "mallory", ["n1", "n3"], source="127.0.0.2")] == \
+        ["welcome"] * 2
+    assert pin_names(node.port, data_dir, "alice", ["alice"], source="127.0.0.3")[0]["type"] == "welcome"
+    now[0] += 600  # half the wait: still none
+    answer = pin_names(node.port, data_dir, "mallory", ["n4"], source="127.0.0.2")[0]
+    assert "try again in 10 minutes" in answer["message"], answer
+    now[0] += 601  # one name back, not two
+    answers = pin_names(node.port, data_dir, "mallory", ["n4", "n5"], source="127.0.0.2")
+    assert [answer["type"] for answer in answers] == ["welcome", "error"]
+    now[0] += 3 * 3600  # a quiet night gives back the burst, no more
+    answers = pin_names(node.port, data_dir, "mallory", ["n5", "n6", "n7", "n8"], source="127.0.0.2")
+    assert [answer["type"] for answer in answers] == ["welcome"] * 3 + ["error"]
+    assert len(node.pins) == 8  # n1-n7 and alice
+
+
+def test_new_names_per_hour_0_leaves_an_address_unbounded(extra_nodes, data_dir):
+    """Behind a proxy every client has its address: 0 turns the allowance off."""
+    node = extra_nodes("new-names-off", new_names_per_hour=0)
+    make_users(data_dir, "mallory")
+    answers = pin_names(node.port, data_dir, "mallory", [f"p{i}" for i in range(5)])
+    assert [answer["type"] for answer in answers] == ["welcome"] * 5
+
+
+def test_max_pins_bounds_every_name_and_pinned_names_still_log_in(extra_nodes, data_dir):
+    """--max-pins: past it a new name is refused from any address, naming the flag; every name
+    pinned before (and the ones pinned in an earlier run, counted at start) still logs in."""
+    node = extra_nodes("max-pins", max_pins=3, handshake_timeout=20)
+    make_users(data_dir, "alice", "bob", "carol", "dave")
+    with logged_in_sockets(node.port, data_dir, "alice", "bob", "carol"):
+        pass
+    answer = pin_names(node.port, data_dir, "dave", ["dave"], source="127.0.0.3")[0]
+    assert answer["code"] == "limit_reached" and "--max-pins" in answer["message"], answer
+    assert "ask the node's operator" in answer["message"] and "dave" not in node.pins
+    assert len(node.pins) == 3
+    for name in ("alice", "bob", "carol"):
+        assert pin_names(node.port, data_dir, name, [name], source="127.0.0.3")[0]["type"] == "welcome"
+    # the cap is checked with the pin, under the store's lock: new names at once cannot pass it
+    node.pins.max_pins = 5
+    names = [f"x{i}" for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda n: pin_names(node.port, data_dir, "alice", [n])[0], names))
+    assert sorted(answer["type"] for answer in answers) == ["error"] * 6 + ["welcome"] * 2
+    assert len(node.pins) == 5
+
+
 def test_a_ping_every_19_errors_no_longer_keeps_a_connection_alive(tester_node):
     """max_errors counted refusals in a row, and any answered frame reset the count: a ping
     every 19 errors kept one connection making 32,000 failed lookups a second. Now the last
@@ -257,7 +357,7 @@ def test_every_limit_is_a_node_py_flag(data_dir):
                                 "--max-errors", "13", "--error-window", "2.5", "--max-books", "17",
                                 "--max-book-leaves", "19", "--max-channels", "23", "--max-members", "29",
                                 "--cpu-share", "0.5", "--ip-cpu-share", "0.3", "--max-budgets", "31",
-                                "--max-visible", "37"])
+                                "--max-visible", "37", "--max-pins", "41", "--new-names-per-hour", "43"])
     node, anvil = node_cli.build_node(args)
     try:
         assert anvil is None
@@ -266,7 +366,7 @@ def test_every_limit_is_a_node_py_flag(data_dir):
         assert (node.channels.max_channels, node.channels.max_members, node.cpu_share) == (23, 29, 0.5)
         budgets = node.budgets
         assert (budgets.share, budgets.ip_share, budgets.max_entries, budgets.max_errors) == (0.5, 0.3, 31, 13)
-        assert node.layer.max_visible == 37
+        assert (node.layer.max_visible, node.pins.max_pins, budgets.new_names_per_hour) == (37, 41, 43)
     finally:
         node.server.listener.close()
         node.stop()
@@ -277,7 +377,8 @@ def test_every_limit_is_a_node_py_flag(data_dir):
 @pytest.mark.parametrize("flag, value", [("--port", "99999"), ("--port", "-1"), ("--batch-size", "0"),
                                          ("--batch-wait", "-1"), ("--max-connections", "0"), ("--lookups", "-1"),
                                          ("--max-watches", "0"), ("--cluster-replicas", "0"),
-                                         ("--cluster-timeout", "0"), ("--cluster-max-in-flight", "-3")])
+                                         ("--cluster-timeout", "0"), ("--cluster-max-in-flight", "-3"),
+                                         ("--max-pins", "0"), ("--new-names-per-hour", "-1")])
 def test_a_bad_node_py_flag_is_one_line_naming_it(flag, value, tmp_path):
     """Not a traceback from deep inside (--port 99999 used to end in socket.bind's OverflowError)."""
     import subprocess

@@ -67,7 +67,8 @@ class NodeProcess:
 
     def __init__(self, data: Path, rpc_url: str, *, label: str = "node", log_level: str = "warning",
                  batch_size: int | None = None, batch_wait: float | None = None,
-                 max_connections: int | None = None, extra_args: list[str] | None = None,
+                 max_connections: int | None = None, new_names_per_hour: int | None = None,
+                 extra_args: list[str] | None = None,
                  cpus: set[int] | None = None,
                  profile: Path | None = None, profile_clock: str = "cpu"):
         self.label, self.data, self.profile = label, data, profile
@@ -75,7 +76,7 @@ class NodeProcess:
         args = ["--host", HOST, "--port", str(self.port), "--rpc-url", rpc_url, "--data-dir", str(data),
                 "--log-level", log_level]
         for flag, value in (("--batch-size", batch_size), ("--batch-wait", batch_wait),
-                            ("--max-connections", max_connections)):
+                            ("--max-connections", max_connections), ("--new-names-per-hour", new_names_per_hour)):
             if value is not None:
                 args += [flag, str(value)]
         args += list(extra_args or [])  # e.g. --cluster nats://... (bench/cluster.py)

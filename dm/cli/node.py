@@ -18,9 +18,10 @@ from dm import datadir, wire
 from dm.chain import DEFAULT_RPC_URL
 from dm.relay import (CPU_SHARE, DEV_CONFIRMATIONS, ERROR_WINDOW, LOOKUPS_PER_SECOND, MAX_BOOKS_PER_USER,
                       REAL_CONFIRMATIONS, TESTER_CONFIRMATIONS)
-from dm.relay.budget import IP_CPU_SHARE, MAX_BUDGETS
+from dm.relay.budget import IP_CPU_SHARE, MAX_BUDGETS, NEW_NAMES_PER_HOUR
 from dm.relay.channels import MAX_CHANNELS_PER_USER, MAX_MEMBERS
 from dm.relay.ledger import MAX_UNCLAIMED
+from dm.relay.pins import MAX_PINS
 from dm.relay.presence import MAX_WATCHES
 from dm.cluster import CLAIMS_MAX_AGE, CLAIMS_MAX_PER_NODE  # constants only: nats is not loaded
 
@@ -53,7 +54,8 @@ def build_node(args):
                     max_errors=args.max_errors, error_window=args.error_window, max_books=args.max_books,
                     max_book_leaves=args.max_book_leaves, max_channels=args.max_channels,
                     max_members=args.max_members, cpu_share=args.cpu_share, ip_cpu_share=args.ip_cpu_share,
-                    max_budgets=args.max_budgets, max_visible=args.max_visible,
+                    max_budgets=args.max_budgets, max_visible=args.max_visible, max_pins=args.max_pins,
+                    new_names_per_hour=args.new_names_per_hour,
                     redeemer_options={"batch_size": args.batch_size, "batch_wait": args.batch_wait,
                                       "confirmations": args.confirmations},
                     cluster_options=cluster_options(args))
@@ -169,6 +171,14 @@ def parse_args(argv=None):
                         help="the same, for everything that comes from one IP address (an IPv6 /64), handshakes "
                              "included; wide, since many honest users may share an address. Behind a proxy, where "
                              "every client has the proxy's address, use 0 (default: %(default)g)")
+    limits.add_argument("--new-names-per-hour", type=_positive(int, zero=True), default=NEW_NAMES_PER_HOUR,
+                        metavar="N", help="new names one IP address (an IPv6 /64) may pin an hour, as many at once: "
+                        "100 fits a class signing up behind one NAT and holds a script to 2,400 a day. Past it a new "
+                        "name's auth gets limit_reached; pinned names always log in. 0: off, for behind a proxy, "
+                        "where every client has one address (default: %(default)d)")
+    limits.add_argument("--max-pins", type=_positive(int), default=MAX_PINS, metavar="N",
+                        help="names pinned in all, each up to ~1.2 KB of memory and ~0.9 KB of disk (bench/pins.py); "
+                             "past it a new name's auth gets limit_reached, pinned names log in (default: %(default)d)")
     limits.add_argument("--max-budgets", type=_positive(int), default=MAX_BUDGETS, metavar="N",
                         help="addresses and users whose CPU use and refusals the node remembers; past it the least "
                              "recently seen is forgotten (default: %(default)d)")

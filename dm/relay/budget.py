@@ -1,4 +1,4 @@
-"""CPU budgets and refusal windows that outlive a connection.
+"""CPU budgets, refusal windows and new-name allowances that outlive a connection.
 
 Work the fast reader does not take (handshakes, `book` hashing, parsing, lookups) is billed
 to the peer's address and, once it has proved a name, to that name as well. Closing and
@@ -7,12 +7,14 @@ a reconnecting client no longer gets a fresh burst allowance or a fresh --max-er
 
     per name     --cpu-share of a core (CPU_BURST at once), and --max-errors / --error-window
     per address  --ip-cpu-share of a core (IP_CPU_BURST at once); an IPv6 address counts by its /64
+                 --new-names-per-hour names it may pin (as many at once), a token bucket
 
 The address allowance is wide on purpose: every client on one host, behind one NAT, or (in the
 tests and benchmarks) on 127.0.0.1 shares it, so it only bounds what a name cannot, an address
 that makes new names or floods handshakes. Refusals are not counted per address, since one
 client's mistakes must not close its neighbours' connections. Behind a proxy, where every
-client has the proxy's address, --ip-cpu-share 0 leaves only the per-name budget.
+client has the proxy's address, --ip-cpu-share 0 leaves only the per-name budget, and
+--new-names-per-hour 0 only the node's --max-pins.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ import threading
 CPU_BURST = 0.25  # seconds of CPU a name may spend at once (a 10,000-leaf book is ~0.03 s)
 IP_CPU_SHARE = 0.5  # of a core, per address (node.py --ip-cpu-share)
 IP_CPU_BURST = 2.5  # seconds at once per address: a few thousand handshakes
+# New names pinned per address (node.py --new-names-per-hour), and as many at once: a class or an
+# office behind one NAT making its names together. Past them one more an hour / this many.
+NEW_NAMES_PER_HOUR = 100
 MAX_BUDGETS = 50_000  # names and addresses remembered (node.py --max-budgets): ~270 B each, ~1 KB with refusals
 
 
@@ -50,9 +55,10 @@ class _Entry:
 class Budgets:
     """One owner for every address's and name's CPU budget and refusal window.
 
-    Keys are ("ip", address_key(host)) and ("user", name). At most `max_entries` are kept,
-    least recently used dropped first; an entry that has refilled to its burst and has no
-    refusal in the window is no different from a new one, and is dropped first.
+    Keys are ("ip", address_key(host)), ("user", name) (CPU seconds) and ("names",
+    address_key(host)) (new names it may still pin). At most `max_entries` are kept, least
+    recently used dropped first; an entry that has refilled to its burst and has no refusal
+    in the window is no different from a new one, and is dropped first.
 
     Thread-safety: every connection thread calls in; the entries and their order are read
     and written only under `_lock`, which is held for a few dict operations per call and
@@ -61,8 +67,9 @@ class Budgets:
 
     def __init__(self, *, share: float, ip_share: float = IP_CPU_SHARE, burst: float = CPU_BURST,
                  ip_burst: float = IP_CPU_BURST, max_errors: int = 20, error_window: float = 10.0,
-                 max_entries: int = MAX_BUDGETS):
+                 max_entries: int = MAX_BUDGETS, new_names_per_hour: int = NEW_NAMES_PER_HOUR):
         self.share, self.ip_share, self.burst, self.ip_burst = share, ip_share, burst, ip_burst
+        self.new_names_per_hour = new_names_per_hour  # 0: no allowance per address
         self.max_errors, self.error_window, self.max_entries = max_errors, error_window, max_entries
         self._entries: collections.OrderedDict[tuple, _Entry] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -77,7 +84,21 @@ class Budgets:
         return (*keys, ("user", name)) if name is not None and self.share else keys
 
     def _rate(self, key: tuple) -> tuple[float, float]:
-        return (self.ip_share, self.ip_burst) if key[0] == "ip" else (self.share, self.burst)
+        """(refill per second, burst) of `key`'s kind."""
+        kind = key[0]
+        if kind == "user":
+            return self.share, self.burst
+        if kind == "ip":
+            return self.ip_share, self.ip_burst
+        return self.new_names_per_hour / 3600, self.new_names_per_hour
+
+    def _refill(self, key: tuple, entry: _Entry, now: float) -> float:  # called with _lock held
+        """Bring `entry` up to `now`; returns its refill per second."""
+        share, burst = self._rate(key)
+        elapsed = now - entry.at if now > entry.at else 0.0  # threads' clock reads may cross
+        entry.budget = min(burst, entry.budget + elapsed * share)
+        entry.at = max(entry.at, now)
+        return share
 
     def _entry(self, key: tuple, now: float) -> _Entry:  # called with _lock held
         entries = self._entries
@@ -106,14 +127,27 @@ class Budgets:
         pause = 0.0
         with self._lock:
             for key in keys:
-                share, burst = self._rate(key)
                 entry = self._entry(key, now)
-                elapsed = now - entry.at if now > entry.at else 0.0  # threads' clock reads may cross
-                entry.budget = min(burst, entry.budget + elapsed * share) - cpu
-                entry.at = max(entry.at, now)
+                share = self._refill(key, entry, now)
+                entry.budget -= cpu
                 if entry.budget < 0:
                     pause = max(pause, -entry.budget / share)
         return pause
+
+    def take_new_name(self, address: str, now: float) -> float:
+        """One new name pinned from `address` (an address_key), out of its --new-names-per-hour.
+        0 when it is taken; otherwise nothing is taken, and the result is how many seconds until
+        the allowance has a name again."""
+        if self.new_names_per_hour <= 0:
+            return 0.0
+        key = ("names", address)
+        with self._lock:
+            entry = self._entry(key, now)
+            per_second = self._refill(key, entry, now)
+            if entry.budget < 1:
+                return (1 - entry.budget) / per_second
+            entry.budget -= 1
+            return 0.0
 
     def refused(self, name: str, now: float) -> bool:
         """Count a refusal against `name`, over all its connections. True when the last

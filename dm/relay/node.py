@@ -1,6 +1,6 @@
 """The relay node: the parts every session shares, and their lifecycle.
 
-    pins       name -> key, pinned at first proof               dm.relay.pins
+    pins       name -> key, pinned at first proof (--max-pins)   dm.relay.pins
     channels   channel -> members, copy-on-write                 dm.relay.channels
     ledger     reservations, pending deliveries, claims, expiry  dm.relay.ledger
     index      which bounties and books pay this node            dm.relay.bounties
@@ -10,6 +10,7 @@
     presence   who hears of whom coming, going, joining, leaving dm.relay.presence
     server     sockets, threads, the watchdog                    dm.relay.server
     budgets    CPU shares and refusals, per address and per name dm.relay.budget
+               and new names per address (--new-names-per-hour)
     send_rule  the one rule set for a send                       dm.relay.rules
     layer      the key-release layer over every relayed text     dm.relay.sealing
     cluster    with --cluster: the other nodes, over NATS         dm.cluster (None when alone)
@@ -27,10 +28,10 @@ from dm.chain import ethereum
 from dm.chain.faucet import Faucet
 from dm.relay import CPU_SHARE, ERROR_WINDOW, MAX_BOOKS_PER_USER
 from dm.relay.bounties import EXPIRY_MARGIN, REDEEM_MARGIN, BountyIndex
-from dm.relay.budget import CPU_BURST, IP_CPU_BURST, IP_CPU_SHARE, MAX_BUDGETS, Budgets
+from dm.relay.budget import CPU_BURST, IP_CPU_BURST, IP_CPU_SHARE, MAX_BUDGETS, NEW_NAMES_PER_HOUR, Budgets
 from dm.relay.channels import CHANNELS_PAGE, MAX_CHANNELS_PER_USER, MAX_MEMBERS, ChannelRegistry
 from dm.relay.ledger import MAX_UNCLAIMED, DeliveryLedger
-from dm.relay.pins import PinStore
+from dm.relay.pins import MAX_PINS, PinStore
 from dm.relay.presence import MAX_WATCHES, Presence
 from dm.relay.journal import DeliveryLog, Journal, restore
 from dm.relay.redeemer import Redeemed, Redeemer
@@ -58,18 +59,20 @@ class Node:
                  max_book_leaves: int = wire.MAX_BOOK_LEAVES, max_channels: int = MAX_CHANNELS_PER_USER,
                  max_members: int = MAX_MEMBERS, cpu_share: float = CPU_SHARE, ip_cpu_share: float = IP_CPU_SHARE,
                  max_budgets: int = MAX_BUDGETS, cpu_burst: float = CPU_BURST, ip_cpu_burst: float = IP_CPU_BURST,
-                 max_watches: int = MAX_WATCHES, max_visible: int = wire.MAX_VISIBLE,
-                 clock=time.monotonic, cluster_options: dict | None = None):
+                 max_watches: int = MAX_WATCHES, max_visible: int = wire.MAX_VISIBLE, max_pins: int = MAX_PINS,
+                 new_names_per_hour: int = NEW_NAMES_PER_HOUR, clock=time.monotonic,
+                 cluster_options: dict | None = None):
         self.token, self.signer, self.index, self.faucet = token, signer, index, faucet
         self.budgets = Budgets(share=cpu_share, ip_share=ip_cpu_share, burst=cpu_burst, ip_burst=ip_cpu_burst,
-                               max_errors=max_errors, error_window=error_window, max_entries=max_budgets)
+                               max_errors=max_errors, error_window=error_window, max_entries=max_budgets,
+                               new_names_per_hour=new_names_per_hour)
         self.max_books, self.max_book_leaves = max_books, max_book_leaves
         # only a send may be larger (dm.wire.MAX_OTHER_FRAME), unless books may be: 67 bytes a leaf
         self.max_other_frame = max(wire.MAX_OTHER_FRAME, 70 * max_book_leaves + 1024)
         self.cpu_share = cpu_share  # of a core, per name, for general-path frames; 0: unpaced
         node_dir = data_dir / "node"
         self.node_id = datadir.ensure_secret(node_dir / "node_id", lambda: secrets.token_hex(16))
-        self.pins = PinStore(node_dir / "pins.json")
+        self.pins = PinStore(node_dir / "pins.json", max_pins)
         self.channels = ChannelRegistry(node_dir / "channels.json", max_channels, max_members)
         self.ledger = DeliveryLedger(claim_timeout, max_unclaimed, index.bounty_expiry)
         self._swept_at = float("-inf")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import collections
 import logging
+import math
 import secrets
 import time
 
@@ -40,6 +41,12 @@ _BACKSLASH = 92
 def _confusable(name: str, look_alike: str) -> ProtocolError:
     return ProtocolError("name_confusable", f"the name {name!r} looks like {look_alike!r}, already pinned on this "
                          "node: choose a clearly different name", fatal=True)
+
+
+def _pins_full(max_pins: int) -> ProtocolError:
+    return ProtocolError("limit_reached", f"this node has pinned {max_pins} names, the most it holds (its "
+                         "--max-pins), and takes no new ones; names already pinned here still log in: ask the "
+                         "node's operator for room, or use another node", fatal=True)
 
 
 # Hashing a 10,000-leaf book takes tens of ms; in stretches this short, a thread waiting for the
@@ -418,9 +425,13 @@ class Session:
             log.warning("! failed proof for %s from %s", name, self.label)
             raise ProtocolError("auth_failed", fatal=True)
         self.proved = True  # the handshake clock stops: funding a new user may take a while
+        if name not in node.pins:
+            self._check_new_name(name)
         if node.cluster is not None:  # pinned network-wide (create-only) before here
             node.cluster.claim_name(name, hello["public_key"], hello["eth_address"])
-        outcome = node.pins.pin(name, hello["public_key"], hello["eth_address"])
+        outcome = node.pins.pin(name, hello["public_key"], hello["eth_address"], capped=True)
+        if outcome == "full":  # the last room went to another new name since _check_new_name
+            raise _pins_full(node.pins.max_pins)
         if outcome == "conflict":  # another key won the name between our hello and auth
             raise ProtocolError("name_taken", f"the name {name!r} is pinned to another key on this node", fatal=True)
         if outcome == "confusable":  # a look-alike name was pinned between our hello and auth
@@ -441,6 +452,26 @@ class Session:
         self._reply({**node.welcome, "name": name})
         node.go_online(self)
         return None
+
+    def _check_new_name(self, name: str) -> None:
+        """Before a name is first pinned here, after its proof (a forged auth spends nothing):
+        refused, closing the connection as every refused auth does, when the node holds
+        --max-pins names or this address has pinned its --new-names-per-hour. Names already
+        pinned never come here, so they always log in. With --cluster, a name pinned on another
+        node and not yet cached here counts as new here too."""
+        node = self.node
+        if node.pins.full:
+            log.warning("! refused the new name %s from %s: --max-pins names are pinned", name, self.label)
+            raise _pins_full(node.pins.max_pins)
+        wait = node.budgets.take_new_name(self._address, self._now)
+        if wait:
+            minutes = max(1, math.ceil(round(wait) / 60))
+            log.warning("! refused the new name %s from %s: its address pinned --new-names-per-hour", name,
+                        self.label)
+            raise ProtocolError("limit_reached", f"{node.budgets.new_names_per_hour} new names an hour may be "
+                                "pinned from your address on this node (its --new-names-per-hour), and they are "
+                                f"used up: try again in {minutes} minute{'s' if minutes > 1 else ''}; names "
+                                "already pinned here still log in", fatal=True)
 
     # --- requests ---------------------------------------------------------------------
 
