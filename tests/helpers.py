@@ -47,12 +47,13 @@ def user_keys(data_dir: Path, name: str):
 
 
 def login(sock: socket.socket, data_dir: Path, name: str, *, signing_key=None, as_name: str | None = None,
-          timeout: float = 10) -> dict:
+          eth_address: str | None = None, timeout: float = 10) -> dict:
     """The client's handshake (dm.wire.handshake) on a raw socket, with `name`'s keys, claiming
-    `as_name` (default: `name`). Returns the node's answer to `auth`: the welcome, or the error
-    frame it refused with."""
+    `as_name` (default: `name`) and `eth_address` (default: `name`'s account). Returns the
+    node's answer to `auth`: the welcome, or the error frame it refused with."""
     rsa_key, pem, eth = user_keys(data_dir, name)
-    handshake = ClientHandshake(as_name or name, pem, eth, lambda data: crypto.sign(signing_key or rsa_key, data))
+    handshake = ClientHandshake(as_name or name, pem, eth_address or eth,
+                                lambda data: crypto.sign(signing_key or rsa_key, data))
     sock.settimeout(timeout)
     sock.sendall(handshake.hello())
     try:

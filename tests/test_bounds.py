@@ -31,7 +31,7 @@ from dm.relay import node as relay_node
 from dm.relay import snapshot_log
 from dm.relay.budget import NEW_NAMES_PER_HOUR, address_key
 from dm.relay.channels import ChannelRegistry
-from helpers import OPAQUE_ENVELOPE, login, start_node
+from helpers import OPAQUE_ENVELOPE, login, start_node, user_keys
 from test_abuse import assert_ping_works, codes, read_frame, read_until_closed
 from test_relay_burst import in_order, open_announced_book, read_frames, send_frame
 
@@ -287,7 +287,7 @@ def test_new_names_per_hour_is_per_address_and_refills_with_the_hour(extra_nodes
     assert [answer["type"] for answer in answers] == ["welcome"] * 3 + ["error"]
     refusal = answers[-1]
     assert refusal["code"] == "limit_reached" and "--new-names-per-hour" in refusal["message"], refusal
-    assert "3 new names an hour" in refusal["message"] and "try again in 20 minutes" in refusal["message"]
+    assert "3 new names or moves" in refusal["message"] and "try again in 20 minutes" in refusal["message"]
     assert "n4" not in node.pins
     assert [a["type"] for a in pin_names(node.port, data_dir, "mallory", ["n1", "n3"], source="127.0.0.2")] == \
         ["welcome"] * 2
@@ -302,6 +302,34 @@ def test_new_names_per_hour_is_per_address_and_refills_with_the_hour(extra_nodes
     answers = pin_names(node.port, data_dir, "mallory", ["n5", "n6", "n7", "n8"], source="127.0.0.2")
     assert [answer["type"] for answer in answers] == ["welcome"] * 3 + ["error"]
     assert len(node.pins) == 8  # n1-n7 and alice
+
+
+def test_a_name_moving_to_a_new_account_at_every_login_is_bounded_like_a_new_name(extra_nodes, data_dir):
+    """A pinned name that logs in with its key and a new Ethereum account moves to it: one more
+    line in pins.jsonl (compacted only at a restart) and, on a dev chain, a grant for the new
+    account. At every login that grew the file without end; moves now count against the
+    address's --new-names-per-hour, and a login with the pinned account is never refused."""
+    now = [1000.0]
+    node = extra_nodes("moves", new_names_per_hour=3, clock=lambda: now[0])
+    make_users(data_dir, "mallory")
+    pinned = user_keys(data_dir, "mallory")[2]
+
+    def login_with(eth_address: str) -> dict:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10, source_address=("127.0.0.2", 0)) as sock:
+            return login(sock, data_dir, "mallory", eth_address=eth_address)
+
+    assert login_with(pinned)["type"] == "welcome"  # the new name: one of the three
+    log_path = node.pins._store.log_path
+    size = log_path.stat().st_size
+    accounts = [ethereum.address_of(ethereum.new_account()[1]) for _ in range(4)]
+    answers = [login_with(account) for account in accounts]
+    assert [answer["type"] for answer in answers] == ["welcome", "welcome", "error", "error"]
+    assert answers[-1]["code"] == "limit_reached" and "--new-names-per-hour" in answers[-1]["message"], answers[-1]
+    assert accounts[1] in answers[-1]["message"]  # the account it may still log in with
+    assert node.pins.get("mallory")["eth_address"] == accounts[1]
+    grown = log_path.stat().st_size
+    assert login_with(accounts[1])["type"] == "welcome"  # its pinned account: always
+    assert login_with(accounts[3])["type"] == "error" and log_path.stat().st_size == grown > size
 
 
 def test_new_names_per_hour_0_leaves_an_address_unbounded(extra_nodes, data_dir):

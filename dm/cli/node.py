@@ -172,10 +172,10 @@ def parse_args(argv=None):
                              "included; wide, since many honest users may share an address. Behind a proxy, where "
                              "every client has the proxy's address, use 0 (default: %(default)g)")
     limits.add_argument("--new-names-per-hour", type=_positive(int, zero=True), default=NEW_NAMES_PER_HOUR,
-                        metavar="N", help="new names one IP address (an IPv6 /64) may pin an hour, as many at once: "
-                        "100 fits a class signing up behind one NAT and holds a script to 2,400 a day. Past it a new "
-                        "name's auth gets limit_reached; pinned names always log in. 0: off, for behind a proxy, "
-                        "where every client has one address (default: %(default)d)")
+                        metavar="N", help="new names one IP address (an IPv6 /64) may pin, or move to another "
+                        "account, an hour, as many at once: 100 fits a class signing up behind one NAT and holds a "
+                        "script to 2,400 a day. Past it such an auth gets limit_reached; a pinned name with its "
+                        "account always logs in. 0: off, for behind a proxy (default: %(default)d)")
     limits.add_argument("--max-pins", type=_positive(int), default=MAX_PINS, metavar="N",
                         help="names pinned in all, each up to ~1.2 KB of memory and ~0.9 KB of disk (bench/pins.py); "
                              "past it a new name's auth gets limit_reached, pinned names log in (default: %(default)d)")

@@ -7,7 +7,7 @@ a reconnecting client no longer gets a fresh burst allowance or a fresh --max-er
 
     per name     --cpu-share of a core (CPU_BURST at once), and --max-errors / --error-window
     per address  --ip-cpu-share of a core (IP_CPU_BURST at once); an IPv6 address counts by its /64
-                 --new-names-per-hour names it may pin (as many at once), a token bucket
+                 --new-names-per-hour names it may pin or move (as many at once), a token bucket
 
 The address allowance is wide on purpose: every client on one host, behind one NAT, or (in the
 tests and benchmarks) on 127.0.0.1 shares it, so it only bounds what a name cannot, an address
@@ -56,7 +56,7 @@ class Budgets:
     """One owner for every address's and name's CPU budget and refusal window.
 
     Keys are ("ip", address_key(host)), ("user", name) (CPU seconds) and ("names",
-    address_key(host)) (new names it may still pin). At most `max_entries` are kept, least
+    address_key(host)) (new names, or moves to another account, it may still make). At most `max_entries` are kept, least
     recently used dropped first; an entry that has refilled to its burst and has no refusal
     in the window is no different from a new one, and is dropped first.
 

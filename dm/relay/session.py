@@ -425,8 +425,13 @@ class Session:
             log.warning("! failed proof for %s from %s", name, self.label)
             raise ProtocolError("auth_failed", fatal=True)
         self.proved = True  # the handshake clock stops: funding a new user may take a while
-        if name not in node.pins:
+        pinned = node.pins.get(name)
+        if pinned is None:
             self._check_new_name(name)
+        elif pinned["eth_address"] != hello["eth_address"] and \
+                pinned["public_key"].strip() == hello["public_key"].strip():
+            # a move to another account: a line in pins.jsonl and, on a dev chain, a grant
+            self._take_new_name(name, f"or log in with the account {name} is pinned with, {pinned['eth_address']}")
         if node.cluster is not None:  # pinned network-wide (create-only) before here
             node.cluster.claim_name(name, hello["public_key"], hello["eth_address"])
         outcome = node.pins.pin(name, hello["public_key"], hello["eth_address"], capped=True)
@@ -463,15 +468,21 @@ class Session:
         if node.pins.full:
             log.warning("! refused the new name %s from %s: --max-pins names are pinned", name, self.label)
             raise _pins_full(node.pins.max_pins)
+        self._take_new_name(name, "names already pinned here still log in")
+
+    def _take_new_name(self, name: str, otherwise: str) -> None:
+        """One new name, or one move of a pinned name to another account, out of this address's
+        --new-names-per-hour; refused (closing) when they are used up."""
+        node = self.node
         wait = node.budgets.take_new_name(self._address, self._now)
         if wait:
             minutes = max(1, math.ceil(round(wait) / 60))
-            log.warning("! refused the new name %s from %s: its address pinned --new-names-per-hour", name,
+            log.warning("! refused %s from %s: its address pinned --new-names-per-hour names or moves", name,
                         self.label)
-            raise ProtocolError("limit_reached", f"{node.budgets.new_names_per_hour} new names an hour may be "
-                                "pinned from your address on this node (its --new-names-per-hour), and they are "
-                                f"used up: try again in {minutes} minute{'s' if minutes > 1 else ''}; names "
-                                "already pinned here still log in", fatal=True)
+            raise ProtocolError("limit_reached", f"{node.budgets.new_names_per_hour} new names or moves of a name "
+                                "to another account an hour may be made from your address on this node (its "
+                                f"--new-names-per-hour), and they are used up: try again in {minutes} "
+                                f"minute{'s' if minutes > 1 else ''}; {otherwise}", fatal=True)
 
     # --- requests ---------------------------------------------------------------------
 
