@@ -56,9 +56,10 @@ class Budgets:
     """One owner for every address's and name's CPU budget and refusal window.
 
     Keys are ("ip", address_key(host)), ("user", name) (CPU seconds) and ("names",
-    address_key(host)) (new names, or moves to another account, it may still make). At most `max_entries` are kept, least
-    recently used dropped first; an entry that has refilled to its burst and has no refusal
-    in the window is no different from a new one, and is dropped first.
+    address_key(host)) (new names, or moves to another account, it may still make). At most
+    `max_entries` are kept, least recently used dropped first; an entry that has refilled to
+    its burst and has no refusal in the window is no different from a new one, and is dropped
+    first.
 
     Thread-safety: every connection thread calls in; the entries and their order are read
     and written only under `_lock`, which is held for a few dict operations per call and
