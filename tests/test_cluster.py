@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import queue
 import re
@@ -36,8 +37,10 @@ BOOK = 4  # codes per book: small books keep the chain work short
 # --cluster-claims-max 1: the stream holds one code for a node that is down; the next ones wait
 # at the node they were returned at (test_codes_claimed_while_the_senders_node_is_killed_...).
 CLAIMS_MAX_AGE = 600
+UNCLAIMED = 6  # --max-unclaimed: test_max_unclaimed_holds_for_messages_between_nodes
 NODE_FLAGS = ("--batch-size", "20", "--batch-wait", "0.2", "--cluster-timeout", "2", "--log-level", "info",
-              "--cluster-claims-max", "1", "--cluster-claims-max-age", str(CLAIMS_MAX_AGE))
+              "--cluster-claims-max", "1", "--cluster-claims-max-age", str(CLAIMS_MAX_AGE),
+              "--max-unclaimed", str(UNCLAIMED))
 # Node 3 holds every forwarded code back this long before storing it in JetStream, so a test can
 # SIGKILL it after the recipient got the key and before JetStream has the code.
 HOLD = {"DM_TEST_HOLD_FORWARD": "60"}
@@ -261,6 +264,52 @@ def test_a_code_returned_at_another_node_too_late_to_be_redeemed_opens_nothing(n
         assert (too_late["type"], too_late["code"], too_late["ref"]) == ("error", "expired", "too-late"), too_late
     finally:
         sock.close()
+
+
+def _never_claims(network, node: int, name: str, stack) -> list[dict]:
+    """A recipient on a raw socket that reads every deliver and returns no code; the delivers it got."""
+    sock = socket.create_connection(("127.0.0.1", network.nodes[node].port), timeout=10)
+    stack.callback(sock.close)
+    assert login(sock, network.users, name)["type"] == "welcome"
+    got: list[dict] = []
+
+    def read() -> None:
+        decoder = wire.MessageDecoder()
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            got.extend(m for m in decoder.feed_messages(data) if m["type"] == "deliver")
+    threading.Thread(target=read, daemon=True).start()
+    return got
+
+
+def test_max_unclaimed_holds_for_messages_between_nodes(network, chat):
+    """--max-unclaimed caps what a sender, and a recipient, may have waiting for codes. Between
+    nodes it was not checked at all: 12 of 12 went to a recipient that never claims, under a cap
+    of 3. Now the sender's node counts a routed message from the moment it goes, and the
+    recipient's node refuses past the recipient's cap (the sender gets unclaimed_limit)."""
+    make_users(network.users, "ivan", "judy", "kate", "leo")
+    with contextlib.ExitStack() as stack:
+        judy, kate = _never_claims(network, 1, "judy", stack), _never_claims(network, 1, "kate", stack)
+        ivan, _, ivan_receipts, _ = network.client(0, "ivan")
+        leo, _, leo_receipts, _ = network.client(2, "leo")
+        wait_until(lambda: {"judy", "kate"} <= set(ivan.peers()) and "judy" in leo.peers(), 10, message="presence")
+
+        def send(client, receipts, to: str, count: int, expected: int) -> None:
+            msg_ids = [_send_raw(client, to, f"{to} {i}") for i in range(count)]
+            wait_until(lambda: sum(receipts.get(m) == "delivered" for m in msg_ids) >= expected, 10,
+                       message=f"{expected} delivered to {to}")
+            time.sleep(0.5)
+            assert sum(receipts.get(m) == "delivered" for m in msg_ids) == expected
+
+        send(ivan, ivan_receipts, "judy", UNCLAIMED - 2, UNCLAIMED - 2)
+        send(ivan, ivan_receipts, "kate", 4, 2)  # ivan's own cap, at his node
+        send(leo, leo_receipts, "judy", 4, 2)  # judy's cap, at her node
+        assert (len(judy), len(kate)) == (UNCLAIMED, 2)
 
 
 def _raw_recipient(network, node: int, name: str):

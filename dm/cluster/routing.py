@@ -29,6 +29,8 @@ WRITER_THREADS = 4  # socket writes for cross-node traffic; a user's writes alwa
 # (Dm-Deadline, wall time) is not made: the answer would come too late, the sender be told offline
 # and its bounty released. This needs the nodes' clocks to agree (NTP keeps them within ms).
 DEADLINE_MARGIN = 0.1
+# The recipient's node's answer when the recipient has --max-unclaimed deliveries waiting.
+UNCLAIMED_LIMIT = "unclaimed_limit"
 
 
 class Writers:
@@ -149,10 +151,12 @@ class Router:
         session = self.node.online.get(name)
         if session is None or session.transport.closed:
             return "offline"
+        ledger = self.node.ledger
+        if ledger.received_waiting.get(name, 0) >= ledger.max_unclaimed:  # as for a sender on this node
+            return UNCLAIMED_LIMIT
         pay = json.loads(headers["Dm-Pay"])
         paid_by = ("remote", headers["Dm-Origin"], *pay)
         delivery = (headers["Dm-Msg"], headers["Dm-From"], name, paid_by, self.node.server.clock())
-        ledger = self.node.ledger
         try:
             ledger.reserve(delivery)
         except ProtocolError:  # the same msg_id is already waiting here
@@ -195,7 +199,9 @@ class Router:
         try:
             reply = await self.bridge.nc.request(user_subject(to), body, timeout=self.request_timeout,
                                                  headers=headers)
-            status = "delivered" if reply.data == b"delivered" else "offline"
+            status = reply.data.decode(errors="replace")
+            if status not in ("delivered", UNCLAIMED_LIMIT):
+                status = "offline"
         except NoRespondersError:
             status = "offline"
         except NatsTimeout:
@@ -210,7 +216,14 @@ class Router:
     def _answer_sender(self, transport, delivery: tuple, status: str) -> None:
         ledger = self.node.ledger
         if status == "delivered":
-            ledger.delivered([delivery])
+            ledger.delivered([delivery], sender_counted=True)
+            transport.send_bytes(receipt(delivery[0], status))
+            return
+        ledger.release(delivery)
+        ledger.count_sent(delivery[1], -1)
+        if status == UNCLAIMED_LIMIT:  # the recipient's node: they have --max-unclaimed waiting
+            transport.send(wire.error("unclaimed_limit", f"{delivery[2]} has too many messages waiting for their "
+                                      "codes (its node's --max-unclaimed): send again once codes come back, or "
+                                      "after the claim timeout", ref=delivery[0]))
         else:
-            ledger.release(delivery)
-        transport.send_bytes(receipt(delivery[0], status))
+            transport.send_bytes(receipt(delivery[0], "offline"))

@@ -116,9 +116,22 @@ class DeliveryLedger:
         if self.pending.get(msg_id) is delivery:
             self.pending.pop(msg_id, None)
 
-    def delivered(self, deliveries: list[Delivery], per_recipient: dict[str, int] | None = None) -> None:
+    def count_sent(self, sender: str, change: int) -> None:
+        """A delivery routed to another node counts as waiting for its sender from the moment it
+        goes (+1), so that sends racing ahead of that node's answer see it; -1 if it was not
+        delivered after all (delivered(..., sender_counted=True) when it was)."""
+        with self._count_lock:
+            left = self.sent_waiting.get(sender, 0) + change
+            if left > 0:
+                self.sent_waiting[sender] = left
+            else:
+                self.sent_waiting.pop(sender, None)
+
+    def delivered(self, deliveries: list[Delivery], per_recipient: dict[str, int] | None = None,
+                  sender_counted: bool = False) -> None:
         """These reservations, all from one sender, reached their recipients: their claim clock
-        runs, and they count as waiting. `per_recipient` (name -> how many) spares a count."""
+        runs, and they count as waiting. `per_recipient` (name -> how many) spares a count;
+        `sender_counted`: count_sent() counted them for their sender already."""
         if not deliveries:
             return
         self.expiring.extend(deliveries)
@@ -127,7 +140,8 @@ class DeliveryLedger:
             per_recipient = collections.Counter(d[2] for d in deliveries)
         sender, sent, received = deliveries[0][1], self.sent_waiting, self.received_waiting
         with self._count_lock:
-            sent[sender] = sent.get(sender, 0) + len(deliveries)
+            if not sender_counted:
+                sent[sender] = sent.get(sender, 0) + len(deliveries)
             for recipient, count in per_recipient.items():
                 received[recipient] = received.get(recipient, 0) + count
 

@@ -13,7 +13,9 @@ The checks, in this order (docs/PROTOCOL.md lists the same order):
      --max-unclaimed deliveries waiting for their code        -> unclaimed_limit
 The reservation of the bounty and the msg_id (dm.relay.ledger) comes after these. Check 6
 counts the burst's own deliveries too, so the burst loop (dm.relay.session) makes it, with the
-ledger's counts, and raises unclaimed_limit() below.
+ledger's counts, and raises unclaimed_limit() below. With --cluster, for a recipient on another
+node, the sender's half is made here (a routed delivery counts from the moment it goes) and the
+recipient's half by the recipient's node (dm.cluster.routing), whose answer the sender gets.
 """
 from __future__ import annotations
 

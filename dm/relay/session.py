@@ -199,9 +199,14 @@ class Session:
                         self._write_held(outbox)
                         if node.cluster is not None and header[0] not in node.online:
                             # Not connected here: another node of the network may have them;
-                            # the receipt follows that node's answer (dm.cluster.routing).
+                            # the receipt follows that node's answer (dm.cluster.routing), which
+                            # checks the recipient's --max-unclaimed; the sender's is checked here.
                             delivery = (msg_id, self.name, header[0], paid, now)
+                            if sent_left <= 0:
+                                raise unclaimed_limit(ledger, delivery)
                             reserve(delivery)
+                            ledger.count_sent(self.name, 1)  # waiting from now, until that node answers
+                            sent_left -= 1
                             node.cluster.route(transport, delivery, body)
                         else:
                             transport.send_bytes(receipt(msg_id, "offline"))
