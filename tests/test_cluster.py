@@ -78,8 +78,9 @@ def network(tmp_path_factory):
         nodes = []
         for i in range(4):
             prepare_node_dir(token, users, base / f"node{i}")
-            # node 3 lets one cross-node message wait for an answer at a time (test_a_stalled_node_...)
-            extra = ("--cluster-max-in-flight", "1") if i == 3 else ()
+            # node 3 lets one cross-node message wait for an answer at a time (test_a_stalled_node_...),
+            # and takes two members a channel (test_every_node_mirrors_the_members_...)
+            extra = ("--cluster-max-in-flight", "1", "--max-members", "2") if i == 3 else ()
             nodes.append(NodeProcess(base / f"node{i}", url, nats_cluster.urls, free_port(), *NODE_FLAGS, *extra,
                                      env=HOLD if i == 3 else None).start())
         make_users(users, "alice", "bob", "carol", "dave", "frank", "erin", "gina")
@@ -310,6 +311,22 @@ def test_max_unclaimed_holds_for_messages_between_nodes(network, chat):
         send(ivan, ivan_receipts, "kate", 4, 2)  # ivan's own cap, at his node
         send(leo, leo_receipts, "judy", 4, 2)  # judy's cap, at her node
         assert (len(judy), len(kate)) == (UNCLAIMED, 2)
+
+
+def test_every_node_mirrors_the_members_the_network_accepted_whatever_its_own_cap(network, chat):
+    """Node 3 takes two members a channel, the others a thousand. A channel of three that node 0
+    accepted was two on node 3: it dropped the member past its own cap from its copy (and two
+    nodes that each let in one more member at the same moment disagreed the same way), so a
+    channel message from node 3 never reached that member. Every node now mirrors what the
+    network accepted; the cap is checked where a user joins."""
+    make_users(network.users, "mia", "ned", "olga", "pat")
+    for name in ("mia", "ned", "olga"):
+        network.client(0, name)[0].join("#big")
+    pat = network.client(3, "pat")[0]
+    wait_until(lambda: pat._connection.request({"type": "channels"})["all"].get("#big") == 3, 10,
+               message="node 3 to count three members in #big")
+    with pytest.raises(ClientError, match="limit_reached"):  # its own cap still holds for its users
+        pat.join("#big")
 
 
 def _raw_recipient(network, node: int, name: str):
@@ -556,6 +573,17 @@ def _delivered(client, receipts, to):
     return msg_id if receipts.get(msg_id) == "delivered" else None
 
 
+def _joined(client, channel: str) -> bool:
+    """Whether `client` could join `channel`; False while JetStream is not ready yet, or while
+    the client is reconnecting (it may have lost its node while NATS was away)."""
+    try:
+        client.join(channel)
+    except ClientError as exc:
+        assert str(exc).endswith("(unavailable)") or str(exc).startswith("not connected"), exc
+        return False
+    return True
+
+
 def test_when_nats_cannot_answer_users_are_told_what_to_do_and_each_node_serves_its_own(network, chat):
     """Every NATS server stops. What needs the network is refused within --cluster-timeout with
     `unavailable`, saying to try again (a login, a join, a lookup of a name this node has not
@@ -610,6 +638,16 @@ def test_when_nats_cannot_answer_users_are_told_what_to_do_and_each_node_serves_
     assert (across, local) == ("offline", "delivered")
     again = wait_until(lambda: _delivered(bob, bob_receipts, "carol"), 30, message="a delivery with NATS back")
     assert again
+    # The join refused `unavailable` left erin out of #down on her own node too (it used to stay
+    # there alone: the network never had it, a retry said "joined" without asking the network, and
+    # a leave was refused); joined again, she is in #down on every node, and leaves it.
+    answer = refusal(erin, {"type": "members", "channel": "#down"})
+    assert isinstance(answer, str) and answer.endswith("(not_a_member)"), answer
+    wait_until(lambda: _joined(erin, "#down"), 30, message="a join with NATS back")
+    bob.join("#down")
+    wait_until(lambda: "erin" in refusal(bob, {"type": "members", "channel": "#down"})["online"], 10,
+               message="erin in #down as bob's node sees it")
+    erin.leave("#down")
     for node in network.nodes:
         assert not any("Traceback" in line for line in node.lines), node.lines
 

@@ -75,6 +75,8 @@ class Bridge:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise ClusterUnavailable(f"the network of nodes did not answer within {timeout:g}s") from None
+        except nats.errors.Error as exc:  # e.g. JetStream electing its leaders after a restart
+            raise ClusterUnavailable(f"the network of nodes is not ready ({exc})") from None
 
     async def _close(self) -> None:
         """Close, not drain: the parts stopped first (claims unacknowledged are delivered again),

@@ -212,7 +212,7 @@ class Directory:
                 if revision <= self._revisions.get(key, 0):
                     return
                 self._revisions[key] = revision
-            if join:
-                registry.join(channel, name)
+            if join:  # the network has it: every node's registry must agree, whatever its caps
+                registry.join(channel, name, capped=False)
             else:
                 registry.leave(channel, name)

@@ -58,17 +58,18 @@ class ChannelRegistry:
         self._names = SortedList(self.members)
         self._lock = threading.Lock()
 
-    def join(self, channel: str, name: str) -> str:
+    def join(self, channel: str, name: str, capped: bool = True) -> str:
         """"joined", "already" (a member), "too_many_channels" (name is in max_channels) or
-        "full" (the channel has max_members)."""
+        "full" (the channel has max_members). `capped` False: a join the network of nodes
+        accepted already (dm.cluster.directory), which this node must mirror whatever its caps."""
         with self._lock:
             members = self.members.get(channel, frozenset())
             if name in members:
                 return "already"
             joined = self._joined.get(name, ())
-            if len(joined) >= self.max_channels:
+            if capped and len(joined) >= self.max_channels:
                 return "too_many_channels"
-            if len(members) >= self.max_members:
+            if capped and len(members) >= self.max_members:
                 return "full"
             self._store.append({"op": "join", "channel": channel, "name": name})
             self.members[channel] = members | {name}

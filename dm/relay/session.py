@@ -616,8 +616,13 @@ class Session:
         if outcome == "full":
             raise ProtocolError("limit_reached", f"{channel} has {channels.max_members} members, the most this node "
                                 "allows (its --max-members): try another channel", ref=channel)
-        if self.node.cluster is not None and outcome != "already":  # network-wide membership
-            self.node.cluster.change_membership(channel, self.name, True)
+        if self.node.cluster is not None:  # network-wide membership (again, if an earlier try failed)
+            try:
+                self.node.cluster.change_membership(channel, self.name, True)
+            except ProtocolError:  # not in the network's channel: not in this node's either
+                if outcome == "joined":
+                    channels.leave(channel, self.name)
+                raise
         if outcome == "joined":
             log.debug("%s joined %s", self.name, channel)
             self.node.presence.publish_joined(channel, self.name, channels.members.get(channel, frozenset()))
@@ -626,8 +631,8 @@ class Session:
     def on_leave(self, message: dict) -> dict:
         channel, channels = message["channel"].lower(), self.node.channels  # names are case-insensitive
         cluster = self.node.cluster
-        left = cluster.change_membership(channel, self.name, False) if cluster is not None else \
-            channels.leave(channel, self.name)
+        left = cluster.change_membership(channel, self.name, False) if cluster is not None else False
+        left = channels.leave(channel, self.name) or left  # (with --cluster: a stale entry here, too)
         if not left:
             raise ProtocolError("not_a_member", f"you are not in {channel}", ref=channel)
         log.debug("%s left %s", self.name, channel)
