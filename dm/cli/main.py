@@ -83,7 +83,8 @@ def run_chain(data_dir: Path, rpc_url: str) -> int:
     def interrupt(*_):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops anvil too, as Ctrl-C does (it runs in its own session)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # `kill` or a closed terminal stops anvil too, as Ctrl-C does
+        signal.signal(sig, interrupt)
     w3, anvil = devchain.ensure_chain(rpc_url, data_dir)
     try:
         token, record = devchain.ensure_deployment(w3, rpc_url, data_dir)

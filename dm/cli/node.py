@@ -1,4 +1,4 @@
-"""The node's command line: build a Node from flags, run it until Ctrl-C or SIGTERM.
+"""The node's command line: build a Node from flags, run it until Ctrl-C, SIGTERM or SIGHUP.
 
     python3 node.py [--host localhost] [--port 12345] [--rpc-url URL] [--data-dir DIR]
                     [--cluster nats://HOST:PORT[,...]]
@@ -218,6 +218,11 @@ def main(argv=None) -> int:
         return 1
     from dm.chain import devchain, ethereum
 
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # while starting, `kill` or a closed terminal acts as Ctrl-C
+        signal.signal(sig, interrupt)
     try:
         node, anvil = build_node(args)
     except OSError as exc:
@@ -231,8 +236,16 @@ def main(argv=None) -> int:
         print(f"node: {exc}", file=sys.stderr)
         return 1
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops the node as `kill` does
         signal.signal(sig, lambda *_: done.set())
+    try:
+        return serve(node, args, done)
+    finally:
+        devchain.stop_on_exit(anvil)  # only a chain this node started
+
+
+def serve(node, args, done: threading.Event) -> int:
+    """Runs the node until `done` is set."""
     try:
         node.start()
     except Exception as exc:
@@ -240,12 +253,10 @@ def main(argv=None) -> int:
             raise
         print(f"node: {exc}", file=sys.stderr)
         node.stop()
-        devchain.stop_on_exit(anvil)
         return 1
     print(f"node ready on {args.host}:{node.port}", flush=True)
     done.wait()
     node.stop()
-    devchain.stop_on_exit(anvil)
     return 0
 
 
