@@ -7,10 +7,11 @@ Chosen by --data-dir, else $DM_DATA_DIR, else ~/.distributed-messaging.
     DATA/keys/NAME_ETH.key       the user's Ethereum private key (0600)
     DATA/deployment.json         chain id, RPC URL, contract address, deploy block
     DATA/chain/                  anvil's state file and log, the dev faucet key
-    DATA/node/                   the node's pins, journal and account
+    DATA/node/                   the node's pins, journal and account; node.lock, held by the node using them
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -25,6 +26,14 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
 class DataError(Exception):
     """A problem with the data directory; the message is for the user."""
+
+
+class Locked(Exception):
+    """Another process holds the lock; `pid` is its process id, or None when it is not known."""
+
+    def __init__(self, path: Path, pid: int | None):
+        super().__init__(f"{path} is locked by {'process ' + str(pid) if pid else 'another process'}")
+        self.path, self.pid = path, pid
 
 
 def resolve(flag: str | None = None) -> Path:
@@ -83,6 +92,26 @@ def ensure_secret(path: Path, make: Callable[[], str]) -> str:
     except FileExistsError:
         pass
     return read_secret(path)
+
+
+def hold_lock(path: Path):
+    """Takes the lock `path` (an flock) for as long as the returned file stays open, and writes
+    our pid in it; the OS releases it when this process ends, however it ends (SIGKILL too).
+    Raises Locked when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise Locked(path, int(holder) if holder.isdigit() else None) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def write_json(path: Path, value) -> None:

@@ -91,15 +91,27 @@ def test_closing_the_terminal_stops_the_chain_it_started_and_only_that(tmp_path)
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_killed_node_takes_its_chain_along(tmp_path, processes):
+def test_one_node_per_data_directory_and_a_killed_node_takes_its_chain_along(tmp_path, processes):
     url = f"http://127.0.0.1:{free_port()}"
+    env = cli_env(url, tmp_path)
     try:
-        node = processes(["node.py", "--port", str(free_port())], cli_env(url, tmp_path))
+        node = processes(["node.py", "--port", str(free_port())], env)
         node.wait_for_line(lambda line: line.startswith("node ready"))
         assert len(anvil_pids(url)) == 1
+
+        port = free_port()
+        second = subprocess.run([PYTHON, "node.py", "--port", str(port)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
+        assert "another node uses this data directory" in second.stderr and str(tmp_path) in second.stderr
+        assert f"(pid {node.proc.pid})" in second.stderr
+        assert not devchain.port_is_open(f"http://127.0.0.1:{port}")
+
         node.stop(signal.SIGKILL)
         wait_until(lambda: not anvil_pids(url), 15, message="the killed node's anvil to stop")
         assert (tmp_path / "chain" / "anvil-state.json").stat().st_size > 0, "anvil stopped without its state"
+        with open(tmp_path / "node" / "node.lock", "a") as lock:  # the killed node holds it no more
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         for pid in anvil_pids(url):
             os.kill(pid, signal.SIGKILL)

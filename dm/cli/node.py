@@ -216,6 +216,11 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(f"node: {explain_os_error(exc, args)}", file=sys.stderr)
         return 1
+    try:
+        lock = lock_data_dir(datadir.resolve(args.data_dir))  # held until this process ends
+    except datadir.DataError as exc:
+        print(f"node: {exc}", file=sys.stderr)
+        return 1
     from dm.chain import devchain, ethereum
 
     def interrupt(*_):
@@ -242,6 +247,18 @@ def main(argv=None) -> int:
         return serve(node, args, done)
     finally:
         devchain.stop_on_exit(anvil)  # only a chain this node started
+        lock.close()
+
+
+def lock_data_dir(data_dir):
+    """One node per data directory: two would share the node id, the account (and its nonces),
+    the journal and the pins. The lock is DATA/node/node.lock."""
+    try:
+        return datadir.hold_lock(data_dir / "node" / "node.lock")
+    except datadir.Locked as locked:
+        pid = f" (pid {locked.pid})" if locked.pid else ""
+        raise datadir.DataError(f"another node uses this data directory, {data_dir}{pid}: stop it first, or give "
+                                "this one its own --data-dir") from None
 
 
 def serve(node, args, done: threading.Event) -> int:
