@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import PYTHON, ROOT, Process, cli_env, free_port, make_users, wait_until
+from conftest import PYTHON, ROOT, Process, cli_env, free_port, wait_until
 from dm.chain import devchain
 
 

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 from pathlib import Path
 
 from dm import datadir
 from dm.chain import DEFAULT_RPC_URL
+from dm.cli import where
 
 # crypto, web3 and the chain are imported inside the functions, so that --help answers at once.
 
 
-def gather_info(data_dir: Path, rpc_url: str) -> dict:
+def gather_info(data_dir: Path, rpc_url: str, rpc_source: str = "--rpc-url") -> dict:
     from dm import crypto
     from dm.chain import devchain, ethereum
     from dm.cli.accounts import unspent_in_books
 
     record = devchain.load_deployment(data_dir)
-    info: dict = {"data_dir": str(data_dir), "rpc_url": rpc_url,
+    info: dict = {"data_dir": str(data_dir), "rpc_url": rpc_url, "rpc_source": rpc_source,
                   "deployment": record.to_json() if record else None, "users": [], "node": None}
     token = None
     if record:
@@ -62,7 +62,8 @@ def print_info(info: dict) -> None:
     else:
         state = "" if info.get("chain_reachable") else "   (chain not reachable now)"
         print(f"chain id:       {record['chain_id']}{state}")
-        print(f"RPC URL:        {record['rpc_url']}")
+        print(f"RPC URL:        {info['rpc_url']}" + ("" if info["rpc_url"] == record["rpc_url"] else
+                                                      f" (from {info['rpc_source']}; deployed on {record['rpc_url']})"))
         print(f"BountyToken:    {record['address']} (deployed in block {record['deploy_block']})")
     if info["node"]:
         btk = f"  {info['node']['btk']:g} BTK" if "btk" in info["node"] else ""
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             argv = [*argv[:at], "keys", *argv[at + 1:]]
     parser = argparse.ArgumentParser(description="DistributedMessaging: keys, accounts, chain and demo.")
     parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
-    parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", DEFAULT_RPC_URL))
+    parser.add_argument("--rpc-url", help="the chain (default: $DM_RPC_URL; for info and refund, then the chain in "
+                                          f"the data directory's deployment.json; then {DEFAULT_RPC_URL})")
     commands = parser.add_subparsers(dest="command", required=True)
     keys = commands.add_parser("keys", help="create keys and accounts (also: main.py Y NAME...)")
     keys.add_argument("names", nargs="+")
@@ -167,22 +169,24 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         data_dir = datadir.resolve(args.data_dir)
+        # info and refund look at the chain the node here pays on; chain and demo start one where told.
+        rpc_url, rpc_source = where.chain_url(args.rpc_url, data_dir if args.command in ("info", "refund") else None)
         if args.command == "keys":
             from dm.cli.accounts import create_users
 
             return create_users(data_dir, args.names)
         if args.command == "info":
-            result = gather_info(data_dir, args.rpc_url)
+            result = gather_info(data_dir, rpc_url, rpc_source)
             print(json.dumps(result, indent=1)) if args.json else print_info(result)
             return 0
         if args.command == "chain":
-            return run_chain(data_dir, args.rpc_url)
+            return run_chain(data_dir, rpc_url)
         if args.command == "refund":
-            return refund_books(data_dir, args.rpc_url, datadir.check_name(args.name))
+            return refund_books(data_dir, rpc_url, datadir.check_name(args.name))
         if args.command == "demo":
             from dm.cli import demo
 
-            return demo.run(data_dir, args.rpc_url, args.port)
+            return demo.run(data_dir, rpc_url, args.port)
     except (datadir.DataError, crypto.KeyFileError, ethereum.ChainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
