@@ -22,6 +22,7 @@ from typing import Callable
 ENV_VAR = "DM_DATA_DIR"
 DEFAULT = Path.home() / ".distributed-messaging"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+ETH_KEY_PATTERN = re.compile(r"(0x)?[0-9a-fA-F]{64}")
 
 
 class DataError(Exception):
@@ -37,8 +38,19 @@ class Locked(Exception):
 
 
 def resolve(flag: str | None = None) -> Path:
+    """The data directory, created if need be; DataError when it cannot be one."""
     path = Path(flag or os.environ.get(ENV_VAR) or DEFAULT).expanduser()
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        problem = None if os.access(path, os.W_OK | os.X_OK) else "it is not writable"
+    except OSError as exc:
+        problem = next(("it is a file, not a directory" if p == path else f"{p} is a file, not a directory"
+                        for p in (path, *path.parents) if p.is_file()),
+                       (exc.strerror or str(exc)).lower())
+    if problem:
+        origin = "" if flag or not os.environ.get(ENV_VAR) else f" (from ${ENV_VAR})"
+        raise DataError(f"cannot use {path}{origin} as the data directory: {problem}; pass --data-dir with a "
+                        "writable directory")
     return path
 
 
@@ -68,6 +80,16 @@ def eth_key_path(data_dir: Path, name: str) -> Path:
 
 def known_users(data_dir: Path) -> list[str]:
     return sorted(p.name[: -len("_PRIVATE.pem")] for p in keys_dir(data_dir).glob("*_PRIVATE.pem"))
+
+
+def read_eth_key(path: Path) -> str:
+    """An Ethereum private key file's key (64 hex digits, 0x or not); DataError naming the file when it
+    is missing, empty or something else."""
+    key = read_secret(path)
+    if not ETH_KEY_PATTERN.fullmatch(key):
+        raise DataError(f"{path} {'is empty' if not key else 'is not an Ethereum private key'} (it should hold 64 "
+                        "hex digits): restore it from a backup (the account's BTK and ETH need this key)")
+    return key
 
 
 def write_secret(path: Path, text: str) -> None:

@@ -33,7 +33,7 @@ def create_users(data_dir: Path, names: list[str], bits: int = crypto.DEFAULT_KE
 def unspent_in_books(token: ethereum.BountyToken, data_dir: Path, name: str) -> float:
     """BTK still escrowed in NAME's own books (books are keyed by their sender's account)."""
     total = 0
-    sender = ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    sender = ethereum.address_of(datadir.read_eth_key(datadir.eth_key_path(data_dir, name)))
     for path in (data_dir / "clients" / name / "books").glob("*.json"):
         record = datadir.read_json(path, {})
         if "root" in record:

@@ -37,7 +37,7 @@ def gather_info(data_dir: Path, rpc_url: str, rpc_source: str = "--rpc-url") -> 
             if candidate.is_genuine():
                 token = candidate
         info["chain_reachable"] = token is not None
-    accounts = [(name, ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, name))))
+    accounts = [(name, ethereum.address_of(datadir.read_eth_key(datadir.eth_key_path(data_dir, name))))
                 for name in datadir.known_users(data_dir) if datadir.eth_key_path(data_dir, name).exists()]
     for name, address in accounts:
         user = {"name": name, "eth_address": address,
@@ -49,7 +49,7 @@ def gather_info(data_dir: Path, rpc_url: str, rpc_source: str = "--rpc-url") -> 
         info["users"].append(user)
     node_key = data_dir / "node" / "node_ETH.key"
     if node_key.exists():
-        address = ethereum.address_of(datadir.read_secret(node_key))
+        address = ethereum.address_of(datadir.read_eth_key(node_key))
         info["node"] = {"eth_address": address, **({"btk": token.balance_of(address) / ethereum.TOKEN} if token else {})}
     return info
 
@@ -106,6 +106,9 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
     """Refunds NAME's expired books, and says what stays escrowed and until when."""
     from dm.chain import devchain, ethereum
 
+    if name not in datadir.known_users(data_dir):
+        raise datadir.DataError(f"there is no user {name!r} here ({datadir.keys_dir(data_dir)} has no keys for it); "
+                                "`python3 main.py info` lists the users")
     w3 = ethereum.connect(rpc_url)
     record = devchain.load_deployment(data_dir)
     if record is None or not ethereum.is_connected(w3):
@@ -113,7 +116,7 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
               f"(or give the right --rpc-url)", file=sys.stderr)
         return 1
     token = ethereum.BountyToken(w3, record.address)
-    signer = ethereum.Signer(w3, datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    signer = ethereum.Signer(w3, datadir.read_eth_key(datadir.eth_key_path(data_dir, name)))
     now = w3.eth.get_block("latest")["timestamp"]
     refunded, escrowed, waiting = 0, 0, []
     for path in sorted((data_dir / "clients" / name / "books").glob("*.json")):

@@ -278,9 +278,8 @@ def serve(node, args, done: threading.Event) -> int:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Raises the OSError that listening on host:port would raise (port 0 always works)."""
-    if port:
-        socket.create_server((host, port)).close()
+    """Raises the OSError that listening on host:port would raise (with port 0: whether host is ours)."""
+    socket.create_server((host, port)).close()
 
 
 def explain_os_error(exc: OSError, args) -> str:
@@ -288,8 +287,10 @@ def explain_os_error(exc: OSError, args) -> str:
     if exc.errno == errno.EADDRINUSE:
         return (f"port {args.port} on {args.host} is already in use: another node (or program) is running on "
                 f"port {args.port}; stop it, or start this one with --port N (--port 0 picks a free port)")
-    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket.gaierror):
-        return f"cannot listen on {args.host}: {exc.strerror or exc}; check --host (e.g. localhost or 0.0.0.0)"
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or (exc.errno or 0) < 0:  # < 0: getaddrinfo's
+        reason = (exc.strerror or str(exc)).split(" (while attempting")[0]
+        return (f"cannot listen on {args.host}: {reason}; give --host a name or address of this machine "
+                "(localhost, 127.0.0.1, or 0.0.0.0 for every interface)")
     if exc.errno == errno.EACCES:
         return f"not allowed to listen on port {args.port}: {exc.strerror}; use a port above 1023 with --port"
     return str(exc)

@@ -1,0 +1,61 @@
+"""What a new user reads when something is off: one line that says what is wrong and what to do,
+never a traceback. Real main.py, node.py and client.py processes, run side by side to keep it quick."""
+from __future__ import annotations
+
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, ROOT, cli_env, free_port, make_users
+from dm import datadir
+
+NO_CHAIN = "http://127.0.0.1:9"  # discard: nothing answers there, and node.py is never pointed at it
+
+
+def run_all(env: dict, *commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Runs the commands side by side; each must end with status 1 and one line on stderr, no traceback."""
+    def run(args):
+        return subprocess.run([PYTHON, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=120)
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        results = list(pool.map(run, commands))
+    for result in results:
+        assert result.returncode == 1, (result.args, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, (result.args, result.stderr)
+    return results
+
+
+def test_a_data_directory_that_cannot_be_one_is_named_in_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    results = run_all(cli_env(NO_CHAIN, tmp_path / "unused"),
+                      ["main.py", "--data-dir", str(afile), "Y", "zed"],
+                      ["client.py", "--data-dir", str(afile), "localhost", "1", "zed", "ann"],
+                      ["node.py", "--data-dir", str(afile), "--port", str(free_port())])
+    for result in results:
+        assert f"cannot use {afile} as the data directory: it is a file, not a directory; pass --data-dir with a " \
+               "writable directory" in result.stderr, result.stderr
+    for where, reason in ((afile / "sub", f"{afile} is a file, not a directory"),
+                          (Path("/sys/x"), "operation not permitted")):
+        with pytest.raises(datadir.DataError, match=f"cannot use {where} as the data directory: {reason}; "):
+            datadir.resolve(str(where))
+
+
+def test_broken_ethereum_keys_an_unknown_user_and_a_bad_host_are_explained(tmp_path):
+    make_users(tmp_path, "user_1")
+    key_file = tmp_path / "keys" / "user_1_ETH.key"
+    key_file.write_text("")
+    results = run_all(cli_env(NO_CHAIN, tmp_path),
+                      ["main.py", "info"],
+                      ["main.py", "refund", "nobody"],
+                      ["node.py", "--host", "nosuch.invalid", "--port", "0"])
+    assert f"{key_file} is empty (it should hold 64 hex digits): restore it from a backup" in results[0].stderr
+    key_file.write_text("not hex at all\n")
+    with pytest.raises(datadir.DataError, match="is not an Ethereum private key"):
+        datadir.read_eth_key(key_file)
+    assert "there is no user 'nobody' here" in results[1].stderr and "`python3 main.py info`" in results[1].stderr
+    assert "cannot listen on nosuch.invalid" in results[2].stderr and "give --host" in results[2].stderr
+    assert "while attempting" not in results[2].stderr and "Errno" not in results[2].stderr
