@@ -2,6 +2,8 @@
 never a traceback. Real main.py, node.py and client.py processes, run side by side to keep it quick."""
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, ROOT, cli_env, free_port, make_users
-from dm import datadir
+from dm import crypto, datadir
+from dm.cli import accounts
 
-NO_CHAIN = "http://127.0.0.1:9"  # discard: nothing answers there, and node.py is never pointed at it
+NO_CHAIN = "http://127.0.0.1:9"  # discard: nothing answers there (node.py stops before it starts a chain)
 
 
 def run_all(env: dict, *commands: list[str]) -> list[subprocess.CompletedProcess]:
@@ -59,3 +62,38 @@ def test_broken_ethereum_keys_an_unknown_user_and_a_bad_host_are_explained(tmp_p
     assert "there is no user 'nobody' here" in results[1].stderr and "`python3 main.py info`" in results[1].stderr
     assert "cannot listen on nosuch.invalid" in results[2].stderr and "give --host" in results[2].stderr
     assert "while attempting" not in results[2].stderr and "Errno" not in results[2].stderr
+
+
+@pytest.fixture
+def five_users(tmp_path):
+    """k1..k5 made, as `main.py Y k1 ... k6` leaves them when Ctrl-C comes during k6."""
+    make_users(tmp_path, "k1", "k2", "k3", "k4", "k5")
+    return tmp_path
+
+
+def test_keys_for_some_names_point_at_the_command_for_the_others(five_users):
+    (result,) = run_all(cli_env(NO_CHAIN, five_users), ["main.py", "Y", "k1", "k2", "k3", "k4", "k5", "k6"])
+    assert f"keys already exist for k1, k2, k3, k4, k5 in {five_users / 'keys'}" in result.stderr
+    assert "create the others with `python3 main.py Y k6`" in result.stderr
+    assert not list((five_users / "keys").glob("k6_*"))
+
+
+def test_half_made_or_broken_key_files_are_named(five_users):
+    keys = five_users / "keys"
+    (keys / "k2_ETH.key").unlink()
+    (keys / "k3_PRIVATE.pem").write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n")
+    results = run_all(cli_env(NO_CHAIN, five_users), ["main.py", "Y", "k2"], ["main.py", "Y", "k3"])
+    assert f"{keys / 'k2_ETH.key'} is missing" in results[0].stderr, results[0].stderr
+    assert f"{keys / 'k3_PRIVATE.pem'} is not a readable key" in results[1].stderr, results[1].stderr
+    for result in results:
+        assert "restore it from a backup" in result.stderr and "move away" in result.stderr
+
+
+def test_an_interrupted_key_creation_leaves_no_half_made_user(tmp_path, monkeypatch):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(crypto, "save_public_key", interrupted)
+    with pytest.raises(KeyboardInterrupt), contextlib.redirect_stdout(io.StringIO()):
+        accounts.create_users(tmp_path, ["k7"], bits=2048)
+    assert not list(datadir.keys_dir(tmp_path).iterdir())
