@@ -56,7 +56,8 @@ def resolve(flag: str | None = None) -> Path:
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name.startswith("."):
-        raise DataError(f"invalid name {name!r}: use 1-32 letters, digits, '_', '-' or '.'")
+        raise DataError(f"invalid name {name!r}: use 1-32 ASCII letters, digits, '_', '-' or '.', not starting "
+                        "with '.'")
     return name
 
 

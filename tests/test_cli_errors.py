@@ -97,3 +97,18 @@ def test_an_interrupted_key_creation_leaves_no_half_made_user(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt), contextlib.redirect_stdout(io.StringIO()):
         accounts.create_users(tmp_path, ["k7"], bits=2048)
     assert not list(datadir.keys_dir(tmp_path).iterdir())
+
+
+def test_main_py_takes_its_options_after_the_command_and_states_its_name_rule(five_users, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    env = cli_env(NO_CHAIN, elsewhere)
+    with ThreadPoolExecutor(1) as pool:
+        info = pool.submit(subprocess.run, [PYTHON, "main.py", "info", "--data-dir", str(five_users), "--rpc-url",
+                                            NO_CHAIN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        existing, unicode, dot = run_all(env, ["main.py", "Y", "k1", "--data-dir", str(five_users)],
+                                         ["main.py", "Y", "алиса"], ["main.py", "Y", "."])
+        info = info.result()
+    assert f"keys already exist for k1 in {five_users / 'keys'}" in existing.stderr
+    assert info.returncode == 0 and f"data directory: {five_users}" in info.stdout, info.stderr
+    for result in (unicode, dot):
+        assert "ASCII letters" in result.stderr and "not starting with '.'" in result.stderr, result.stderr

@@ -152,19 +152,26 @@ def main(argv: list[str] | None = None) -> int:
         at = argv.index("Y")
         if all(arg.startswith("-") or argv[i - 1] in ("--data-dir", "--rpc-url") for i, arg in enumerate(argv[:at])):
             argv = [*argv[:at], "keys", *argv[at + 1:]]
-    parser = argparse.ArgumentParser(description="DistributedMessaging: keys, accounts, chain and demo.")
-    parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
-    parser.add_argument("--rpc-url", help="the chain (default: $DM_RPC_URL; for info and refund, then the chain in "
-                                          f"the data directory's deployment.json; then {DEFAULT_RPC_URL})")
+    # --data-dir and --rpc-url go before or after the command (as with node.py and client.py); SUPPRESS
+    # keeps a command's parser from resetting what was given before it.
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--data-dir", default=argparse.SUPPRESS,
+                         help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
+    options.add_argument("--rpc-url", default=argparse.SUPPRESS,
+                         help="the chain (default: $DM_RPC_URL; for info and refund, then the chain in the data "
+                              f"directory's deployment.json; then {DEFAULT_RPC_URL})")
+    parser = argparse.ArgumentParser(description="DistributedMessaging: keys, accounts, chain and demo.",
+                                     parents=[options])
+    parser.set_defaults(data_dir=None, rpc_url=None)
     commands = parser.add_subparsers(dest="command", required=True)
-    keys = commands.add_parser("keys", help="create keys and accounts (also: main.py Y NAME...)")
+    keys = commands.add_parser("keys", parents=[options], help="create keys and accounts (also: main.py Y NAME...)")
     keys.add_argument("names", nargs="+")
-    info = commands.add_parser("info", help="deployment, users, balances")
+    info = commands.add_parser("info", parents=[options], help="deployment, users, balances")
     info.add_argument("--json", action="store_true")
-    commands.add_parser("chain", help="run the local chain until Ctrl-C")
-    refund = commands.add_parser("refund", help="refund a user's expired books")
+    commands.add_parser("chain", parents=[options], help="run the local chain until Ctrl-C")
+    refund = commands.add_parser("refund", parents=[options], help="refund a user's expired books")
     refund.add_argument("name")
-    demo = commands.add_parser("demo", help="a node and two scripted clients")
+    demo = commands.add_parser("demo", parents=[options], help="a node and two scripted clients")
     demo.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     from dm import crypto
