@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if all(arg.startswith("-") or argv[i - 1] in ("--data-dir", "--rpc-url") for i, arg in enumerate(argv[:at])):
             argv = [*argv[:at], "keys", *argv[at + 1:]]
     # --data-dir and --rpc-url go before or after the command (as with node.py and client.py); SUPPRESS
-    # keeps a command's parser from resetting what was given before it.
+    # keeps a command's parser from resetting what was given before it (the parsers share these actions,
+    # so their default stays SUPPRESS: the None is set after parsing).
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--data-dir", default=argparse.SUPPRESS,
                          help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
@@ -162,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
                               f"directory's deployment.json; then {DEFAULT_RPC_URL})")
     parser = argparse.ArgumentParser(description="DistributedMessaging: keys, accounts, chain and demo.",
                                      parents=[options])
-    parser.set_defaults(data_dir=None, rpc_url=None)
     commands = parser.add_subparsers(dest="command", required=True)
     keys = commands.add_parser("keys", parents=[options], help="create keys and accounts (also: main.py Y NAME...)")
     keys.add_argument("names", nargs="+")
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", parents=[options], help="a node and two scripted clients")
     demo.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
+    args.data_dir, args.rpc_url = getattr(args, "data_dir", None), getattr(args, "rpc_url", None)
     from dm import crypto
     from dm.chain import ethereum
 
