@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dm import crypto, datadir
-from dm.chain import ethereum
+
+if TYPE_CHECKING:
+    from dm.chain import ethereum  # imported where used: `main.py Y` errors answer before web3 loads
 
 
 def create_users(data_dir: Path, names: list[str], bits: int = crypto.DEFAULT_KEY_BITS) -> int:
@@ -66,6 +69,8 @@ def key_files_problem(data_dir: Path, name: str) -> str | None:
 def make_user(data_dir: Path, name: str, bits: int):
     """(RSA key, Ethereum address) of a new user; the files written are removed again when this
     fails or is interrupted (Ctrl-C), so a name never stays with half its files."""
+    from dm.chain import ethereum
+
     private, public, eth = key_paths(data_dir, name)
     written: list[Path] = []
     try:
@@ -86,6 +91,8 @@ def make_user(data_dir: Path, name: str, bits: int):
 
 def unspent_in_books(token: ethereum.BountyToken, data_dir: Path, name: str) -> float:
     """BTK still escrowed in NAME's own books (books are keyed by their sender's account)."""
+    from dm.chain import ethereum
+
     total = 0
     sender = ethereum.address_of(datadir.read_eth_key(datadir.eth_key_path(data_dir, name)))
     for path in (data_dir / "clients" / name / "books").glob("*.json"):

@@ -104,11 +104,11 @@ def run_chain(data_dir: Path, rpc_url: str) -> int:
 
 def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
     """Refunds NAME's expired books, and says what stays escrowed and until when."""
-    from dm.chain import devchain, ethereum
-
     if name not in datadir.known_users(data_dir):
         raise datadir.DataError(f"there is no user {name!r} here ({datadir.keys_dir(data_dir)} has no keys for it); "
                                 "`python3 main.py info` lists the users")
+    from dm.chain import devchain, ethereum
+
     w3 = ethereum.connect(rpc_url)
     record = devchain.load_deployment(data_dir)
     if record is None or not ethereum.is_connected(w3):
@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     args.data_dir, args.rpc_url = getattr(args, "data_dir", None), getattr(args, "rpc_url", None)
-    from dm import crypto
-    from dm.chain import ethereum
+    from dm import crypto  # light; web3 is loaded only by the commands that need the chain
 
     try:
         data_dir = datadir.resolve(args.data_dir)
@@ -198,7 +197,14 @@ def main(argv: list[str] | None = None) -> int:
             from dm.cli import demo
 
             return demo.run(data_dir, rpc_url, args.port)
-    except (datadir.DataError, crypto.KeyFileError, ethereum.ChainError) as exc:
+    except (datadir.DataError, crypto.KeyFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from dm.chain.ethereum import ChainError  # already loaded when it raised one
+
+        if not isinstance(exc, ChainError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 2
