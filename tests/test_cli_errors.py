@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import socket
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -112,3 +114,24 @@ def test_main_py_takes_its_options_after_the_command_and_states_its_name_rule(fi
     assert info.returncode == 0 and f"data directory: {five_users}" in info.stdout, info.stderr
     for result in (unicode, dot):
         assert "ASCII letters" in result.stderr and "not starting with '.'" in result.stderr, result.stderr
+
+
+def hang_up(listener: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while True:
+            listener.accept()[0].close()
+
+
+def test_hints_carry_the_port_and_chain_in_use(tmp_path):
+    make_users(tmp_path, "user_1")
+    node_port = free_port()
+    with socket.create_server(("127.0.0.1", 0)) as not_a_chain:  # takes connections and hangs up: no chain
+        threading.Thread(target=hang_up, args=(not_a_chain,), daemon=True).start()
+        chain = f"http://127.0.0.1:{not_a_chain.getsockname()[1]}"
+        results = run_all(cli_env(chain, tmp_path),
+                          ["client.py", "127.0.0.1", str(node_port), "user_1", "user_2"],
+                          ["main.py", "refund", "user_1"],
+                          ["node.py", "--port", str(free_port())])
+    assert f"(`python3 node.py --port {node_port}`)" in results[0].stderr, results[0].stderr
+    for result in results[1:]:
+        assert f"`python3 main.py chain --rpc-url {chain}`" in result.stderr, result.stderr

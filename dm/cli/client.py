@@ -14,7 +14,7 @@ import sys
 
 from dm import datadir, wire
 from dm.chain import DEFAULT_RPC_URL
-from dm.cli.where import chain_url
+from dm.cli.where import chain_url, start_node
 from dm.client.commands import check_target
 from dm.client.connection import RECONNECT_FOR, RECONNECT_MAX_DELAY, RELEASE_TIMEOUT
 from dm.client.errors import ClientError
@@ -72,7 +72,7 @@ def probe_node(addresses: list[tuple[str, int]], timeout: float = 10) -> None:
             problem = f"{host}:{port}: {exc.strerror or exc}"
     where = "the node at" if len(addresses) == 1 else "any node; the last,"
     raise ClientError(f"cannot reach {where} {problem}: is node.py running there? "
-                      f"Start it first (`python3 node.py`), or check the host and port") from None
+                      f"Start it first (`{start_node(addresses[0][1])}`), or check the host and port") from None
 
 
 def main(argv=None) -> int:

@@ -58,9 +58,9 @@ def print_info(info: dict) -> None:
     print(f"data directory: {info['data_dir']}")
     record = info["deployment"]
     if record is None:
-        print("deployment:     none yet (run `python3 main.py chain` or start the node)")
+        print(f"deployment:     none yet (run `{where.start_chain(info['rpc_url'])}` or start the node)")
     else:
-        state = "" if info.get("chain_reachable") else "   (chain not reachable now)"
+        state = "" if info.get("chain_reachable") else f"   (chain not reachable now: {where.chain_hint(info['rpc_url'])})"
         print(f"chain id:       {record['chain_id']}{state}")
         print(f"RPC URL:        {info['rpc_url']}" + ("" if info["rpc_url"] == record["rpc_url"] else
                                                       f" (from {info['rpc_source']}; deployed on {record['rpc_url']})"))
@@ -112,8 +112,8 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
     w3 = ethereum.connect(rpc_url)
     record = devchain.load_deployment(data_dir)
     if record is None or not ethereum.is_connected(w3):
-        print(f"error: no chain with a BountyToken deployment at {rpc_url}: start it with `python3 main.py chain` "
-              f"(or give the right --rpc-url)", file=sys.stderr)
+        print(f"error: no chain with a BountyToken deployment at {rpc_url}: {where.chain_hint(rpc_url)}",
+              file=sys.stderr)
         return 1
     token = ethereum.BountyToken(w3, record.address)
     signer = ethereum.Signer(w3, datadir.read_eth_key(datadir.eth_key_path(data_dir, name)))

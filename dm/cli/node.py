@@ -16,6 +16,7 @@ import threading
 
 from dm import datadir, wire
 from dm.chain import DEFAULT_RPC_URL
+from dm.cli.where import NODE_PORT, chain_hint
 from dm.relay import (CPU_SHARE, DEV_CONFIRMATIONS, ERROR_WINDOW, LOOKUPS_PER_SECOND, MAX_BOOKS_PER_USER,
                       REAL_CONFIRMATIONS, TESTER_CONFIRMATIONS)
 from dm.relay.budget import IP_CPU_SHARE, MAX_BUDGETS, NEW_NAMES_PER_HOUR
@@ -112,7 +113,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DistributedMessaging relay node: relays ciphertext, "
                                      "earns 1 BTK per delivered message.")
     parser.add_argument("--host", default="localhost", help="interface to listen on (default: localhost)")
-    parser.add_argument("--port", type=_port, default=12345, help="TCP port (default: 12345; 0 picks a free one)")
+    parser.add_argument("--port", type=_port, default=NODE_PORT,
+                        help="TCP port (default: %(default)s; 0 picks a free one)")
     parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", DEFAULT_RPC_URL),
                         help="Ethereum JSON-RPC URL; on loopback, anvil is started when nothing answers "
                              "(default: $DM_RPC_URL or %(default)s)")
@@ -234,8 +236,7 @@ def main(argv=None) -> int:
         print(f"node: {explain_os_error(exc, args)}", file=sys.stderr)
         return 1
     except ethereum.ChainError as exc:
-        print(f"node: {exc}; start the chain with `python3 main.py chain`, or point --rpc-url at a running one",
-              file=sys.stderr)
+        print(f"node: {exc}; {chain_hint(args.rpc_url)}", file=sys.stderr)
         return 1
     except datadir.DataError as exc:
         print(f"node: {exc}", file=sys.stderr)
