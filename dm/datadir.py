@@ -7,10 +7,11 @@ Chosen by --data-dir, else $DM_DATA_DIR, else ~/.distributed-messaging.
     DATA/keys/NAME_ETH.key       the user's Ethereum private key (0600)
     DATA/deployment.json         chain id, RPC URL, contract address, deploy block
     DATA/chain/                  anvil's state file and log, the dev faucet key
-    DATA/node/                   the node's pins, journal and account
+    DATA/node/                   the node's pins, journal and account; node.lock, held by the node using them
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -21,21 +22,42 @@ from typing import Callable
 ENV_VAR = "DM_DATA_DIR"
 DEFAULT = Path.home() / ".distributed-messaging"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+ETH_KEY_PATTERN = re.compile(r"(0x)?[0-9a-fA-F]{64}")
 
 
 class DataError(Exception):
     """A problem with the data directory; the message is for the user."""
 
 
+class Locked(Exception):
+    """Another process holds the lock; `pid` is its process id, or None when it is not known."""
+
+    def __init__(self, path: Path, pid: int | None):
+        super().__init__(f"{path} is locked by {'process ' + str(pid) if pid else 'another process'}")
+        self.path, self.pid = path, pid
+
+
 def resolve(flag: str | None = None) -> Path:
+    """The data directory, created if need be; DataError when it cannot be one."""
     path = Path(flag or os.environ.get(ENV_VAR) or DEFAULT).expanduser()
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        problem = None if os.access(path, os.W_OK | os.X_OK) else "it is not writable"
+    except OSError as exc:
+        problem = next(("it is a file, not a directory" if p == path else f"{p} is a file, not a directory"
+                        for p in (path, *path.parents) if p.is_file()),
+                       (exc.strerror or str(exc)).lower())
+    if problem:
+        origin = "" if flag or not os.environ.get(ENV_VAR) else f" (from ${ENV_VAR})"
+        raise DataError(f"cannot use {path}{origin} as the data directory: {problem}; pass --data-dir with a "
+                        "writable directory")
     return path
 
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name.startswith("."):
-        raise DataError(f"invalid name {name!r}: use 1-32 letters, digits, '_', '-' or '.'")
+        raise DataError(f"invalid name {name!r}: use 1-32 ASCII letters, digits, '_', '-' or '.', not starting "
+                        "with '.'")
     return name
 
 
@@ -61,6 +83,16 @@ def known_users(data_dir: Path) -> list[str]:
     return sorted(p.name[: -len("_PRIVATE.pem")] for p in keys_dir(data_dir).glob("*_PRIVATE.pem"))
 
 
+def read_eth_key(path: Path) -> str:
+    """An Ethereum private key file's key (64 hex digits, 0x or not); DataError naming the file when it
+    is missing, empty or something else."""
+    key = read_secret(path)
+    if not ETH_KEY_PATTERN.fullmatch(key):
+        raise DataError(f"{path} {'is empty' if not key else 'is not an Ethereum private key'} (it should hold 64 "
+                        "hex digits): restore it from a backup (the account's BTK and ETH need this key)")
+    return key
+
+
 def write_secret(path: Path, text: str) -> None:
     """Create a new file readable by its owner only; never overwrite."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -83,6 +115,26 @@ def ensure_secret(path: Path, make: Callable[[], str]) -> str:
     except FileExistsError:
         pass
     return read_secret(path)
+
+
+def hold_lock(path: Path):
+    """Takes the lock `path` (an flock) for as long as the returned file stays open, and writes
+    our pid in it; the OS releases it when this process ends, however it ends (SIGKILL too).
+    Raises Locked when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise Locked(path, int(holder) if holder.isdigit() else None) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def write_json(path: Path, value) -> None:

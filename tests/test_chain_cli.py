@@ -6,7 +6,7 @@ import shutil
 import stat
 import subprocess
 
-from conftest import PYTHON, ROOT, cli_env, free_port
+from conftest import PYTHON, ROOT, cli_env, free_port, make_users
 from dm.chain import build as contract_build
 from dm.chain import devchain, ethereum
 from dm.chain.faucet import USER_GRANT_BTK, faucet_signer, fund_user
@@ -124,3 +124,17 @@ def test_solcjs_shim_resolves_files_by_url_and_returns_output_past_64_kib():
     output = json.loads(result.stdout)
     assert [e for e in output.get("errors", []) if e["severity"] == "error"] == []
     assert set(output["sources"]) == set(contract_build.collect_sources())
+
+
+def test_info_and_refund_use_the_chain_recorded_in_the_data_directory(anvil_chain):
+    """Without --rpc-url or $DM_RPC_URL, main.py looks where client.py looks: the chain that
+    deployment.json was recorded on (here not the default port)."""
+    data, url = anvil_chain["data_dir"], anvil_chain["url"]
+    make_users(data, "user_1")
+    env = {key: value for key, value in cli_env("", data).items() if key != "DM_RPC_URL"}
+    info = run_cli("main.py", "info", env=env)
+    assert info.returncode == 0 and "Traceback" not in info.stderr, info.stderr
+    assert "not reachable" not in info.stdout and f"RPC URL:        {url}" in info.stdout
+    assert any(line.startswith("user_1") and line.endswith(" 0 BTK") for line in info.stdout.splitlines()), info.stdout
+    refund = run_cli("main.py", "refund", "user_1", env=env)
+    assert refund.returncode == 0 and refund.stdout.strip() == "refunded 0 BTK", refund.stderr

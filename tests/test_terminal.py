@@ -252,8 +252,9 @@ def test_errors_name_the_next_step(chat):
     in_use = run(["node.py", "--host", "127.0.0.1", "--port", str(chat["port"])])
     assert f"another node (or program) is running on port {chat['port']}" in in_use and "--port" in in_use
 
-    refused = run(["client.py", "127.0.0.1", str(free_port()), "user_1", "user_2"])
-    assert "Connection refused" in refused and "start it first (`python3 node.py`)" in refused.lower()
+    nobody_there = free_port()
+    refused = run(["client.py", "127.0.0.1", str(nobody_there), "user_1", "user_2"])
+    assert "Connection refused" in refused and f"start it first (`python3 node.py --port {nobody_there}`)" in refused.lower()
 
     no_keys = run(["client.py", "127.0.0.1", str(chat["port"]), "nobody", "user_2"])
     assert "run `python3 main.py Y nobody` first" in no_keys

@@ -9,11 +9,16 @@ is ever used.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +76,10 @@ class Anvil:
         cmd = [anvil_binary(), "--host", parsed.hostname or "127.0.0.1", "--port", str(parsed.port or 8545),
                "--state", str(state_file), "--state-interval", "1", "--accounts", "1", "--silent"]
         self._log = open(log_file, "ab")
-        # Its own session: a Ctrl-C at the terminal reaches us, and we stop anvil cleanly.
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Its own session: a Ctrl-C or a closed terminal reaches us, and we stop anvil cleanly. Should we
+        # die without doing so (SIGKILL), the kernel stops it for us.
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=stop_with_this_process())
 
     def wait_ready(self, timeout: float = 30) -> Web3:
         deadline = time.monotonic() + timeout
@@ -95,6 +102,33 @@ class Anvil:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def stop_with_this_process():
+    """A preexec_fn under which a child gets SIGTERM (anvil saves its state on it) when this
+    process dies, even by SIGKILL; None where Linux's prctl is not available.
+
+    The kernel sends it when the *thread* that forked the child ends, so it is only set from
+    the main thread (the one that lives as long as the process); a chain started from another
+    thread is stopped by Anvil.stop() alone."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not our handler, until exec resets it anyway
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above: nobody will send it
+            os._exit(1)
+
+    return in_child
 
 
 def port_is_open(url: str) -> bool:

@@ -9,13 +9,12 @@ checked, so that --help and argument errors answer at once.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import socket
 import sys
 
 from dm import datadir, wire
 from dm.chain import DEFAULT_RPC_URL
+from dm.cli.where import chain_url, start_node
 from dm.client.commands import check_target
 from dm.client.connection import RECONNECT_FOR, RECONNECT_MAX_DELAY, RELEASE_TIMEOUT
 from dm.client.errors import ClientError
@@ -60,17 +59,7 @@ def node_address(text: str) -> tuple[str, int]:
 def resolve_rpc_url(args) -> None:
     """Sets args.rpc_url and args.rpc_source: the flag, $DM_RPC_URL, the chain this data directory's
     deployment was recorded on (where the node that made it pays), or the default."""
-    if args.rpc_url:
-        args.rpc_source = "--rpc-url"
-    elif os.environ.get("DM_RPC_URL"):
-        args.rpc_url, args.rpc_source = os.environ["DM_RPC_URL"], "$DM_RPC_URL"
-    else:
-        record_path = datadir.resolve(args.data_dir) / "deployment.json"
-        try:
-            args.rpc_url = json.loads(record_path.read_text())["rpc_url"]
-            args.rpc_source = f"the deployment record {record_path}"
-        except (OSError, ValueError, KeyError, TypeError):
-            args.rpc_url, args.rpc_source = DEFAULT_RPC_URL, "the default (no --rpc-url, $DM_RPC_URL or deployment record)"
+    args.rpc_url, args.rpc_source = chain_url(args.rpc_url, datadir.resolve(args.data_dir))
 
 
 def probe_node(addresses: list[tuple[str, int]], timeout: float = 10) -> None:
@@ -83,7 +72,7 @@ def probe_node(addresses: list[tuple[str, int]], timeout: float = 10) -> None:
             problem = f"{host}:{port}: {exc.strerror or exc}"
     where = "the node at" if len(addresses) == 1 else "any node; the last,"
     raise ClientError(f"cannot reach {where} {problem}: is node.py running there? "
-                      f"Start it first (`python3 node.py`), or check the host and port") from None
+                      f"Start it first (`{start_node(addresses[0][1])}`), or check the host and port") from None
 
 
 def main(argv=None) -> int:

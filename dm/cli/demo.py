@@ -88,9 +88,9 @@ def run(data_dir: Path, rpc_url: str, port: int = 0) -> int:
                                 stdout=subprocess.PIPE, text=True)
         if not node.stdout.readline().startswith("node ready"):
             raise ethereum.ChainError("the node did not start; run `python3 node.py` to see why")
-        node_address = ethereum.address_of(datadir.read_secret(data_dir / "node" / "node_ETH.key"))
-        accounts = {"alice": ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, "alice"))),
-                    "bob": ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, "bob"))),
+        node_address = ethereum.address_of(datadir.read_eth_key(data_dir / "node" / "node_ETH.key"))
+        accounts = {"alice": ethereum.address_of(datadir.read_eth_key(datadir.eth_key_path(data_dir, "alice"))),
+                    "bob": ethereum.address_of(datadir.read_eth_key(datadir.eth_key_path(data_dir, "bob"))),
                     "node": node_address}
         bob = _Client(port, "bob", "alice", env)
         bob.connected.wait(60)

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 from pathlib import Path
 
 from dm import datadir
 from dm.chain import DEFAULT_RPC_URL
+from dm.cli import where
 
 # crypto, web3 and the chain are imported inside the functions, so that --help answers at once.
 
 
-def gather_info(data_dir: Path, rpc_url: str) -> dict:
+def gather_info(data_dir: Path, rpc_url: str, rpc_source: str = "--rpc-url") -> dict:
     from dm import crypto
     from dm.chain import devchain, ethereum
     from dm.cli.accounts import unspent_in_books
 
     record = devchain.load_deployment(data_dir)
-    info: dict = {"data_dir": str(data_dir), "rpc_url": rpc_url,
+    info: dict = {"data_dir": str(data_dir), "rpc_url": rpc_url, "rpc_source": rpc_source,
                   "deployment": record.to_json() if record else None, "users": [], "node": None}
     token = None
     if record:
@@ -37,7 +37,7 @@ def gather_info(data_dir: Path, rpc_url: str) -> dict:
             if candidate.is_genuine():
                 token = candidate
         info["chain_reachable"] = token is not None
-    accounts = [(name, ethereum.address_of(datadir.read_secret(datadir.eth_key_path(data_dir, name))))
+    accounts = [(name, ethereum.address_of(datadir.read_eth_key(datadir.eth_key_path(data_dir, name))))
                 for name in datadir.known_users(data_dir) if datadir.eth_key_path(data_dir, name).exists()]
     for name, address in accounts:
         user = {"name": name, "eth_address": address,
@@ -49,7 +49,7 @@ def gather_info(data_dir: Path, rpc_url: str) -> dict:
         info["users"].append(user)
     node_key = data_dir / "node" / "node_ETH.key"
     if node_key.exists():
-        address = ethereum.address_of(datadir.read_secret(node_key))
+        address = ethereum.address_of(datadir.read_eth_key(node_key))
         info["node"] = {"eth_address": address, **({"btk": token.balance_of(address) / ethereum.TOKEN} if token else {})}
     return info
 
@@ -58,11 +58,12 @@ def print_info(info: dict) -> None:
     print(f"data directory: {info['data_dir']}")
     record = info["deployment"]
     if record is None:
-        print("deployment:     none yet (run `python3 main.py chain` or start the node)")
+        print(f"deployment:     none yet (run `{where.start_chain(info['rpc_url'])}` or start the node)")
     else:
-        state = "" if info.get("chain_reachable") else "   (chain not reachable now)"
+        state = "" if info.get("chain_reachable") else f"   (chain not reachable now: {where.chain_hint(info['rpc_url'])})"
         print(f"chain id:       {record['chain_id']}{state}")
-        print(f"RPC URL:        {record['rpc_url']}")
+        print(f"RPC URL:        {info['rpc_url']}" + ("" if info["rpc_url"] == record["rpc_url"] else
+                                                      f" (from {info['rpc_source']}; deployed on {record['rpc_url']})"))
         print(f"BountyToken:    {record['address']} (deployed in block {record['deploy_block']})")
     if info["node"]:
         btk = f"  {info['node']['btk']:g} BTK" if "btk" in info["node"] else ""
@@ -83,7 +84,8 @@ def run_chain(data_dir: Path, rpc_url: str) -> int:
     def interrupt(*_):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops anvil too, as Ctrl-C does (it runs in its own session)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # `kill` or a closed terminal stops anvil too, as Ctrl-C does
+        signal.signal(sig, interrupt)
     w3, anvil = devchain.ensure_chain(rpc_url, data_dir)
     try:
         token, record = devchain.ensure_deployment(w3, rpc_url, data_dir)
@@ -102,16 +104,19 @@ def run_chain(data_dir: Path, rpc_url: str) -> int:
 
 def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
     """Refunds NAME's expired books, and says what stays escrowed and until when."""
+    if name not in datadir.known_users(data_dir):
+        raise datadir.DataError(f"there is no user {name!r} here ({datadir.keys_dir(data_dir)} has no keys for it); "
+                                "`python3 main.py info` lists the users")
     from dm.chain import devchain, ethereum
 
     w3 = ethereum.connect(rpc_url)
     record = devchain.load_deployment(data_dir)
     if record is None or not ethereum.is_connected(w3):
-        print(f"error: no chain with a BountyToken deployment at {rpc_url}: start it with `python3 main.py chain` "
-              f"(or give the right --rpc-url)", file=sys.stderr)
+        print(f"error: no chain with a BountyToken deployment at {rpc_url}: {where.chain_hint(rpc_url)}",
+              file=sys.stderr)
         return 1
     token = ethereum.BountyToken(w3, record.address)
-    signer = ethereum.Signer(w3, datadir.read_secret(datadir.eth_key_path(data_dir, name)))
+    signer = ethereum.Signer(w3, datadir.read_eth_key(datadir.eth_key_path(data_dir, name)))
     now = w3.eth.get_block("latest")["timestamp"]
     refunded, escrowed, waiting = 0, 0, []
     for path in sorted((data_dir / "clients" / name / "books").glob("*.json")):
@@ -147,42 +152,59 @@ def main(argv: list[str] | None = None) -> int:
         at = argv.index("Y")
         if all(arg.startswith("-") or argv[i - 1] in ("--data-dir", "--rpc-url") for i, arg in enumerate(argv[:at])):
             argv = [*argv[:at], "keys", *argv[at + 1:]]
-    parser = argparse.ArgumentParser(description="DistributedMessaging: keys, accounts, chain and demo.")
-    parser.add_argument("--data-dir", help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
-    parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", DEFAULT_RPC_URL))
+    # --data-dir and --rpc-url go before or after the command (as with node.py and client.py); SUPPRESS
+    # keeps a command's parser from resetting what was given before it (the parsers share these actions,
+    # so their default stays SUPPRESS: the None is set after parsing).
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--data-dir", default=argparse.SUPPRESS,
+                         help=f"data directory (default: ${datadir.ENV_VAR} or {datadir.DEFAULT})")
+    options.add_argument("--rpc-url", default=argparse.SUPPRESS,
+                         help="the chain (default: $DM_RPC_URL; for info and refund, then the chain in the data "
+                              f"directory's deployment.json; then {DEFAULT_RPC_URL})")
+    parser = argparse.ArgumentParser(description="DistributedMessaging: keys, accounts, chain and demo.",
+                                     parents=[options])
     commands = parser.add_subparsers(dest="command", required=True)
-    keys = commands.add_parser("keys", help="create keys and accounts (also: main.py Y NAME...)")
+    keys = commands.add_parser("keys", parents=[options], help="create keys and accounts (also: main.py Y NAME...)")
     keys.add_argument("names", nargs="+")
-    info = commands.add_parser("info", help="deployment, users, balances")
+    info = commands.add_parser("info", parents=[options], help="deployment, users, balances")
     info.add_argument("--json", action="store_true")
-    commands.add_parser("chain", help="run the local chain until Ctrl-C")
-    refund = commands.add_parser("refund", help="refund a user's expired books")
+    commands.add_parser("chain", parents=[options], help="run the local chain until Ctrl-C")
+    refund = commands.add_parser("refund", parents=[options], help="refund a user's expired books")
     refund.add_argument("name")
-    demo = commands.add_parser("demo", help="a node and two scripted clients")
+    demo = commands.add_parser("demo", parents=[options], help="a node and two scripted clients")
     demo.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    from dm import crypto
-    from dm.chain import ethereum
+    args.data_dir, args.rpc_url = getattr(args, "data_dir", None), getattr(args, "rpc_url", None)
+    from dm import crypto  # light; web3 is loaded only by the commands that need the chain
 
     try:
         data_dir = datadir.resolve(args.data_dir)
+        # info and refund look at the chain the node here pays on; chain and demo start one where told.
+        rpc_url, rpc_source = where.chain_url(args.rpc_url, data_dir if args.command in ("info", "refund") else None)
         if args.command == "keys":
             from dm.cli.accounts import create_users
 
             return create_users(data_dir, args.names)
         if args.command == "info":
-            result = gather_info(data_dir, args.rpc_url)
+            result = gather_info(data_dir, rpc_url, rpc_source)
             print(json.dumps(result, indent=1)) if args.json else print_info(result)
             return 0
         if args.command == "chain":
-            return run_chain(data_dir, args.rpc_url)
+            return run_chain(data_dir, rpc_url)
         if args.command == "refund":
-            return refund_books(data_dir, args.rpc_url, datadir.check_name(args.name))
+            return refund_books(data_dir, rpc_url, datadir.check_name(args.name))
         if args.command == "demo":
             from dm.cli import demo
 
-            return demo.run(data_dir, args.rpc_url, args.port)
-    except (datadir.DataError, crypto.KeyFileError, ethereum.ChainError) as exc:
+            return demo.run(data_dir, rpc_url, args.port)
+    except (datadir.DataError, crypto.KeyFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from dm.chain.ethereum import ChainError  # already loaded when it raised one
+
+        if not isinstance(exc, ChainError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 2

@@ -1,4 +1,4 @@
-"""The node's command line: build a Node from flags, run it until Ctrl-C or SIGTERM.
+"""The node's command line: build a Node from flags, run it until Ctrl-C, SIGTERM or SIGHUP.
 
     python3 node.py [--host localhost] [--port 12345] [--rpc-url URL] [--data-dir DIR]
                     [--cluster nats://HOST:PORT[,...]]
@@ -16,6 +16,7 @@ import threading
 
 from dm import datadir, wire
 from dm.chain import DEFAULT_RPC_URL
+from dm.cli.where import NODE_PORT, chain_hint
 from dm.relay import (CPU_SHARE, DEV_CONFIRMATIONS, ERROR_WINDOW, LOOKUPS_PER_SECOND, MAX_BOOKS_PER_USER,
                       REAL_CONFIRMATIONS, TESTER_CONFIRMATIONS)
 from dm.relay.budget import IP_CPU_SHARE, MAX_BUDGETS, NEW_NAMES_PER_HOUR
@@ -112,7 +113,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DistributedMessaging relay node: relays ciphertext, "
                                      "earns 1 BTK per delivered message.")
     parser.add_argument("--host", default="localhost", help="interface to listen on (default: localhost)")
-    parser.add_argument("--port", type=_port, default=12345, help="TCP port (default: 12345; 0 picks a free one)")
+    parser.add_argument("--port", type=_port, default=NODE_PORT,
+                        help="TCP port (default: %(default)s; 0 picks a free one)")
     parser.add_argument("--rpc-url", default=os.environ.get("DM_RPC_URL", DEFAULT_RPC_URL),
                         help="Ethereum JSON-RPC URL; on loopback, anvil is started when nothing answers "
                              "(default: $DM_RPC_URL or %(default)s)")
@@ -216,23 +218,52 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(f"node: {explain_os_error(exc, args)}", file=sys.stderr)
         return 1
+    try:
+        lock = lock_data_dir(datadir.resolve(args.data_dir))  # held until this process ends
+    except datadir.DataError as exc:
+        print(f"node: {exc}", file=sys.stderr)
+        return 1
     from dm.chain import devchain, ethereum
 
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # while starting, `kill` or a closed terminal acts as Ctrl-C
+        signal.signal(sig, interrupt)
     try:
         node, anvil = build_node(args)
     except OSError as exc:
         print(f"node: {explain_os_error(exc, args)}", file=sys.stderr)
         return 1
     except ethereum.ChainError as exc:
-        print(f"node: {exc}; start the chain with `python3 main.py chain`, or point --rpc-url at a running one",
-              file=sys.stderr)
+        print(f"node: {exc}; {chain_hint(args.rpc_url)}", file=sys.stderr)
         return 1
     except datadir.DataError as exc:
         print(f"node: {exc}", file=sys.stderr)
         return 1
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops the node as `kill` does
         signal.signal(sig, lambda *_: done.set())
+    try:
+        return serve(node, args, done)
+    finally:
+        devchain.stop_on_exit(anvil)  # only a chain this node started
+        lock.close()
+
+
+def lock_data_dir(data_dir):
+    """One node per data directory: two would share the node id, the account (and its nonces),
+    the journal and the pins. The lock is DATA/node/node.lock."""
+    try:
+        return datadir.hold_lock(data_dir / "node" / "node.lock")
+    except datadir.Locked as locked:
+        pid = f" (pid {locked.pid})" if locked.pid else ""
+        raise datadir.DataError(f"another node uses this data directory, {data_dir}{pid}: stop it first, or give "
+                                "this one its own --data-dir") from None
+
+
+def serve(node, args, done: threading.Event) -> int:
+    """Runs the node until `done` is set."""
     try:
         node.start()
     except Exception as exc:
@@ -240,19 +271,16 @@ def main(argv=None) -> int:
             raise
         print(f"node: {exc}", file=sys.stderr)
         node.stop()
-        devchain.stop_on_exit(anvil)
         return 1
     print(f"node ready on {args.host}:{node.port}", flush=True)
     done.wait()
     node.stop()
-    devchain.stop_on_exit(anvil)
     return 0
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Raises the OSError that listening on host:port would raise (port 0 always works)."""
-    if port:
-        socket.create_server((host, port)).close()
+    """Raises the OSError that listening on host:port would raise (with port 0: whether host is ours)."""
+    socket.create_server((host, port)).close()
 
 
 def explain_os_error(exc: OSError, args) -> str:
@@ -260,8 +288,10 @@ def explain_os_error(exc: OSError, args) -> str:
     if exc.errno == errno.EADDRINUSE:
         return (f"port {args.port} on {args.host} is already in use: another node (or program) is running on "
                 f"port {args.port}; stop it, or start this one with --port N (--port 0 picks a free port)")
-    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket.gaierror):
-        return f"cannot listen on {args.host}: {exc.strerror or exc}; check --host (e.g. localhost or 0.0.0.0)"
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or (exc.errno or 0) < 0:  # < 0: getaddrinfo's
+        reason = (exc.strerror or str(exc)).split(" (while attempting")[0]
+        return (f"cannot listen on {args.host}: {reason}; give --host a name or address of this machine "
+                "(localhost, 127.0.0.1, or 0.0.0.0 for every interface)")
     if exc.errno == errno.EACCES:
         return f"not allowed to listen on port {args.port}: {exc.strerror}; use a port above 1023 with --port"
     return str(exc)
