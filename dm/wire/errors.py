@@ -18,7 +18,7 @@ ERRORS = {
     "auth_failed": "the signature does not prove the key for that name",
     "name_taken": "that name is pinned to another key on this node",
     "name_in_use": "that name is already connected",
-    "invalid_name": "names are 1-32 letters, digits, '_', '-' or '.'",
+    "invalid_name": "names are 1-32 ASCII letters, digits, '_', '-' or '.', not starting with '.'",
     "name_confusable": "that name looks like a name already pinned on this node: choose a clearly different name",
     "weak_key": ("this node accepts only RSA keys of 2048 to 4096 bits with public exponent 65537: "
                  "make new keys with `python3 main.py Y NAME`"),
