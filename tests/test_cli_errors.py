@@ -135,3 +135,13 @@ def test_hints_carry_the_port_and_chain_in_use(tmp_path):
     assert f"(`python3 node.py --port {node_port}`)" in results[0].stderr, results[0].stderr
     for result in results[1:]:
         assert f"`python3 main.py chain --rpc-url {chain}`" in result.stderr, result.stderr
+
+
+def test_output_to_a_reader_that_stopped_reading_ends_without_a_traceback(tmp_path):
+    """`main.py info | head -1`: head exits, the next write fails with EPIPE; no traceback."""
+    proc = subprocess.Popen([PYTHON, "main.py", "--data-dir", str(tmp_path), "--rpc-url", "http://127.0.0.1:1",
+                             "info"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before main.py writes anything
+    _, stderr = proc.communicate(timeout=60)
+    assert b"Traceback" not in stderr and b"Exception ignored" not in stderr, stderr.decode()
+    assert proc.returncode == 141

@@ -40,11 +40,15 @@ def ensure_packages(argv: list[str]) -> None:
 
 
 def run(module: str) -> None:
-    """Entry point body: `module`.main(), Ctrl-C ending it quietly with status 130."""
+    """Entry point body: `module`.main(), Ctrl-C ending it quietly with status 130, and a reader
+    that stopped reading our output (`main.py info | head`) with no traceback."""
     try:
         ensure_packages(sys.argv)
         code = importlib.import_module(module).main()
     except KeyboardInterrupt:
         print(file=sys.stderr)  # leave the shell prompt on a line of its own
         code = 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        code = 141  # as a shell reports SIGPIPE
     sys.exit(code)
