@@ -37,6 +37,7 @@ COMMANDS = ("/to", "/msg", "/me", "/peers", "/who", "/join", "/leave", "/channel
             "/fingerprint", "/help", "/quit", "/exit")
 QUIT_WORDS = ("exit", "/exit", "/quit")
 SENT_REMEMBERED = 10_000  # texts kept to say which message a `paid` was for
+CHAIN_SLOW = 1.0  # seconds a chain request may take before the toolbar says the client waits for the chain
 
 
 def check_channel(name: str) -> str:
@@ -80,6 +81,7 @@ class Chat:
         self._lock = threading.Lock()
         self._refreshing = False
         self._seen: set[str] = set()  # senders whose key prefix was shown (worker thread only)
+        self.recall_hint = ""  # after a line that was not sent: how to get it back (the terminal: up-arrow)
 
     # --- the client, once started -----------------------------------------------------
 
@@ -129,7 +131,8 @@ class Chat:
         if state is None or self.connection_state in ("lost", "reconnecting", "gave_up", "closed", "connecting"):
             state = self.connection_state
         return {"peer": self.peer, "state": state, "funds": self.wallet.funds if self.wallet else None,
-                "unacked": len(client.outstanding) if client is not None else 0}
+                "unacked": len(client.outstanding) if client is not None else 0,
+                "chain_waiting": self.chain_waiting() >= CHAIN_SLOW}
 
     def known(self) -> tuple[list[str], list[str]]:
         """(names, channels) seen this session, for Tab completion."""
@@ -169,7 +172,7 @@ class Chat:
         return True
 
     def send(self, to: str, texts: list[str]) -> None:
-        """Sends and echoes; a failure is shown, never raised (the text is not lost from the screen)."""
+        """Sends and echoes; a failure is shown, never raised, and quotes what was not sent."""
         from dm.chain.ethereum import ChainError
 
         try:
@@ -183,11 +186,24 @@ class Chat:
             else:
                 self._sent_now(client.send_many(to, texts), to, *texts)
         except ClientError as exc:
-            self.note(f"error: {exc}; not sent")
-        except (ChainError, OSError) as exc:  # the chain, while opening a book: requests' errors are OSErrors
-            self.note(f"error: could not pay for the message: {short(exc)}. Is the chain at "
-                      f"{getattr(self._client, 'rpc_url', '?')} running? Start it with `python3 main.py chain`; "
-                      "not sent")
+            self._not_sent(texts, str(exc))
+        except (ChainError, OSError) as exc:  # the chain, while paying: requests' errors are OSErrors
+            self._not_sent(texts, f"could not pay for the message: {self.chain_problem(exc)}. Is the chain "
+                                  "running? Start it with `python3 main.py chain`")
+
+    def _not_sent(self, texts: list[str], why: str) -> None:
+        self.note(f"error: {why}; not sent: {quoted(texts)}{self.recall_hint}")
+
+    def chain_problem(self, exc: BaseException) -> str:
+        from dm.client.rpc import CHAIN_TIMEOUT, describe
+
+        client = self._client
+        return describe(exc, getattr(client, "rpc_url", "?"), getattr(client, "chain_timeout", CHAIN_TIMEOUT))
+
+    def chain_waiting(self) -> float:
+        """Seconds the oldest request to the chain in flight has waited (0: none is)."""
+        watch = getattr(self._client, "chain_watch", None)
+        return watch.waiting() if watch is not None else 0.0
 
     def _sent_now(self, msg_ids: list[str], to: str, *texts: str) -> None:
         if not msg_ids:
@@ -295,7 +311,8 @@ class Chat:
         try:
             funds = self.wallet.refresh()
         except (ChainError, OSError) as exc:
-            raise ClientError(f"could not read the chain: {short(exc)}; is it running (`python3 main.py chain`)?")
+            raise ClientError(f"could not read the chain: {self.chain_problem(exc)}. Is it running? Start it with "
+                              "`python3 main.py chain`") from None
         self.note(describe(funds) + (f"; {self.paid_messages} paid this session" if self.paid_messages else ""))
 
     def _cmd_queue(self, rest: str) -> None:
@@ -366,10 +383,7 @@ class Chat:
             return
         with self._lock:
             texts = [self._sent.pop(msg_id)[1] for msg_id in msg_ids if msg_id in self._sent]
-        texts = ["* " + t[len(ACTION_PREFIX):] if t.startswith(ACTION_PREFIX) else t for t in texts]
-        quoted = ", ".join(f"“{t[:30]}{'…' if len(t) > 30 else ''}”" for t in texts[:3])
-        more = f" and {len(texts) - 3} more" if len(texts) > 3 else ""
-        self.note(f"{PAID_MARK} paid {btk(len(msg_ids))} for {quoted or 'your message'}{more}")
+        self.note(f"{PAID_MARK} paid {btk(len(msg_ids))} for {quoted(texts) or 'your message'}")
         self.refresh_funds_soon()
 
     def on_book_opened(self, size: int, expiry: int) -> None:
@@ -428,7 +442,9 @@ def key_prefix(fingerprint: str) -> str:
     return fingerprint[:26] + "…"
 
 
-def short(exc: BaseException) -> str:
-    """An exception's first line, without urllib3's pool details."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "…"
+def quoted(texts: list[str], shown: int = 3) -> str:
+    """“first line”, “second” and 2 more: the texts a notice is about, each cut at 30 characters."""
+    texts = ["* " + t[len(ACTION_PREFIX):] if t.startswith(ACTION_PREFIX) else t for t in texts]
+    listed = ", ".join(f"“{t[:30]}{'…' if len(t) > 30 else ''}”" for t in texts[:shown])
+    return listed + (f" and {len(texts) - shown} more" if len(texts) > shown else "")
+

@@ -22,6 +22,7 @@ from typing import Callable
 
 from dm import crypto, datadir, wire
 from dm.chain import ethereum
+from dm.client import rpc
 from dm.client.awaiting import AwaitingLog
 from dm.client.connection import CLOSED, RECONNECT_FOR, RECONNECT_MAX_DELAY, Connection, NodeUnreachable
 from dm.client.errors import ClientError
@@ -85,7 +86,8 @@ class ChatClient:
                  rpc_url: str = ethereum.DEFAULT_RPC_URL, pay: str = "book", book_size: int = 100,
                  expiry_seconds: int = 86_400, events: Events | None = None, w3=None, *,
                  addresses: list[tuple[str, int]] | None = None, reconnect_for: float = RECONNECT_FOR,
-                 reconnect_max_delay: float = RECONNECT_MAX_DELAY, release_timeout: float = RELEASE_TIMEOUT):
+                 reconnect_max_delay: float = RECONNECT_MAX_DELAY, release_timeout: float = RELEASE_TIMEOUT,
+                 chain_timeout: float = rpc.CHAIN_TIMEOUT):
         self.addresses = [(h, int(p)) for h, p in (addresses or [])]
         if host is not None and (host, port) not in self.addresses:
             self.addresses.insert(0, (host, int(port)))
@@ -96,7 +98,9 @@ class ChatClient:
         self.rpc_url, self.pay, self.book_size, self.expiry_seconds = rpc_url, pay, book_size, expiry_seconds
         self.reconnect_for, self.reconnect_max_delay = reconnect_for, reconnect_max_delay
         self.events = events or Events()
-        self._w3 = w3
+        self._w3 = w3  # given (tests: eth-tester), or made by connect() with chain_timeout per request
+        self.chain_timeout = chain_timeout
+        self.chain_watch = rpc.ChainWatch()  # the requests to our own chain connection in flight
         try:
             self.rsa_key = crypto.load_private_key(datadir.private_key_path(data_dir, me))
             self.eth_key = datadir.read_secret(datadir.eth_key_path(data_dir, me))
@@ -140,7 +144,7 @@ class ChatClient:
             raise ClientError(problems[0] if len(problems) == 1 else "no node answered: " + "; ".join(problems))
         self._state = "connected"
         threading.Thread(target=self._worker, name="worker", daemon=True).start()
-        w3 = self._w3 or ethereum.connect(self.rpc_url)
+        w3 = self._w3 or rpc.connect(self.rpc_url, self.chain_timeout, self.chain_watch)
         self.token, self.payer = payer_for(self.welcome, w3, self.rpc_url, self.eth_key, self.pay,
                                            self.expiry_seconds, self.book_size, self.client_dir / "books",
                                            self._announce_book)

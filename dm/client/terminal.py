@@ -5,7 +5,8 @@
 On a terminal: prompt_toolkit, with incoming lines printed above the input
 (patch_stdout), a bottom toolbar, Tab completion and per-user history. The
 prompt appears at once; the client (web3 and all) starts behind it, and lines
-typed meanwhile wait for it.
+typed meanwhile wait for it. Typed lines are handled on a thread of their own,
+in order, so that the prompt stays usable while one waits for the chain.
 
 When stdin is not a terminal, lines are read and sent one by one, received
 messages go to stdout as `[sender] text`, notices to stderr, and at end of
@@ -15,15 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 from dm import datadir
-from dm.client.commands import Chat
+from dm.client import rpc
+from dm.client.commands import Chat, is_quit
 from dm.client.errors import ClientError
 
 QUIT_WAIT = 10  # seconds an interactive client waits at exit for its last messages' receipts
+SAY_WAITING_AFTER = 1.0  # seconds a typed line may wait for the chain before the user is told
 HISTORY_FILE = "history"  # under clients/NAME/: the lines typed, for up/down (0600)
 
 
@@ -44,7 +49,8 @@ def start_client(args, chat: Chat):
         client = ChatClient(args.host, args.port, args.me, data_dir, rpc_url=args.rpc_url, pay=args.pay,
                             book_size=args.book_size, events=Events(**handlers), addresses=args.addresses,
                             reconnect_for=args.reconnect_for, reconnect_max_delay=args.reconnect_max_delay,
-                            release_timeout=args.release_timeout)
+                            release_timeout=args.release_timeout,
+                            chain_timeout=getattr(args, "chain_timeout", None) or rpc.chain_timeout())
         client.connect()
     except ClientError as exc:
         raise ClientError(explain(str(exc), args)) from None
@@ -172,6 +178,8 @@ def run_interactive(args) -> int:
             session.app.create_background_task(end_if_start_failed())
 
     threading.Thread(target=starter, name="start", daemon=True).start()
+    chat.recall_hint = " (up-arrow brings it back)"
+    handler = LineHandler(chat)
     try:
         with patch_stdout(raw=True):
             while chat.start_error is None:
@@ -179,8 +187,12 @@ def run_interactive(args) -> int:
                     line = session.prompt(chat.prompt, pre_run=pre_run)
                 except (EOFError, StartFailed):
                     break
-                if not chat.handle_lines([line]):
+                if is_quit(line):
                     break
+                handler.put(line)
+            if not handler.finish(timeout=0.2):
+                chat.note("(quitting once the lines typed before are handled…)")
+                handler.finish()
             if chat.start_error is None and client_box:
                 finish(chat, client_box[0])
     except KeyboardInterrupt:  # at the prompt or while sending: leave now
@@ -190,6 +202,65 @@ def run_interactive(args) -> int:
         print(f"client: {chat.start_error}", file=sys.stderr)
         return 1
     return 0
+
+
+class LineHandler:
+    """Handles typed lines on a thread of its own, in the order typed, so that the prompt and
+    toolbar stay usable while a line waits (for the client to start, for the node, or for the
+    chain: `/balance`, or a message that opens a book). Lines typed meanwhile are handled
+    together once it is done, as piped lines are. A wait for the chain longer than
+    SAY_WAITING_AFTER is told once per line; it ends within the chain timeout.
+
+    Thread-safety: the prompt thread calls put() and finish(); `_busy_since` and `_told` are
+    written by the handler thread (and `_told` by the watcher), read by the watcher.
+    """
+
+    def __init__(self, chat: Chat):
+        self.chat = chat
+        self._lines: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy_since: float | None = None
+        self._told = False
+        self._done = threading.Event()
+        threading.Thread(target=self._run, name="lines", daemon=True).start()
+        threading.Thread(target=self._watch, name="lines-watch", daemon=True).start()
+
+    def put(self, line: str) -> None:
+        self._lines.put(line)
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """Handles what was typed before, then stops; False if that takes longer than `timeout`."""
+        self._lines.put(None)
+        return self._done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            lines = [self._lines.get()]
+            while not self._lines.empty():
+                lines.append(self._lines.get())
+            stop = None in lines
+            lines = lines[:lines.index(None)] if stop else lines
+            self._told, self._busy_since = False, time.monotonic()
+            try:
+                if lines:
+                    self.chat.handle_lines(lines)
+            except Exception as exc:  # noqa: BLE001  the next line must still be handled
+                self.chat.note(f"error: {exc!r}")
+            finally:
+                self._busy_since = None
+            if stop:
+                self._done.set()
+                return
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.2):
+            since = self._busy_since
+            if since is None or self._told or time.monotonic() - since < SAY_WAITING_AFTER:
+                continue
+            if self.chat.chain_waiting() >= SAY_WAITING_AFTER / 2:
+                self._told = True
+                timeout = getattr(self.chat._client, "chain_timeout", rpc.CHAIN_TIMEOUT)
+                self.chat.note(f"(waiting for the chain…: keep typing; lines are handled in order once it "
+                               f"answers, or fail after {timeout:g}s)")
 
 
 def finish(chat: Chat, client) -> None:
