@@ -170,11 +170,13 @@ class ChatClient:
             pass  # not connected: every reconnect announces the current book again
 
     def close(self) -> None:
-        self._closed.set()
+        self._closed.set()  # no send starts from now on
         self._state = "closed"
         self._connection.close()
         self._outbox.close()
         self._receiver.close()
+        if hasattr(self.payer, "close"):
+            self.payer.close()  # the book's real cursor, not the crash margin
 
     @property
     def is_closed(self) -> bool:
