@@ -271,6 +271,14 @@ def test_errors_name_the_next_step(chat):
     assert "use your original keys" in taken and "or another name" in taken
 
 
+def test_piped_lines_that_were_not_sent_make_the_exit_status_non_zero(chat):
+    done = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "user_3", "user_2"], cwd=ROOT,
+                          env=chat["env"], input="/msg nobody are you there?\n", capture_output=True, text=True,
+                          timeout=60)
+    assert "not sent: “are you there?”" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1
+
+
 def test_entry_points_rerun_under_the_venv_or_say_what_to_run(tmp_path):
     bare = Path(sys.base_prefix) / "bin" / "python3"  # the interpreter the venv was made from
     probe = subprocess.run([str(bare), "-c", "import web3"], capture_output=True)

@@ -74,6 +74,7 @@ class Chat:
         self.connection_state = "connecting"
         self.wallet: Wallet | None = None
         self.paid_messages = 0
+        self.not_sent = 0  # messages not sent (refused, or not paid for): piped input then exits 1
         self._client = None
         self._start_error: str | None = None
         self._ready = threading.Event()
@@ -192,6 +193,7 @@ class Chat:
                                   "running? Start it with `python3 main.py chain`")
 
     def _not_sent(self, texts: list[str], why: str) -> None:
+        self.not_sent += len(texts)
         self.note(f"error: {why}; not sent: {quoted(texts)}{self.recall_hint}")
 
     def chain_problem(self, exc: BaseException) -> str:
@@ -375,6 +377,7 @@ class Chat:
         if status == "offline":
             self.note(f"(not delivered: {to} is offline; your bounty stays unspent)")
         elif status == "refused":
+            self.not_sent += 1
             self.note(f"(not delivered to {to}: {detail})")
 
     def on_paid(self, msg_ids: list[str]) -> None:

@@ -328,6 +328,10 @@ class ChatClient:
 
     # --- the outbox -----------------------------------------------------------------------
 
+    @property
+    def outbox_path(self) -> Path:
+        return self._outbox.path
+
     def queue(self) -> list[Queued]:
         """Every message not yet acknowledged, oldest first: .index (from 1, for drop()),
         .msg_id, .to, .text, .since (wall-clock time it was first sent), .waiting (for an

@@ -10,7 +10,9 @@ in order, so that the prompt stays usable while one waits for the chain.
 
 When stdin is not a terminal, lines are read and sent one by one, received
 messages go to stdout as `[sender] text`, notices to stderr, and at end of
-input the client waits until its messages are acknowledged, then exits.
+input the client waits until its messages are acknowledged (a node that is
+away gets AWAY_WAIT seconds to come back), then exits: 1 if a line was not
+sent, else 0 (lines still queued on disk go out at the next start).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from dm.client.commands import Chat, is_quit
 from dm.client.errors import ClientError
 
 QUIT_WAIT = 10  # seconds an interactive client waits at exit for its last messages' receipts
+ACK_WAIT = 120  # seconds piped input waits at its end for the node to answer its messages
+AWAY_WAIT = 5.0  # ... and for a node that is away to come back: the messages wait on disk anyway
 SAY_WAITING_AFTER = 1.0  # seconds a typed line may wait for the chain before the user is told
 HISTORY_FILE = "history"  # under clients/NAME/: the lines typed, for up/down (0600)
 
@@ -90,15 +94,38 @@ def run_lines(args) -> int:
                 raise ClientError("the node closed the connection")
             if not chat.handle_lines(lines):
                 break
-        if not client.wait_acknowledged(timeout=120):
-            chat.note(f"({len(client.outstanding)} message(s) were never acknowledged by the node)")
-        waiting = [entry for entry in client.queue() if entry.waiting]
-        if waiting:
-            chat.note(f"({len(waiting)} message(s) wait for offline peers; they go out when you start the "
-                      "client again)")
+        wait_at_end(chat, client)
     finally:
         client.close()
-    return 0
+    return 1 if chat.not_sent else 0
+
+
+def wait_at_end(chat: Chat, client) -> None:
+    """At end of piped input: until the node has answered every message (at most ACK_WAIT), or
+    while it is away, at most AWAY_WAIT for it to come back. Then says what stays queued."""
+    deadline, away_since = time.monotonic() + ACK_WAIT, None
+    while not client.wait_acknowledged(timeout=0.2) and not client.is_closed:
+        now = time.monotonic()
+        if client.connection_state != "reconnecting":
+            away_since = None
+        elif away_since is None:
+            away_since = now
+            chat.note(f"(end of input: the node is away; waiting up to {AWAY_WAIT:g}s for it to come back, "
+                      f"to send {len(client.outstanding)} message(s))")
+        elif now - away_since >= AWAY_WAIT:
+            break
+        if now >= deadline:
+            break
+    entries = client.queue()
+    waiting = sum(1 for entry in entries if entry.waiting)
+    unanswered = len(entries) - waiting
+    if unanswered:
+        why = (f"the node did not come back within {AWAY_WAIT:g}s" if away_since is not None
+               else "the node is gone" if client.is_closed else "the node did not answer them")
+        chat.note(f"({unanswered} message(s) stay queued on disk ({client.outbox_path}): {why}; they go out "
+                  "when you start the client again)")
+    if waiting:
+        chat.note(f"({waiting} message(s) wait for offline peers; they go out when you start the client again)")
 
 
 def read_line_batches(fd: int, limit: int = 512):
