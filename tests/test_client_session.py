@@ -4,8 +4,12 @@ ends, when a key file is broken, and when a command names someone or something t
 from __future__ import annotations
 
 import json
+import time
 
-from conftest import make_users
+from conftest import make_users, wait_until
+from dm.chain import ethereum
+from dm.client.core import ChatClient
+from dm.relay.node import Node
 
 
 def book_records(data_dir, name: str) -> list[dict]:
@@ -27,3 +31,48 @@ def test_a_clean_exit_saves_the_books_real_cursor_so_the_next_run_spends_the_nex
         records = book_records(tester_node.data_dir, "dave")
         assert len(records) == 1 and records[0]["cursor"] == run, records
     assert indices == [0, 1, 2]
+
+
+def chat_session(running_node, me: str, peer: str, **options):
+    """A Chat (what the terminal shows) on a ChatClient logged in as `me`; and the lines shown."""
+    from dm.client.commands import Chat
+    from dm.client.core import Events
+
+    shown: list[str] = []
+    chat = Chat(me, peer, lambda line, notice: shown.append(line))
+    events = Events(**{name: handler for name, handler in chat.handlers().items()
+                       if name in Events.__dataclass_fields__})
+    if isinstance(running_node, Node):
+        client = ChatClient("127.0.0.1", running_node.port, me, options.pop("data_dir"), rpc_url=ethereum.TESTER_URL,
+                            events=events, w3=running_node.token.w3, **options)
+        client.connect()
+    else:
+        client = running_node.client(me, events=events, **options)
+    chat.attach(client)
+    return chat, client, shown
+
+
+def test_a_session_taken_over_by_the_same_name_says_so_not_that_the_node_went_away(tester_node):
+    make_users(tester_node.data_dir, "user_1", "user_2")
+    _, first, shown = chat_session(tester_node, "user_2", "user_1")
+    tester_node.client("user_2")  # user_2 logs in again, from elsewhere
+    wait_until(lambda: first.is_closed, timeout=10, message="the first session to end")
+    said = [line for line in shown if "disconnected" in line]
+    assert len(said) == 1 and "(name_in_use)" in said[0], shown
+    assert "logged in elsewhere" in said[0] and "once the node is back" not in said[0], said
+
+
+def test_giving_up_reconnecting_is_said_once(extra_nodes, data_dir):
+    node = extra_nodes("short-lived")
+    make_users(data_dir, "alice")
+    _, alice, shown = chat_session(node, "alice", "alice", data_dir=data_dir, reconnect_for=0.5,
+                                   reconnect_max_delay=0.1)
+    try:
+        node.stop()
+        wait_until(lambda: alice.is_closed, timeout=10, message="alice to give up")
+        time.sleep(0.2)
+        gave_up = [line for line in shown if "gave up" in line]
+        assert len(gave_up) == 1 and gave_up[0].count("gave up") == 1, shown
+        assert "stay queued on disk" in gave_up[0] and "quit with exit" in gave_up[0], gave_up
+    finally:
+        alice.close()

@@ -396,14 +396,24 @@ class Chat:
         self.refresh_funds_soon()
 
     def on_closed(self, reason: str) -> None:
-        self.connection_state = "closed"
-        self.note(f"(disconnected: {reason}. Lines typed now are not sent: quit with exit, and start client.py "
-                  f"again once the node is back)")
+        gave_up, self.connection_state = self.connection_state == "gave_up", "closed"
+        if gave_up:
+            return  # on_connection said it, and what to do
+        if getattr(self._client, "final_code", None) == "name_in_use":
+            self.note(f"(disconnected: {reason}. Your name is now logged in elsewhere, and the node keeps that "
+                      "session: lines typed here are not sent. Quit with exit; starting client.py here again "
+                      "ends the other session)")
+        else:
+            self.note(f"(disconnected: {reason}. Lines typed now are not sent: quit with exit, and start client.py "
+                      "again once the node is back)")
 
     def on_connection(self, state: str, detail: str = "") -> None:
         self.connection_state = state
+        if state == "gave_up":  # the client is closed for good: detail says why, and what stays queued
+            self.note(f"(disconnected: {detail}. Lines typed now are not sent: quit with exit)")
+            return
         text = {"lost": "connection to the node lost; reconnecting…", "reconnecting": "reconnecting…",
-                "reconnected": "reconnected", "gave_up": "gave up reconnecting: restart client.py"}.get(state, state)
+                "reconnected": "reconnected"}.get(state, state)
         self.note(f"({text}{': ' + detail if detail else ''})")
         if state == "reconnected":
             self.connection_state = "connected"

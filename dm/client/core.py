@@ -121,6 +121,7 @@ class ChatClient:
         self._closed = threading.Event()  # set by close(), or once the client gave up
         self._state = "closed"
         self._final: str | None = None  # why the node ended the session for good (e.g. name_in_use)
+        self.final_code: str | None = None  # and its code, for the user's next step
         self._waiting_for: set[str] = set()  # peers that messages wait for (worker thread only)
         self._shown: collections.OrderedDict = collections.OrderedDict()  # (sender, msg_id) -> bounty; worker only
         self._held_back: collections.OrderedDict[str, float] = collections.OrderedDict()  # msg_id -> resend at; worker only
@@ -535,7 +536,7 @@ class ChatClient:
             self._held_back[ref] = time.monotonic() + BACKPRESSURE_RETRY  # still unanswered: piped input waits
             return
         if message.get("code") in _FINAL_CODES:
-            self._final = f"the node ended this session: {text}"
+            self._final, self.final_code = f"the node ended this session: {text}", message.get("code")
         if ref and (ref in self.outstanding or self._outbox.get(ref) is not None):
             if message.get("code") == "unpaid" and hasattr(self.payer, "drop_if_gone") and self.payer.drop_if_gone():
                 self.events.notice("your prepaid book is no longer on the chain (was the chain reset or rolled "
