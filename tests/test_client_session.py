@@ -76,3 +76,28 @@ def test_giving_up_reconnecting_is_said_once(extra_nodes, data_dir):
         assert "stay queued on disk" in gave_up[0] and "quit with exit" in gave_up[0], gave_up
     finally:
         alice.close()
+
+
+def test_who_for_a_channel_you_are_not_in_says_whether_it_is_open(tester_node):
+    make_users(tester_node.data_dir, "user_1", "user_2")
+    tester_node.client("user_2").join("#dev")
+    chat, _, shown = chat_session(tester_node, "user_1", "user_2")
+    chat.handle_lines(["/who #nosuch", "/who #dev"])
+    assert shown[0].startswith("error: no channel #nosuch is open") and "/join #nosuch" in shown[0], shown
+    assert shown[1].startswith("error: you are not in #dev (1 member)") and "/join #dev" in shown[1], shown
+
+
+def test_the_readme_quotes_the_reconnect_lines_the_client_prints():
+    from conftest import ROOT
+    from dm.client.commands import HELP, Chat
+
+    shown: list[str] = []
+    chat = Chat("user_1", "user_2", lambda line, notice: shown.append(line))
+    chat.on_connection("lost", "the node closed the connection")
+    chat.on_connection("reconnecting", "2 queued")
+    chat.on_connection("reconnected", "localhost:12345")
+    readme = (ROOT / "README.md").read_text()
+    assert "\n".join(shown) in readme, shown
+    who_help = next(line for line in HELP.splitlines() if line.strip().startswith("/who"))
+    who_readme = next(line for line in readme.splitlines() if line.startswith("| `/who #chan`"))
+    assert "your channels" in who_help and "your channels" in who_readme

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from dm import datadir
-from dm.client.errors import ClientError
+from dm.client.errors import ClientError, Refused
 from dm.client.scroll import ACTION_PREFIX, PAID_MARK, Painter
 from dm.client.wallet import Wallet, btk, describe
 
@@ -22,7 +22,7 @@ HELP = """commands (case does not matter):
   /msg NAME text      send one message to NAME (or #channel) without switching
   /me action          an action: others see `* you action`
   /peers              who is online
-  /who #chan          who is in a channel, online and offline (alone: the current channel, or /peers)
+  /who #chan          who is in one of your channels, online and offline (alone: the current one, or /peers)
   /join #name         join (or open) a channel and talk to it; names are case-insensitive
   /leave #name        leave a channel: you receive nothing more from it
   /channels           your channels, and every open channel with its member count
@@ -274,12 +274,26 @@ class Chat:
         if not channel.startswith("#"):
             return self._cmd_peers("")
         channel = check_channel(channel)
-        client = self.client
-        members = getattr(client, "members", None)  # ChatClient has no public members() yet
-        reply = members(channel) if members else client._connection.request({"type": "members", "channel": channel})
+        try:
+            reply = self.client.members(channel)
+        except Refused as exc:
+            if exc.code != "not_a_member":
+                raise
+            raise ClientError(self._not_in(channel)) from None
         self.learn(reply["online"] + reply["offline"], [channel])
         self.note(f"{channel}: online {', '.join(reply['online']) or 'nobody'}; "
                   f"offline {', '.join(reply['offline']) or 'nobody'}")
+
+    def _not_in(self, channel: str) -> str:
+        """Why /who shows nothing for a channel we are not in: it is not open, or not ours."""
+        try:
+            members = self.client.channels()["all"].get(channel)
+        except ClientError:
+            members = -1  # cannot tell whether it is open
+        if members is None:
+            return f"no channel {channel} is open: /join {channel} opens it (/channels lists the open ones)"
+        count = f" ({members} member{'s' if members != 1 else ''})" if members > 0 else ""
+        return f"you are not in {channel}{count}: /who lists your own channels only; /join {channel} first"
 
     def _cmd_join(self, rest: str) -> None:
         channel = check_channel(rest)

@@ -257,6 +257,10 @@ class ChatClient:
     def channels(self) -> dict:
         return self._live.request({"type": "channels"})
 
+    def members(self, channel: str) -> dict:
+        """{"online": [...], "offline": [...]} of a channel we are in (Refused not_a_member otherwise)."""
+        return self._live.request({"type": "members", "channel": channel})
+
     # --- sending ----------------------------------------------------------------------
 
     def send_text(self, to: str, text: str) -> str:
@@ -276,7 +280,7 @@ class ChatClient:
         bounty, all paid from the book. Returns (msg_ids sent, members offline). A member
         whose key is weak is skipped, and events.notice says so; the others still get theirs."""
         check_length(text)
-        members = self._live.request({"type": "members", "channel": channel})
+        members = self.members(channel)
         recipients = [m for m in members["online"] if m != self.me]
         keys, unusable = self._peer_keys.usable(recipients)
         for name, problem in unusable.items():  # told through the worker, like every notice
