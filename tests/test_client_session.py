@@ -4,11 +4,15 @@ ends, when a key file is broken, and when a command names someone or something t
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import time
+
+import pytest
 
 from conftest import make_users, wait_until
 from dm.chain import ethereum
-from dm.client.core import ChatClient
+from dm.client.core import ChatClient, KeyFileProblem
 from dm.relay.node import Node
 
 
@@ -101,3 +105,36 @@ def test_the_readme_quotes_the_reconnect_lines_the_client_prints():
     who_help = next(line for line in HELP.splitlines() if line.strip().startswith("/who"))
     who_readme = next(line for line in readme.splitlines() if line.startswith("| `/who #chan`"))
     assert "your channels" in who_help and "your channels" in who_readme
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda keys: (keys / "user_1_ETH.key").write_text(""), "user_1_ETH.key is empty"),
+    (lambda keys: (keys / "user_1_ETH.key").write_text("not hex at all\n"),
+     "user_1_ETH.key does not hold an Ethereum private key"),
+    (lambda keys: (keys / "user_1_ETH.key").unlink(), "user_1_ETH.key is missing"),
+    (lambda keys: (keys / "user_1_PRIVATE.pem").write_text("-----BEGIN garbage"), "user_1_PRIVATE.pem"),
+])
+def test_a_broken_key_file_is_named_with_what_to_do(data_dir, damage, expected):
+    make_users(data_dir, "user_1")
+    damage(data_dir / "keys")
+    with pytest.raises(KeyFileProblem) as problem:
+        ChatClient("127.0.0.1", 1, "user_1", data_dir)
+    said = str(problem.value)
+    assert expected in said and "\n" not in said, said
+    assert "restore it from a backup" in said and "main.py Y user_1" in said, said
+    for name in ("user_1_PRIVATE.pem", "user_1_PUBLIC.pem", "user_1_ETH.key"):  # what to move away
+        assert name in said, said
+
+
+def test_a_client_with_an_empty_key_file_says_one_line_not_a_traceback(tmp_path):
+    """client.py as a user runs it: the node probe passes (something listens), then the keys fail."""
+    from conftest import PYTHON, ROOT, cli_env
+
+    make_users(tmp_path, "user_1")
+    (tmp_path / "keys" / "user_1_ETH.key").write_text("")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        done = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(listener.getsockname()[1]), "user_1", "user_2"],
+                              cwd=ROOT, env=cli_env("http://127.0.0.1:9", tmp_path), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "user_1_ETH.key is empty" in done.stderr, done.stderr

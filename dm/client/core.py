@@ -26,6 +26,7 @@ from dm.client import rpc
 from dm.client.awaiting import AwaitingLog
 from dm.client.connection import CLOSED, RECONNECT_FOR, RECONNECT_MAX_DELAY, Connection, NodeUnreachable
 from dm.client.errors import ClientError
+from dm.client.keyfiles import KeyFileProblem, load_keys
 from dm.client.outbox import Outbox, Queued
 from dm.client.payment import payer_for
 from dm.client.peers import PeerKeys, UnusableKey
@@ -48,8 +49,8 @@ _NOT_CONNECTED = "not connected to the node: restart the client (queued messages
 _RESEND_ALL = "_resend_all"  # put on the inbox by connect(): send the outbox of an earlier run
 _CLAIM_STORED = "_claim_stored"  # put on the inbox by connect(): claim again what an earlier run claimed
 
-__all__ = ["ChatClient", "ClientError", "Events", "Incoming", "MAX_TEXT_BYTES", "Outstanding", "Queued",
-           "check_length"]
+__all__ = ["ChatClient", "ClientError", "Events", "Incoming", "KeyFileProblem", "MAX_TEXT_BYTES", "Outstanding",
+           "Queued", "check_length"]
 
 
 @dataclass
@@ -101,11 +102,7 @@ class ChatClient:
         self._w3 = w3  # given (tests: eth-tester), or made by connect() with chain_timeout per request
         self.chain_timeout = chain_timeout
         self.chain_watch = rpc.ChainWatch()  # the requests to our own chain connection in flight
-        try:
-            self.rsa_key = crypto.load_private_key(datadir.private_key_path(data_dir, me))
-            self.eth_key = datadir.read_secret(datadir.eth_key_path(data_dir, me))
-        except (crypto.KeyFileError, datadir.DataError):
-            raise ClientError(f"no keys for {me!r} in {data_dir}: run `python3 main.py Y {me}` first") from None
+        self.rsa_key, self.eth_key = load_keys(data_dir, self.me)  # or KeyFileProblem, which names the file
         self.public_pem = crypto.public_key_pem(self.rsa_key)
         self.eth_address = ethereum.address_of(self.eth_key)
         self.client_dir = data_dir / "clients" / me
