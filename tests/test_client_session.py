@@ -138,3 +138,13 @@ def test_a_client_with_an_empty_key_file_says_one_line_not_a_traceback(tmp_path)
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "user_1_ETH.key is empty" in done.stderr, done.stderr
+
+
+def test_to_an_unknown_name_is_refused_at_once_not_at_the_next_send(tester_node):
+    make_users(tester_node.data_dir, "user_1", "user_2")
+    tester_node.client("user_2")
+    chat, _, shown = chat_session(tester_node, "user_1", "user_2")
+    chat.handle_lines(["/to nobody"])
+    assert shown == ["error: no user 'nobody' is known to this node (unknown_peer)"] and chat.peer == "user_2"
+    chat.handle_lines(["/to user_2", "/to #dev"])
+    assert shown[1:] == ["(now talking to user_2)", "(now talking to #dev)"] and chat.peer == "#dev"

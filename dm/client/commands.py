@@ -246,6 +246,8 @@ class Chat:
         if not rest:
             raise ClientError("usage: /to NAME or /to #channel")
         target = check_target(rest)
+        if not target.startswith("#"):
+            self.client.peer_key(target)  # an unknown name is refused now, not at the next send
         with self._lock:
             self._peer = target
         self.learn(*(((), [target]) if target.startswith("#") else ([target], ())))
