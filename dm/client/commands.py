@@ -196,11 +196,16 @@ class Chat:
         self.not_sent += len(texts)
         self.note(f"error: {why}; not sent: {quoted(texts)}{self.recall_hint}")
 
-    def chain_problem(self, exc: BaseException) -> str:
-        from dm.client.rpc import CHAIN_TIMEOUT, describe
+    @property
+    def chain_timeout(self) -> float:
+        from dm.client.rpc import CHAIN_TIMEOUT
 
-        client = self._client
-        return describe(exc, getattr(client, "rpc_url", "?"), getattr(client, "chain_timeout", CHAIN_TIMEOUT))
+        return getattr(self._client, "chain_timeout", CHAIN_TIMEOUT)
+
+    def chain_problem(self, exc: BaseException) -> str:
+        from dm.client.rpc import describe
+
+        return describe(exc, getattr(self._client, "rpc_url", "?"), self.chain_timeout)
 
     def chain_waiting(self) -> float:
         """Seconds the oldest request to the chain in flight has waited (0: none is)."""

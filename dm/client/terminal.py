@@ -217,9 +217,10 @@ def run_interactive(args) -> int:
                 if is_quit(line):
                     break
                 handler.put(line)
-            if not handler.finish(timeout=0.2):
+            handler.stop()
+            if not handler.wait(timeout=0.2):
                 chat.note("(quitting once the lines typed before are handled…)")
-                handler.finish()
+                handler.wait()
             if chat.start_error is None and client_box:
                 finish(chat, client_box[0])
     except KeyboardInterrupt:  # at the prompt or while sending: leave now
@@ -236,9 +237,9 @@ class LineHandler:
     toolbar stay usable while a line waits (for the client to start, for the node, or for the
     chain: `/balance`, or a message that opens a book). Lines typed meanwhile are handled
     together once it is done, as piped lines are. A wait for the chain longer than
-    SAY_WAITING_AFTER is told once per line; it ends within the chain timeout.
+    SAY_WAITING_AFTER is told once per batch of lines; it ends within the chain timeout.
 
-    Thread-safety: the prompt thread calls put() and finish(); `_busy_since` and `_told` are
+    Thread-safety: the prompt thread calls put(), stop() and wait(); `_busy_since` and `_told` are
     written by the handler thread (and `_told` by the watcher), read by the watcher.
     """
 
@@ -254,9 +255,12 @@ class LineHandler:
     def put(self, line: str) -> None:
         self._lines.put(line)
 
-    def finish(self, timeout: float | None = None) -> bool:
-        """Handles what was typed before, then stops; False if that takes longer than `timeout`."""
+    def stop(self) -> None:
+        """Handle what was typed so far, then stop."""
         self._lines.put(None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until stopped; False if that takes longer than `timeout`."""
         return self._done.wait(timeout)
 
     def _run(self) -> None:
@@ -285,9 +289,8 @@ class LineHandler:
                 continue
             if self.chat.chain_waiting() >= SAY_WAITING_AFTER / 2:
                 self._told = True
-                timeout = getattr(self.chat._client, "chain_timeout", rpc.CHAIN_TIMEOUT)
                 self.chat.note(f"(waiting for the chain…: keep typing; lines are handled in order once it "
-                               f"answers, or fail after {timeout:g}s)")
+                               f"answers, or fail after {self.chat.chain_timeout:g}s)")
 
 
 def finish(chat: Chat, client) -> None:
