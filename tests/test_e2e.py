@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import pytest
 
@@ -170,3 +171,29 @@ def test_a_node_killed_with_codes_pending_redeems_each_exactly_once_after_restar
     assert token.book(alice_address, root).spent == 12
     assert all(token.is_leaf_spent(alice_address, root, i) for i in range(12))
     assert not token.is_leaf_spent(alice_address, root, 12)
+
+
+def test_piped_input_that_ends_while_the_node_is_away_exits_soon_saying_what_stays_queued(running, processes):
+    """`(echo a; sleep 8; echo b) | client.py ...` with the node stopped in between: at the end
+    of input the client says what it waits for, and when the node is not back within 5 s it
+    exits, saying that the line stays queued on disk (it waited the whole --reconnect-for)."""
+    env, port = running["env"], running["port"]
+    make_users(running["data_dir"], "dave", "erin")
+    node = start_node(processes, env, port)
+    erin, dave = (processes(["client.py", "127.0.0.1", str(port), me, peer], env)
+                  for me, peer in (("erin", "dave"), ("dave", "erin")))
+    for client in (erin, dave):
+        client.wait_for_line(lambda line: line.startswith("connected to"), stream="errors")
+    dave.write("a\n")
+    erin.wait_for_line(lambda line: line == "[dave] a", timeout=30)
+    time.sleep(0.3)  # its receipt
+    node.stop(signal.SIGINT)
+    dave.wait_for_line(lambda line: "reconnecting" in line, timeout=30, stream="errors")
+    dave.write("b\n")
+    dave.close_stdin()
+    ended = time.monotonic()
+    assert dave.proc.wait(20) == 0, dave.errors
+    assert time.monotonic() - ended < 9
+    said = "\n".join(dave.errors)
+    assert "end of input: the node is away; waiting up to 5s for it to come back" in said, said
+    assert "1 message(s) stay queued on disk" in said and "did not come back within 5s" in said, said

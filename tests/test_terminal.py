@@ -6,6 +6,9 @@ errors that name the next step, and re-running under .venv."""
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -269,6 +272,14 @@ def test_errors_name_the_next_step(chat):
     assert "use your original keys" in taken and "or another name" in taken
 
 
+def test_piped_lines_that_were_not_sent_make_the_exit_status_non_zero(chat):
+    done = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "user_3", "user_2"], cwd=ROOT,
+                          env=chat["env"], input="/msg nobody are you there?\n", capture_output=True, text=True,
+                          timeout=60)
+    assert "not sent: “are you there?”" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1
+
+
 def test_entry_points_rerun_under_the_venv_or_say_what_to_run(tmp_path):
     bare = Path(sys.base_prefix) / "bin" / "python3"  # the interpreter the venv was made from
     probe = subprocess.run([str(bare), "-c", "import web3"], capture_output=True)
@@ -344,6 +355,45 @@ def test_channel_names_are_case_insensitive_at_the_node(chat):
         ask(socks["bob"], {"type": "join", "channel": "#dEV"})
         members = ask(socks["alice"], {"type": "members", "channel": "#DEV"})
         assert members["channel"] == "#dev" and members["online"] == ["alice", "bob"]
+
+
+def test_a_hanging_chain_leaves_the_prompt_usable_and_ends_in_a_plain_error(chat, started):
+    """The chain stops answering (SIGSTOP: it still accepts connections, and never replies).
+    /balance and a first message (which opens a book) wait for it off the prompt: the prompt and
+    the toolbar stay, typing goes on, the user is told what is awaited, and after the client's
+    chain timeout ($DM_CHAIN_TIMEOUT, 2 s here) each ends in one plain error. The unsent line
+    is quoted, and up-arrow brings it back to send once the chain answers again."""
+    make_users(chat["data"], "erin")  # no book yet: the first message opens one
+    peer, mark = chat["peer"], len(chat["peer"].lines)
+    term = Terminal(["client.py", "127.0.0.1", str(chat["port"]), "erin", "user_2"],
+                    {**chat["env"], "DM_CHAIN_TIMEOUT": "2"})
+    started.append(term)
+    term.wait_for("erin -> user_2>")
+    term.wait_for("connected to")
+    anvil = chat["anvil"].proc.pid
+    os.kill(anvil, signal.SIGSTOP)
+    try:
+        term.type("/balance\r")
+        term.type("still typing")
+        term.wait_until(lambda lines: "erin -> user_2> still typing" in lines, "the prompt froze", timeout=1.5)
+        assert "to user_2" in term.lines[-1]  # the toolbar too
+        term.wait_for("(waiting for the chain", timeout=3)
+        term.wait_for("error: could not read the chain", timeout=6)
+        term.type("\x15first message\r")
+        term.wait_for("not sent", timeout=8)
+        assert re.search(r"error: could not pay for the message: the chain at \S+ did not answer within 2s\. "
+                         r"[^\n]*; not sent: “first message” \(up-arrow brings it back\)", term.transcript)
+        for raw in ("HTTPConnectionPool", "Read timed out", "read timeout"):
+            assert raw not in term.transcript
+    finally:
+        os.kill(anvil, signal.SIGCONT)
+    term.type("\x1b[A")  # up: the line that was not sent
+    term.wait_until(lambda lines: "erin -> user_2> first message" in lines, "up did not bring the line back")
+    term.type("\r")
+    peer.wait_for_line(lambda line: line == "[erin] first message", timeout=30)
+    assert received_since(peer, mark) == ["[erin] first message"]
+    term.type("exit\r")
+    assert term.wait_exit() == 0 and "Traceback" not in term.transcript
 
 
 def test_the_chain_going_away_costs_an_error_line_not_the_client(chat, started):

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from dm import datadir
-from dm.client.errors import ClientError
+from dm.client.errors import ClientError, Refused
 from dm.client.scroll import ACTION_PREFIX, PAID_MARK, Painter
 from dm.client.wallet import Wallet, btk, describe
 
@@ -22,7 +22,7 @@ HELP = """commands (case does not matter):
   /msg NAME text      send one message to NAME (or #channel) without switching
   /me action          an action: others see `* you action`
   /peers              who is online
-  /who #chan          who is in a channel, online and offline (alone: the current channel, or /peers)
+  /who #chan          who is in one of your channels, online and offline (alone: the current one, or /peers)
   /join #name         join (or open) a channel and talk to it; names are case-insensitive
   /leave #name        leave a channel: you receive nothing more from it
   /channels           your channels, and every open channel with its member count
@@ -37,6 +37,7 @@ COMMANDS = ("/to", "/msg", "/me", "/peers", "/who", "/join", "/leave", "/channel
             "/fingerprint", "/help", "/quit", "/exit")
 QUIT_WORDS = ("exit", "/exit", "/quit")
 SENT_REMEMBERED = 10_000  # texts kept to say which message a `paid` was for
+CHAIN_SLOW = 1.0  # seconds a chain request may take before the toolbar says the client waits for the chain
 
 
 def check_channel(name: str) -> str:
@@ -73,6 +74,7 @@ class Chat:
         self.connection_state = "connecting"
         self.wallet: Wallet | None = None
         self.paid_messages = 0
+        self.not_sent = 0  # messages not sent (refused, or not paid for): piped input then exits 1
         self._client = None
         self._start_error: str | None = None
         self._ready = threading.Event()
@@ -80,6 +82,7 @@ class Chat:
         self._lock = threading.Lock()
         self._refreshing = False
         self._seen: set[str] = set()  # senders whose key prefix was shown (worker thread only)
+        self.recall_hint = ""  # after a line that was not sent: how to get it back (the terminal: up-arrow)
 
     # --- the client, once started -----------------------------------------------------
 
@@ -129,7 +132,8 @@ class Chat:
         if state is None or self.connection_state in ("lost", "reconnecting", "gave_up", "closed", "connecting"):
             state = self.connection_state
         return {"peer": self.peer, "state": state, "funds": self.wallet.funds if self.wallet else None,
-                "unacked": len(client.outstanding) if client is not None else 0}
+                "unacked": len(client.outstanding) if client is not None else 0,
+                "chain_waiting": self.chain_waiting() >= CHAIN_SLOW}
 
     def known(self) -> tuple[list[str], list[str]]:
         """(names, channels) seen this session, for Tab completion."""
@@ -169,7 +173,7 @@ class Chat:
         return True
 
     def send(self, to: str, texts: list[str]) -> None:
-        """Sends and echoes; a failure is shown, never raised (the text is not lost from the screen)."""
+        """Sends and echoes; a failure is shown, never raised, and quotes what was not sent."""
         from dm.chain.ethereum import ChainError
 
         try:
@@ -183,11 +187,30 @@ class Chat:
             else:
                 self._sent_now(client.send_many(to, texts), to, *texts)
         except ClientError as exc:
-            self.note(f"error: {exc}; not sent")
-        except (ChainError, OSError) as exc:  # the chain, while opening a book: requests' errors are OSErrors
-            self.note(f"error: could not pay for the message: {short(exc)}. Is the chain at "
-                      f"{getattr(self._client, 'rpc_url', '?')} running? Start it with `python3 main.py chain`; "
-                      "not sent")
+            self._not_sent(texts, str(exc))
+        except (ChainError, OSError) as exc:  # the chain, while paying: requests' errors are OSErrors
+            self._not_sent(texts, f"could not pay for the message: {self.chain_problem(exc)}. Is the chain "
+                                  "running? Start it with `python3 main.py chain`")
+
+    def _not_sent(self, texts: list[str], why: str) -> None:
+        self.not_sent += len(texts)
+        self.note(f"error: {why}; not sent: {quoted(texts)}{self.recall_hint}")
+
+    @property
+    def chain_timeout(self) -> float:
+        from dm.client.rpc import CHAIN_TIMEOUT
+
+        return getattr(self._client, "chain_timeout", CHAIN_TIMEOUT)
+
+    def chain_problem(self, exc: BaseException) -> str:
+        from dm.client.rpc import describe
+
+        return describe(exc, getattr(self._client, "rpc_url", "?"), self.chain_timeout)
+
+    def chain_waiting(self) -> float:
+        """Seconds the oldest request to the chain in flight has waited (0: none is)."""
+        watch = getattr(self._client, "chain_watch", None)
+        return watch.waiting() if watch is not None else 0.0
 
     def _sent_now(self, msg_ids: list[str], to: str, *texts: str) -> None:
         if not msg_ids:
@@ -228,6 +251,8 @@ class Chat:
         if not rest:
             raise ClientError("usage: /to NAME or /to #channel")
         target = check_target(rest)
+        if not target.startswith("#"):
+            self.client.peer_key(target)  # an unknown name is refused now, not at the next send
         with self._lock:
             self._peer = target
         self.learn(*(((), [target]) if target.startswith("#") else ([target], ())))
@@ -256,12 +281,26 @@ class Chat:
         if not channel.startswith("#"):
             return self._cmd_peers("")
         channel = check_channel(channel)
-        client = self.client
-        members = getattr(client, "members", None)  # ChatClient has no public members() yet
-        reply = members(channel) if members else client._connection.request({"type": "members", "channel": channel})
+        try:
+            reply = self.client.members(channel)
+        except Refused as exc:
+            if exc.code != "not_a_member":
+                raise
+            raise ClientError(self._not_in(channel)) from None
         self.learn(reply["online"] + reply["offline"], [channel])
         self.note(f"{channel}: online {', '.join(reply['online']) or 'nobody'}; "
                   f"offline {', '.join(reply['offline']) or 'nobody'}")
+
+    def _not_in(self, channel: str) -> str:
+        """Why /who shows nothing for a channel we are not in: it is not open, or not ours."""
+        try:
+            members = self.client.channels()["all"].get(channel)
+        except ClientError:
+            members = -1  # cannot tell whether it is open
+        if members is None:
+            return f"no channel {channel} is open: /join {channel} opens it (/channels lists the open ones)"
+        count = f" ({members} member{'s' if members != 1 else ''})" if members > 0 else ""
+        return f"you are not in {channel}{count}: /who lists your own channels only; /join {channel} first"
 
     def _cmd_join(self, rest: str) -> None:
         channel = check_channel(rest)
@@ -295,7 +334,8 @@ class Chat:
         try:
             funds = self.wallet.refresh()
         except (ChainError, OSError) as exc:
-            raise ClientError(f"could not read the chain: {short(exc)}; is it running (`python3 main.py chain`)?")
+            raise ClientError(f"could not read the chain: {self.chain_problem(exc)}. Is it running? Start it with "
+                              "`python3 main.py chain`") from None
         self.note(describe(funds) + (f"; {self.paid_messages} paid this session" if self.paid_messages else ""))
 
     def _cmd_queue(self, rest: str) -> None:
@@ -358,6 +398,7 @@ class Chat:
         if status == "offline":
             self.note(f"(not delivered: {to} is offline; your bounty stays unspent)")
         elif status == "refused":
+            self.not_sent += 1
             self.note(f"(not delivered to {to}: {detail})")
 
     def on_paid(self, msg_ids: list[str]) -> None:
@@ -366,10 +407,7 @@ class Chat:
             return
         with self._lock:
             texts = [self._sent.pop(msg_id)[1] for msg_id in msg_ids if msg_id in self._sent]
-        texts = ["* " + t[len(ACTION_PREFIX):] if t.startswith(ACTION_PREFIX) else t for t in texts]
-        quoted = ", ".join(f"“{t[:30]}{'…' if len(t) > 30 else ''}”" for t in texts[:3])
-        more = f" and {len(texts) - 3} more" if len(texts) > 3 else ""
-        self.note(f"{PAID_MARK} paid {btk(len(msg_ids))} for {quoted or 'your message'}{more}")
+        self.note(f"{PAID_MARK} paid {btk(len(msg_ids))} for {quoted(texts) or 'your message'}")
         self.refresh_funds_soon()
 
     def on_book_opened(self, size: int, expiry: int) -> None:
@@ -379,14 +417,24 @@ class Chat:
         self.refresh_funds_soon()
 
     def on_closed(self, reason: str) -> None:
-        self.connection_state = "closed"
-        self.note(f"(disconnected: {reason}. Lines typed now are not sent: quit with exit, and start client.py "
-                  f"again once the node is back)")
+        gave_up, self.connection_state = self.connection_state == "gave_up", "closed"
+        if gave_up:
+            return  # on_connection said it, and what to do
+        if getattr(self._client, "final_code", None) == "name_in_use":
+            self.note(f"(disconnected: {reason}. Your name is now logged in elsewhere, and the node keeps that "
+                      "session: lines typed here are not sent. Quit with exit; starting client.py here again "
+                      "ends the other session)")
+        else:
+            self.note(f"(disconnected: {reason}. Lines typed now are not sent: quit with exit, and start client.py "
+                      "again once the node is back)")
 
     def on_connection(self, state: str, detail: str = "") -> None:
         self.connection_state = state
+        if state == "gave_up":  # the client is closed for good: detail says why, and what stays queued
+            self.note(f"(disconnected: {detail}. Lines typed now are not sent: quit with exit)")
+            return
         text = {"lost": "connection to the node lost; reconnecting…", "reconnecting": "reconnecting…",
-                "reconnected": "reconnected", "gave_up": "gave up reconnecting: restart client.py"}.get(state, state)
+                "reconnected": "reconnected"}.get(state, state)
         self.note(f"({text}{': ' + detail if detail else ''})")
         if state == "reconnected":
             self.connection_state = "connected"
@@ -428,7 +476,9 @@ def key_prefix(fingerprint: str) -> str:
     return fingerprint[:26] + "…"
 
 
-def short(exc: BaseException) -> str:
-    """An exception's first line, without urllib3's pool details."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "…"
+def quoted(texts: list[str], shown: int = 3) -> str:
+    """“first line”, “second” and 2 more: the texts a notice is about, each cut at 30 characters."""
+    texts = ["* " + t[len(ACTION_PREFIX):] if t.startswith(ACTION_PREFIX) else t for t in texts]
+    listed = ", ".join(f"“{t[:30]}{'…' if len(t) > 30 else ''}”" for t in texts[:shown])
+    return listed + (f" and {len(texts) - shown} more" if len(texts) > shown else "")
+

@@ -11,7 +11,7 @@ import threading
 import time
 
 from dm import wire
-from dm.client.errors import ClientError
+from dm.client.errors import ClientError, Refused
 from dm.net import hang_up
 from dm.wire.handshake import ClientHandshake, HandshakeRefused
 
@@ -194,7 +194,7 @@ class Connection:
                 self.pending.forget(req)
         for reply in replies:
             if reply["type"] == "error" and not refusals:
-                raise ClientError(f"{reply.get('message')} ({reply.get('code')})")
+                raise Refused(reply.get("message"), reply.get("code"))
             reply.pop("req", None)  # the id was ours to match by, not part of the answer
         return replies
 

@@ -22,9 +22,11 @@ from typing import Callable
 
 from dm import crypto, datadir, wire
 from dm.chain import ethereum
+from dm.client import rpc
 from dm.client.awaiting import AwaitingLog
 from dm.client.connection import CLOSED, RECONNECT_FOR, RECONNECT_MAX_DELAY, Connection, NodeUnreachable
 from dm.client.errors import ClientError
+from dm.client.keyfiles import KeyFileProblem, load_keys
 from dm.client.outbox import Outbox, Queued
 from dm.client.payment import payer_for
 from dm.client.peers import PeerKeys, UnusableKey
@@ -47,8 +49,8 @@ _NOT_CONNECTED = "not connected to the node: restart the client (queued messages
 _RESEND_ALL = "_resend_all"  # put on the inbox by connect(): send the outbox of an earlier run
 _CLAIM_STORED = "_claim_stored"  # put on the inbox by connect(): claim again what an earlier run claimed
 
-__all__ = ["ChatClient", "ClientError", "Events", "Incoming", "MAX_TEXT_BYTES", "Outstanding", "Queued",
-           "check_length"]
+__all__ = ["ChatClient", "ClientError", "Events", "Incoming", "KeyFileProblem", "MAX_TEXT_BYTES", "Outstanding",
+           "Queued", "check_length"]
 
 
 @dataclass
@@ -85,7 +87,8 @@ class ChatClient:
                  rpc_url: str = ethereum.DEFAULT_RPC_URL, pay: str = "book", book_size: int = 100,
                  expiry_seconds: int = 86_400, events: Events | None = None, w3=None, *,
                  addresses: list[tuple[str, int]] | None = None, reconnect_for: float = RECONNECT_FOR,
-                 reconnect_max_delay: float = RECONNECT_MAX_DELAY, release_timeout: float = RELEASE_TIMEOUT):
+                 reconnect_max_delay: float = RECONNECT_MAX_DELAY, release_timeout: float = RELEASE_TIMEOUT,
+                 chain_timeout: float = rpc.CHAIN_TIMEOUT):
         self.addresses = [(h, int(p)) for h, p in (addresses or [])]
         if host is not None and (host, port) not in self.addresses:
             self.addresses.insert(0, (host, int(port)))
@@ -96,12 +99,10 @@ class ChatClient:
         self.rpc_url, self.pay, self.book_size, self.expiry_seconds = rpc_url, pay, book_size, expiry_seconds
         self.reconnect_for, self.reconnect_max_delay = reconnect_for, reconnect_max_delay
         self.events = events or Events()
-        self._w3 = w3
-        try:
-            self.rsa_key = crypto.load_private_key(datadir.private_key_path(data_dir, me))
-            self.eth_key = datadir.read_secret(datadir.eth_key_path(data_dir, me))
-        except (crypto.KeyFileError, datadir.DataError):
-            raise ClientError(f"no keys for {me!r} in {data_dir}: run `python3 main.py Y {me}` first") from None
+        self._w3 = w3  # given (tests: eth-tester), or made by connect() with chain_timeout per request
+        self.chain_timeout = chain_timeout
+        self.chain_watch = rpc.ChainWatch()  # the requests to our own chain connection in flight
+        self.rsa_key, self.eth_key = load_keys(data_dir, self.me)  # or KeyFileProblem, which names the file
         self.public_pem = crypto.public_key_pem(self.rsa_key)
         self.eth_address = ethereum.address_of(self.eth_key)
         self.client_dir = data_dir / "clients" / me
@@ -117,6 +118,7 @@ class ChatClient:
         self._closed = threading.Event()  # set by close(), or once the client gave up
         self._state = "closed"
         self._final: str | None = None  # why the node ended the session for good (e.g. name_in_use)
+        self.final_code: str | None = None  # and its code, for the user's next step
         self._waiting_for: set[str] = set()  # peers that messages wait for (worker thread only)
         self._shown: collections.OrderedDict = collections.OrderedDict()  # (sender, msg_id) -> bounty; worker only
         self._held_back: collections.OrderedDict[str, float] = collections.OrderedDict()  # msg_id -> resend at; worker only
@@ -140,7 +142,7 @@ class ChatClient:
             raise ClientError(problems[0] if len(problems) == 1 else "no node answered: " + "; ".join(problems))
         self._state = "connected"
         threading.Thread(target=self._worker, name="worker", daemon=True).start()
-        w3 = self._w3 or ethereum.connect(self.rpc_url)
+        w3 = self._w3 or rpc.connect(self.rpc_url, self.chain_timeout, self.chain_watch)
         self.token, self.payer = payer_for(self.welcome, w3, self.rpc_url, self.eth_key, self.pay,
                                            self.expiry_seconds, self.book_size, self.client_dir / "books",
                                            self._announce_book)
@@ -166,11 +168,13 @@ class ChatClient:
             pass  # not connected: every reconnect announces the current book again
 
     def close(self) -> None:
-        self._closed.set()
+        self._closed.set()  # no send starts from now on
         self._state = "closed"
         self._connection.close()
         self._outbox.close()
         self._receiver.close()
+        if hasattr(self.payer, "close"):
+            self.payer.close()  # the book's real cursor, not the crash margin
 
     @property
     def is_closed(self) -> bool:
@@ -250,6 +254,10 @@ class ChatClient:
     def channels(self) -> dict:
         return self._live.request({"type": "channels"})
 
+    def members(self, channel: str) -> dict:
+        """{"online": [...], "offline": [...]} of a channel we are in (Refused not_a_member otherwise)."""
+        return self._live.request({"type": "members", "channel": channel})
+
     # --- sending ----------------------------------------------------------------------
 
     def send_text(self, to: str, text: str) -> str:
@@ -269,7 +277,7 @@ class ChatClient:
         bounty, all paid from the book. Returns (msg_ids sent, members offline). A member
         whose key is weak is skipped, and events.notice says so; the others still get theirs."""
         check_length(text)
-        members = self._live.request({"type": "members", "channel": channel})
+        members = self.members(channel)
         recipients = [m for m in members["online"] if m != self.me]
         keys, unusable = self._peer_keys.usable(recipients)
         for name, problem in unusable.items():  # told through the worker, like every notice
@@ -321,6 +329,10 @@ class ChatClient:
             self.events.receipt(msg_id, status, detail)
 
     # --- the outbox -----------------------------------------------------------------------
+
+    @property
+    def outbox_path(self) -> Path:
+        return self._outbox.path
 
     def queue(self) -> list[Queued]:
         """Every message not yet acknowledged, oldest first: .index (from 1, for drop()),
@@ -525,7 +537,7 @@ class ChatClient:
             self._held_back[ref] = time.monotonic() + BACKPRESSURE_RETRY  # still unanswered: piped input waits
             return
         if message.get("code") in _FINAL_CODES:
-            self._final = f"the node ended this session: {text}"
+            self._final, self.final_code = f"the node ended this session: {text}", message.get("code")
         if ref and (ref in self.outstanding or self._outbox.get(ref) is not None):
             if message.get("code") == "unpaid" and hasattr(self.payer, "drop_if_gone") and self.payer.drop_if_gone():
                 self.events.notice("your prepaid book is no longer on the chain (was the chain reset or rolled "

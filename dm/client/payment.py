@@ -20,7 +20,9 @@ from dm.chain import ethereum
 from dm.chain.books import BookSecrets
 from dm.client.errors import ClientError
 
-CURSOR_STRIDE = 32  # book cursor is persisted this far ahead, so a crash never reuses a code
+# While the client runs, the book's cursor is saved this far ahead of the next unused leaf, so
+# that a crash never reuses a code (without a write per message); close() saves the real one.
+CURSOR_STRIDE = 32
 GONE_CHECK_SECONDS = 5.0  # after an `unpaid` refusal, the chain is asked about the book at most this often
 
 
@@ -171,6 +173,19 @@ class BookPayer:
                 self._save(book, self._saved_cursor, self._expiry)
         root = book.root.hex()
         return [Bounty({"book": root, "index": i}, book.codes[i]) for i in range(start, start + count)]
+
+    def close(self) -> None:
+        """A clean exit: saves the real next unused leaf instead of the margin ahead, so the next
+        run spends the leaves this one skipped. Every leaf handed out (sent, or only prepared)
+        stays below it, so none is ever used twice. Safe to call more than once."""
+        with self._lock:
+            if self._book is None or self._saved_cursor <= self._cursor:
+                return
+            try:
+                self._save(self._book, self._cursor, self._expiry)
+            except OSError:
+                return  # the margin ahead stays on disk: a few codes unused, none reused
+            self._saved_cursor = self._cursor
 
 
 def _chain_now(token: ethereum.BountyToken) -> int:

@@ -5,25 +5,34 @@
 On a terminal: prompt_toolkit, with incoming lines printed above the input
 (patch_stdout), a bottom toolbar, Tab completion and per-user history. The
 prompt appears at once; the client (web3 and all) starts behind it, and lines
-typed meanwhile wait for it.
+typed meanwhile wait for it. Typed lines are handled on a thread of their own,
+in order, so that the prompt stays usable while one waits for the chain.
 
 When stdin is not a terminal, lines are read and sent one by one, received
 messages go to stdout as `[sender] text`, notices to stderr, and at end of
-input the client waits until its messages are acknowledged, then exits.
+input the client waits until its messages are acknowledged (a node that is
+away gets AWAY_WAIT seconds to come back), then exits: 1 if a line was not
+sent, else 0 (lines still queued on disk go out at the next start).
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 from dm import datadir
-from dm.client.commands import Chat
+from dm.client import rpc
+from dm.client.commands import Chat, is_quit
 from dm.client.errors import ClientError
 
 QUIT_WAIT = 10  # seconds an interactive client waits at exit for its last messages' receipts
+ACK_WAIT = 120  # seconds piped input waits at its end for the node to answer its messages
+AWAY_WAIT = 5.0  # ... and for a node that is away to come back: the messages wait on disk anyway
+SAY_WAITING_AFTER = 1.0  # seconds a typed line may wait for the chain before the user is told
 HISTORY_FILE = "history"  # under clients/NAME/: the lines typed, for up/down (0600)
 
 
@@ -44,7 +53,8 @@ def start_client(args, chat: Chat):
         client = ChatClient(args.host, args.port, args.me, data_dir, rpc_url=args.rpc_url, pay=args.pay,
                             book_size=args.book_size, events=Events(**handlers), addresses=args.addresses,
                             reconnect_for=args.reconnect_for, reconnect_max_delay=args.reconnect_max_delay,
-                            release_timeout=args.release_timeout)
+                            release_timeout=args.release_timeout,
+                            chain_timeout=getattr(args, "chain_timeout", None) or rpc.chain_timeout())
         client.connect()
     except ClientError as exc:
         raise ClientError(explain(str(exc), args)) from None
@@ -84,15 +94,38 @@ def run_lines(args) -> int:
                 raise ClientError("the node closed the connection")
             if not chat.handle_lines(lines):
                 break
-        if not client.wait_acknowledged(timeout=120):
-            chat.note(f"({len(client.outstanding)} message(s) were never acknowledged by the node)")
-        waiting = [entry for entry in client.queue() if entry.waiting]
-        if waiting:
-            chat.note(f"({len(waiting)} message(s) wait for offline peers; they go out when you start the "
-                      "client again)")
+        wait_at_end(chat, client)
     finally:
         client.close()
-    return 0
+    return 1 if chat.not_sent else 0
+
+
+def wait_at_end(chat: Chat, client) -> None:
+    """At end of piped input: until the node has answered every message (at most ACK_WAIT), or
+    while it is away, at most AWAY_WAIT for it to come back. Then says what stays queued."""
+    deadline, away_since = time.monotonic() + ACK_WAIT, None
+    while not client.wait_acknowledged(timeout=0.2) and not client.is_closed:
+        now = time.monotonic()
+        if client.connection_state != "reconnecting":
+            away_since = None
+        elif away_since is None:
+            away_since = now
+            chat.note(f"(end of input: the node is away; waiting up to {AWAY_WAIT:g}s for it to come back, "
+                      f"to send {len(client.outstanding)} message(s))")
+        elif now - away_since >= AWAY_WAIT:
+            break
+        if now >= deadline:
+            break
+    entries = client.queue()
+    waiting = sum(1 for entry in entries if entry.waiting)
+    unanswered = len(entries) - waiting
+    if unanswered:
+        why = (f"the node did not come back within {AWAY_WAIT:g}s" if away_since is not None
+               else "the node is gone" if client.is_closed else "the node did not answer them")
+        chat.note(f"({unanswered} message(s) stay queued on disk ({client.outbox_path}): {why}; they go out "
+                  "when you start the client again)")
+    if waiting:
+        chat.note(f"({waiting} message(s) wait for offline peers; they go out when you start the client again)")
 
 
 def read_line_batches(fd: int, limit: int = 512):
@@ -172,6 +205,8 @@ def run_interactive(args) -> int:
             session.app.create_background_task(end_if_start_failed())
 
     threading.Thread(target=starter, name="start", daemon=True).start()
+    chat.recall_hint = " (up-arrow brings it back)"
+    handler = LineHandler(chat)
     try:
         with patch_stdout(raw=True):
             while chat.start_error is None:
@@ -179,8 +214,13 @@ def run_interactive(args) -> int:
                     line = session.prompt(chat.prompt, pre_run=pre_run)
                 except (EOFError, StartFailed):
                     break
-                if not chat.handle_lines([line]):
+                if is_quit(line):
                     break
+                handler.put(line)
+            handler.stop()
+            if not handler.wait(timeout=0.2):
+                chat.note("(quitting once the lines typed before are handled…)")
+                handler.wait()
             if chat.start_error is None and client_box:
                 finish(chat, client_box[0])
     except KeyboardInterrupt:  # at the prompt or while sending: leave now
@@ -190,6 +230,67 @@ def run_interactive(args) -> int:
         print(f"client: {chat.start_error}", file=sys.stderr)
         return 1
     return 0
+
+
+class LineHandler:
+    """Handles typed lines on a thread of its own, in the order typed, so that the prompt and
+    toolbar stay usable while a line waits (for the client to start, for the node, or for the
+    chain: `/balance`, or a message that opens a book). Lines typed meanwhile are handled
+    together once it is done, as piped lines are. A wait for the chain longer than
+    SAY_WAITING_AFTER is told once per batch of lines; it ends within the chain timeout.
+
+    Thread-safety: the prompt thread calls put(), stop() and wait(); `_busy_since` and `_told` are
+    written by the handler thread (and `_told` by the watcher), read by the watcher.
+    """
+
+    def __init__(self, chat: Chat):
+        self.chat = chat
+        self._lines: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy_since: float | None = None
+        self._told = False
+        self._done = threading.Event()
+        threading.Thread(target=self._run, name="lines", daemon=True).start()
+        threading.Thread(target=self._watch, name="lines-watch", daemon=True).start()
+
+    def put(self, line: str) -> None:
+        self._lines.put(line)
+
+    def stop(self) -> None:
+        """Handle what was typed so far, then stop."""
+        self._lines.put(None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until stopped; False if that takes longer than `timeout`."""
+        return self._done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            lines = [self._lines.get()]
+            while not self._lines.empty():
+                lines.append(self._lines.get())
+            stop = None in lines
+            lines = lines[:lines.index(None)] if stop else lines
+            self._told, self._busy_since = False, time.monotonic()
+            try:
+                if lines:
+                    self.chat.handle_lines(lines)
+            except Exception as exc:  # noqa: BLE001  the next line must still be handled
+                self.chat.note(f"error: {exc!r}")
+            finally:
+                self._busy_since = None
+            if stop:
+                self._done.set()
+                return
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.2):
+            since = self._busy_since
+            if since is None or self._told or time.monotonic() - since < SAY_WAITING_AFTER:
+                continue
+            if self.chat.chain_waiting() >= SAY_WAITING_AFTER / 2:
+                self._told = True
+                self.chat.note(f"(waiting for the chain…: keep typing; lines are handled in order once it "
+                               f"answers, or fail after {self.chat.chain_timeout:g}s)")
 
 
 def finish(chat: Chat, client) -> None:

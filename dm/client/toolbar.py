@@ -22,6 +22,8 @@ def toolbar_text(status: dict) -> str:
     money = f"{btk(funds.balance)} + {funds.escrowed:,} escrowed" if funds else "balance …"
     parts = [f"to {status['peer']}", _STATE_SHOWN.get(status["state"], status["state"]), money,
              f"{status['unacked']} unacknowledged", "Tab completes, /help"]
+    if status.get("chain_waiting"):
+        parts.insert(2, "waiting for the chain…")
     return " " + " │ ".join(parts) + " "
 
 
