@@ -137,6 +137,27 @@ def hold_lock(path: Path):
     return handle
 
 
+def append_private_line(path: Path, line: str) -> None:
+    """Append one line to a file readable by its owner only (made 0600 if new), flushed to disk."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """Replace a 0600 file with these lines, atomically (a crash leaves the old one or the new one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, value) -> None:
     """Write atomically, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import queue
+import socket
 import time
 
 import pytest
 
 from conftest import collecting_events, make_users, wait_until
-from dm import wire
+from dm import datadir, wire
 from dm.chain import ethereum
 from dm.client.core import ClientError, Incoming
-from helpers import OPAQUE_ENVELOPE
+from helpers import OPAQUE_ENVELOPE, login
 
 
 @pytest.mark.parametrize("pay", ["single", "book"])
@@ -233,3 +234,37 @@ def test_a_restarted_sender_never_reuses_a_code_of_its_book(tester_node):
     assert again.payer._book.root == root and again.payer._cursor >= used
     bounty = again.payer.next_bounty()
     assert bounty.wire["index"] >= used
+
+
+def test_refund_takes_back_the_single_bounties_no_delivery_earned(tester_node, capsys):
+    """`--pay single` registers one bounty per message. One whose code never came back was
+    escrowed for good: the client kept no record of it and `main.py refund` looked at books
+    only (an attacker audit: alice stayed 1 BTK short after expiry). The client now records
+    each bounty's hash and expiry, and refund takes back those that are open and expired."""
+    from dm.cli import main as main_cli
+
+    data_dir, token = tester_node.data_dir, tester_node.node.token
+    make_users(data_dir, "alice", "bob", "carol")
+    _, _, _, bob_events = collecting_events()
+    tester_node.client("bob", bob_events)
+    with socket.create_connection(("127.0.0.1", tester_node.port), timeout=10) as carol:  # reads, never claims
+        assert login(carol, data_dir, "carol")["type"] == "welcome"
+        _, receipts, paid, alice_events = collecting_events()
+        alice = tester_node.client("alice", alice_events, pay="single", expiry_seconds=120)
+        earned = alice.send_text("bob", "read and paid")
+        unearned = alice.send_text("carol", "delivered, never claimed")
+        wait_until(lambda: earned in paid and receipts.get(unearned) == "delivered", message="bob's claim paid")
+    record = data_dir / "clients" / "alice" / "bounties.jsonl"
+    assert len(record.read_text().splitlines()) == 2 and record.stat().st_mode & 0o777 == 0o600
+    signer = ethereum.Signer(token.w3, datadir.read_eth_key(datadir.eth_key_path(data_dir, "alice")))
+    address, client_dir = signer.address, data_dir / "clients" / "alice"
+    before = token.balance_of(address)
+
+    assert main_cli.refund_all(token, signer, client_dir) == 0  # not expired yet: nothing back
+    assert token.balance_of(address) == before and len(record.read_text().splitlines()) == 1
+    w3 = token.w3
+    w3.provider.ethereum_tester.time_travel(w3.eth.get_block("latest")["timestamp"] + 600)
+    assert main_cli.refund_all(token, signer, client_dir) == 0
+    assert token.balance_of(address) - before == ethereum.TOKEN
+    assert "refunded 1 BTK" in capsys.readouterr().out
+    assert record.read_text() == ""

@@ -103,7 +103,7 @@ def run_chain(data_dir: Path, rpc_url: str) -> int:
 
 
 def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
-    """Refunds NAME's expired books, and says what stays escrowed and until when."""
+    """Refunds NAME's expired books and single bounties, and says what stays escrowed and until when."""
     if name not in datadir.known_users(data_dir):
         raise datadir.DataError(f"there is no user {name!r} here ({datadir.keys_dir(data_dir)} has no keys for it); "
                                 "`python3 main.py info` lists the users")
@@ -117,9 +117,17 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
         return 1
     token = ethereum.BountyToken(w3, record.address)
     signer = ethereum.Signer(w3, datadir.read_eth_key(datadir.eth_key_path(data_dir, name)))
-    now = w3.eth.get_block("latest")["timestamp"]
+    return refund_all(token, signer, data_dir / "clients" / name)
+
+
+def refund_all(token, signer, client_dir: Path) -> int:
+    """Refunds what `signer` escrowed through the client whose folder is `client_dir`: its
+    expired books, then its expired single bounties; says what stays escrowed and until when."""
+    from dm.client.payment import BOUNTIES_FILE
+
+    now = token.w3.eth.get_block("latest")["timestamp"]
     refunded, escrowed, waiting = 0, 0, []
-    for path in sorted((data_dir / "clients" / name / "books").glob("*.json")):
+    for path in sorted((client_dir / "books").glob("*.json")):
         root = bytes.fromhex(datadir.read_json(path, {})["root"].removeprefix("0x"))
         book = token.book(signer.address, root)
         unspent = book.size - book.spent
@@ -134,9 +142,43 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
         token.refund_book(signer, signer.address, root)
         refunded += unspent
         print(f"book {root.hex()[:12]}: {unspent} BTK back")
-    print(f"refunded {refunded} BTK" + (f"; {escrowed} BTK still escrowed in {len(waiting)} book(s), the first "
-                                        f"refundable after {when(min(waiting))}" if waiting else ""))
+    single_refunded, single_escrowed, single_waiting = refund_single_bounties(
+        token, signer, client_dir / BOUNTIES_FILE, now)
+    refunded += single_refunded
+    escrowed += single_escrowed
+    waiting += single_waiting
+    print(f"refunded {refunded} BTK" + (f"; {escrowed} BTK still escrowed in {len(waiting)} book(s) and bounties, "
+                                        f"the first refundable after {when(min(waiting))}" if waiting else ""))
     return 0
+
+
+def refund_single_bounties(token, signer, record: Path, now: int) -> tuple[int, int, list[int]]:
+    """Refunds the expired single bounties in `record` (clients/NAME/bounties.jsonl, written by
+    dm.client.payment.SinglePayer) that no delivery earned; keeps in the file only those still
+    open. Returns (BTK refunded, BTK still escrowed, the expiries of those)."""
+    try:
+        lines = record.read_text().splitlines()
+    except FileNotFoundError:
+        return 0, 0, []
+    refunded, kept, waiting = 0, [], []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            code_hash, expiry = bytes.fromhex(entry["code_hash"]), int(entry["expiry"])
+        except (ValueError, KeyError, TypeError):  # a line torn by a crash
+            continue
+        bounty = token.bounty(signer.address, code_hash)
+        if bounty.state != "open":  # redeemed (earned), refunded, or never registered
+            continue
+        if bounty.expiry >= now:
+            kept.append(line)
+            waiting.append(bounty.expiry)
+            continue
+        token.refund(signer, signer.address, code_hash)
+        refunded += 1
+        print(f"bounty {code_hash.hex()[:12]}: 1 BTK back")
+    datadir.write_lines(record, kept)
+    return refunded, len(kept), waiting
 
 
 def when(timestamp: int) -> str:

@@ -8,6 +8,7 @@ before the book is opened, so tokens are never escrowed behind codes we lost.
 """
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -48,24 +49,35 @@ def payer_for(welcome: dict, w3, rpc_url: str, eth_key: str, pay: str, expiry_se
     signer = ethereum.Signer(w3, eth_key)
     relayer = welcome["node_eth_address"]
     if pay == "single":
-        return token, SinglePayer(token, signer, relayer, expiry_seconds)
+        return token, SinglePayer(token, signer, relayer, expiry_seconds, books_dir.parent / BOUNTIES_FILE)
     return token, BookPayer(token, signer, relayer, expiry_seconds, book_size, books_dir, announce)
 
 
-class SinglePayer:
-    """One registerBounty transaction per message (the original's scheme).
+BOUNTIES_FILE = "bounties.jsonl"  # in clients/NAME/: the single bounties registered, for `main.py refund`
 
-    Thread-safety: no state of its own; the Signer keeps its nonce under its own lock.
+
+class SinglePayer:
+    """One registerBounty transaction per message (the original's scheme). Each bounty's hash
+    and expiry are appended to `record` (clients/NAME/bounties.jsonl) before it is registered,
+    so that `main.py refund` finds the ones no delivery earned.
+
+    Thread-safety: `_lock` guards the record's appends; the Signer keeps its nonce under its own lock.
     """
 
-    def __init__(self, token: ethereum.BountyToken, signer: ethereum.Signer, relayer: str, expiry_seconds: int):
+    def __init__(self, token: ethereum.BountyToken, signer: ethereum.Signer, relayer: str, expiry_seconds: int,
+                 record: Path | None = None):
         self.token, self.signer, self.relayer, self.expiry_seconds = token, signer, relayer, expiry_seconds
+        self.record = record
+        self._lock = threading.Lock()
 
     def next_bounty(self) -> Bounty:
         code = secrets.token_bytes(32)
         code_hash = ethereum.code_hash(code)
-        self.token.register(self.signer, code_hash, self.relayer, _chain_now(self.token) + self.expiry_seconds,
-                            gas=150_000)
+        expiry = _chain_now(self.token) + self.expiry_seconds
+        if self.record is not None:
+            with self._lock:
+                datadir.append_private_line(self.record, json.dumps({"code_hash": code_hash.hex(), "expiry": expiry}))
+        self.token.register(self.signer, code_hash, self.relayer, expiry, gas=150_000)
         return Bounty({"code_hash": code_hash.hex()}, code)
 
     def next_bounties(self, count: int) -> list[Bounty]:
