@@ -573,15 +573,23 @@ def _delivered(client, receipts, to):
     return msg_id if receipts.get(msg_id) == "delivered" else None
 
 
-def _joined(client, channel: str) -> bool:
-    """Whether `client` could join `channel`; False while JetStream is not ready yet, or while
+def _join_when_ready(client, channel: str, timeout: float) -> None:
+    """`client` joins `channel`, trying again while JetStream is not ready yet (unavailable) or
     the client is reconnecting (it may have lost its node while NATS was away)."""
+    errors: list[str] = []
+
+    def joined() -> bool:
+        try:
+            client.join(channel)
+        except ClientError as exc:
+            assert str(exc).endswith("(unavailable)") or str(exc).startswith("not connected"), exc
+            errors.append(str(exc))
+            return False
+        return True
     try:
-        client.join(channel)
-    except ClientError as exc:
-        assert str(exc).endswith("(unavailable)") or str(exc).startswith("not connected"), exc
-        return False
-    return True
+        wait_until(joined, timeout, interval=0.5, message=f"a join of {channel}")
+    except AssertionError:
+        raise AssertionError(f"no join of {channel} within {timeout}s: {errors[-3:]}") from None
 
 
 def test_when_nats_cannot_answer_users_are_told_what_to_do_and_each_node_serves_its_own(network, chat):
@@ -643,7 +651,7 @@ def test_when_nats_cannot_answer_users_are_told_what_to_do_and_each_node_serves_
     # a leave was refused); joined again, she is in #down on every node, and leaves it.
     answer = refusal(erin, {"type": "members", "channel": "#down"})
     assert isinstance(answer, str) and answer.endswith("(not_a_member)"), answer
-    wait_until(lambda: _joined(erin, "#down"), 30, message="a join with NATS back")
+    _join_when_ready(erin, "#down", 60)  # JetStream elects its leaders again: seconds, more on a busy machine
     bob.join("#down")
     wait_until(lambda: "erin" in refusal(bob, {"type": "members", "channel": "#down"})["online"], 10,
                message="erin in #down as bob's node sees it")
