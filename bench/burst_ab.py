@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -134,8 +135,10 @@ def main() -> None:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 for label, path in checkouts.items()}
     best = dict.fromkeys(children, float("inf"))
+    ratios = []  # after / before, per round: neighbours in time share the machine's drift
     try:
         for round_ in range(rounds):  # ABBA: the second of a pair runs ~10% faster on this machine
+            this_round = {}
             for label, proc in (list(children.items()) if round_ % 2 == 0 else reversed(children.items())):
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
@@ -144,13 +147,16 @@ def main() -> None:
                     sys.exit(f"the {label} checkout's process failed: its error is above")
                 result = json.loads(line)
                 best[label] = min(best[label], result["us"])
+                this_round[label] = result["us"]
+            ratios.append(this_round["after"] / this_round["before"])
     finally:
         for proc in children.values():
             proc.stdin.close()
             proc.wait(timeout=60)
     for label, us in best.items():
         print(f"{label}: {us:.2f} µs per message ({1e6 / us:,.0f} msg/s of one core), min of {rounds}")
-    print(f"after / before: {best['after'] / best['before']:.3f}")
+    print(f"after / before: {best['after'] / best['before']:.3f} (minimums); per round, median "
+          f"{statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
 
 
 if __name__ == "__main__":
