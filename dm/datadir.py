@@ -147,15 +147,23 @@ def append_private_line(path: Path, line: str) -> None:
         os.fsync(handle.fileno())
 
 
-def write_lines(path: Path, lines: list[str]) -> None:
-    """Replace a 0600 file with these lines, atomically (a crash leaves the old one or the new one)."""
+def replace_private(path: Path, data: bytes) -> None:
+    """Replace a file readable by its owner only (0600) with `data`, atomically and fsynced: a
+    crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write("".join(line + "\n" for line in lines))
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """Replace a 0600 file with these lines (replace_private)."""
+    replace_private(path, "".join(line + "\n" for line in lines).encode())
 
 
 def write_json(path: Path, value) -> None:

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser("info", parents=[options], help="deployment, users, balances")
     info.add_argument("--json", action="store_true")
     commands.add_parser("chain", parents=[options], help="run the local chain until Ctrl-C")
-    refund = commands.add_parser("refund", parents=[options], help="refund a user's expired books")
+    refund = commands.add_parser("refund", parents=[options], help="refund a user's expired books and single bounties")
     refund.add_argument("name")
     demo = commands.add_parser("demo", parents=[options], help="a node and two scripted clients")
     demo.add_argument("--port", type=int, default=0)

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from dm import datadir
+
 
 class AwaitingLog:
     """The claimed delivers still waiting for their key, in the order they were claimed.
@@ -87,10 +89,4 @@ class AwaitingLog:
             self._file.flush()  # to the OS: a crash of the client loses nothing written
 
     def _rewrite(self) -> None:  # with _lock held
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record, separators=(",", ":")) + "\n" for record in self._entries.values())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        datadir.write_lines(self.path, [json.dumps(record, separators=(",", ":")) for record in self._entries.values()])

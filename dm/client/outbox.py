@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dm import datadir
+
 ANSWERED_BATCH = 256  # answers written in one go at most this many at a time
 _LENGTH = struct.Struct(">I")
 _TWO_LENGTHS = struct.Struct(">II")
@@ -103,14 +105,7 @@ class Outbox:
 
     def _rewrite(self) -> None:
         """Replace the journal by the live entries alone, atomically."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"".join(e.record() for e in self._entries.values()))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        datadir.replace_private(self.path, b"".join(e.record() for e in self._entries.values()))
 
     # --- changes --------------------------------------------------------------------------
 
