@@ -162,6 +162,39 @@ def test_every_frame_of_a_burst_is_answered_in_order(tester_node, logged_in):
     assert [f["msg_id"] for f in read_frames(bob, 3)] == ["a", "c", "e"]
 
 
+def test_only_messages_that_go_out_are_sealed(tester_node, logged_in):
+    """Sealing costs the node CPU in proportion to the message's size (up to 6 MB), and an
+    unpaid, refused or undeliverable send is free for its sender: the node rules first and
+    seals only what it relays, so a flood of big sends to an offline user costs no seal."""
+    node, data_dir = tester_node.node, tester_node.data_dir
+    make_users(data_dir, "carol")
+    (carol,) = logged_in("carol")
+    carol.close()
+    wait_until(lambda: "carol" not in node.online, message="carol offline")
+    alice, bob = logged_in("alice", "bob")
+    root = open_announced_book(node, data_dir, alice, "alice", 4).root.hex()
+    sealed = []
+    real_seal = node.layer.seal
+    node.layer.seal = lambda *args: sealed.append(args[1]) or real_seal(*args)
+    big = {**ENVELOPE, "ciphertext": "QUJD" * 250_000}  # 1 MB
+    alice.sendall(b"".join([
+        wire.encode({"type": "send", "to": "carol", "msg_id": "offline", "bounty": {"book": root, "index": 0},
+                     "envelope": big}),
+        wire.encode({"type": "send", "to": "nobody", "msg_id": "unknown", "bounty": {"book": root, "index": 1},
+                     "envelope": big}),
+        wire.encode({"type": "send", "to": "bob", "msg_id": "unpaid", "bounty": {"book": root, "index": 99},
+                     "envelope": big}),
+        wire.frame(json.dumps({"type": "send", "envelope": big, "to": "carol", "msg_id": "offline-general",
+                               "bounty": {"index": 1, "book": root}}).encode()),
+        send_frame("bob", "relayed", root, 2),
+    ]))
+    assert in_order(read_frames(alice, 5)) == [("offline", "offline"), ("unknown", "unknown_peer"),
+                                               ("unpaid", "unpaid"), ("offline-general", "offline"),
+                                               ("relayed", "delivered")]
+    assert [f["msg_id"] for f in read_frames(bob, 1)] == ["relayed"]
+    assert sealed == ["relayed"]
+
+
 def test_two_sessions_racing_for_the_same_leaves_get_each_one_delivered_once(relay_hub, data_dir):
     """The relay step reserves a bounty without a lock; two sessions sending the same 300 leaves
     at once, on two threads, must still get each leaf through exactly once. A book pays only for

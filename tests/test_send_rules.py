@@ -23,7 +23,7 @@ from dm.relay.ledger import DeliveryLedger
 from dm.relay.node import Node
 from dm.relay.sealing import NodeLayer
 from dm.relay.session import Session
-from dm.wire.send import deliver_prefix, encode_deliver, read_send, send_header, splice_deliver
+from dm.wire.send import deliver_prefix, plan_encode, plan_splice, read_send, seal_deliver, send_header
 from helpers import Transport
 from test_abuse import read_frame
 from test_relay_burst import open_announced_book
@@ -154,8 +154,17 @@ def test_the_fast_reader_accepts_only_what_the_general_parser_reads_the_same(spe
     assert send_header(message) == header
     prefix = deliver_prefix("alice")
     payer = "0x" + "a1" * 20
-    fast = relayed(splice_deliver, prefix, payload, LAYER.seal, "alice", header.msg_id, header.paid_by + (payer,))
-    assert fast == relayed(encode_deliver, "alice", message, LAYER.seal, payer)
+    paid_by = header.paid_by + (payer,)
+    fast_plan = relayed(plan_splice, prefix, payload, LAYER.max_visible, header.msg_id)
+    general_plan = relayed(plan_encode, "alice", message, LAYER.max_visible)
+    joined = lambda plan: plan if isinstance(plan[0], str) else (plan[0] + plan[1], *plan[2:])  # noqa: E731
+    assert joined(fast_plan) == joined(general_plan)
+    fast = fast_plan if isinstance(fast_plan[0], str) else \
+        relayed(seal_deliver, fast_plan, LAYER.seal, "alice", header.msg_id, paid_by)
+    assert fast == relayed(lambda: seal_deliver(plan_encode("alice", message, LAYER.max_visible), LAYER.seal,
+                                                "alice", header.msg_id, paid_by))
+    if not isinstance(fast, tuple):  # the size the rules judged is the size that goes out
+        assert fast_plan[4] == len(fast)
     if isinstance(fast, tuple):  # refused alike by both: only for the envelope's content
         assert fast[0] == "bad_field" and fast[1] == header.msg_id
         return

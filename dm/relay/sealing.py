@@ -60,7 +60,7 @@ class NodeLayer:
     def __init__(self, secret: bytes, max_visible: int = MAX_VISIBLE):
         if len(secret) != 32:
             raise ValueError("the layer secret must be 32 bytes")
-        self.max_visible = max_visible  # node.py --max-visible
+        self.max_visible = max_visible  # node.py --max-visible: checked by dm.wire.send's plans
         # Keyed once; each message's key starts from a copy (cheaper than keying BLAKE2b anew).
         self._keyed = hashlib.blake2b(key=secret, digest_size=32, person=_PERSON)
 
@@ -71,16 +71,11 @@ class NodeLayer:
         keyed.update(identity(sender, msg_id, paid_by))
         return keyed.digest()
 
-    def seal(self, sender: str, msg_id: str, paid_by: tuple, ciphertext: bytes, visible: int,
+    def seal(self, sender: str, msg_id: str, paid_by: tuple, ciphertext: bytes,
              _a2b=binascii.a2b_base64, _b2a=binascii.b2a_base64, _aead=ChaCha20Poly1305, _nonce=NODE_LAYER_NONCE) -> bytes:
-        """The seal of dm.wire.send's splice_deliver / encode_deliver: this message's base64
-        ciphertext under its layer, base64 again. Refuses (bad_field) a deliver whose bytes
-        outside the ciphertext (what the recipient reads before it pays) exceed max_visible, and
-        a ciphertext that is not strict base64. The hot path: key() is inlined."""
-        if visible > self.max_visible:
-            raise ProtocolError("bad_field", f"the envelope has {visible} bytes outside its ciphertext; at most "
-                                f"{self.max_visible} may be read before the code is returned (the node's "
-                                "--max-visible): use a smaller key, or fewer recipients in one batch", ref=msg_id)
+        """The seal of dm.wire.send.seal_deliver: this message's base64 ciphertext under its
+        layer, base64 again. Refuses (bad_field) a ciphertext that is not strict base64. The
+        hot path: key() is inlined."""
         try:
             raw = _a2b(ciphertext, strict_mode=True)
         except binascii.Error:

@@ -27,7 +27,7 @@ from dm.relay.ledger import AlreadyDelivered
 from dm.relay.redeemer import Claim
 from dm.relay.rules import unclaimed_limit
 from dm.wire import ProtocolError
-from dm.wire.send import deliver_prefix, encode_deliver, read_send, send_header, splice_deliver
+from dm.wire.send import deliver_prefix, plan_encode, plan_splice, read_send, seal_deliver, send_header
 
 log = logging.getLogger("node")
 
@@ -170,6 +170,7 @@ class Session:
         chain_now = node.index.clock()  # one clock read per burst for bounty expiry
         ledger = node.ledger
         rule, reserve, seal, max_unclaimed = node.send_rule, ledger.reserve, node.layer.seal, ledger.max_unclaimed
+        max_visible = node.layer.max_visible
         sent_waiting, received_waiting = ledger.sent_waiting.get, ledger.received_waiting.get
         # how many more deliveries this sender may have waiting: the ledger's count, less this burst's
         sent_left = max_unclaimed - sent_waiting(self.name, 0)
@@ -182,18 +183,19 @@ class Session:
                     header = read_send(payload, plain) if self.phase == "ready" else None
                     if header is not None:
                         paid = header[2] + (self.eth_address,)  # the bounty and its payer (dm.relay.ledger.paying)
-                        body = splice_deliver(self._deliver_prefix, payload, seal, self.name, header[1], paid)
+                        plan = plan_splice(self._deliver_prefix, payload, max_visible, header[1])
                         plain_id = True
                     else:
                         send = self._handle(payload)
                         if send is None:  # an auth, a claim, ...: the sender's count may have changed
                             sent_left = max_unclaimed - sent_waiting(self.name, 0) - len(in_order)
                             continue
-                        (header, body), plain_id = send, False
+                        (header, plan), plain_id = send, False
                         paid = header[2] + (self.eth_address,)
                     # One relay step for a send, whichever reader read it: the rule set, the
-                    # ledger's reservation, then the deliver and receipt held until the burst ends.
-                    recipient = rule(header, self.name, self.eth_address, len(body), chain_now)
+                    # ledger's reservation, then the deliver (sealed only now that it goes out)
+                    # and the receipt, held until the burst ends.
+                    recipient = rule(header, self.name, self.eth_address, plan[4], chain_now)
                     msg_id = header[1]
                     if recipient is None:
                         self._write_held(outbox)
@@ -204,6 +206,7 @@ class Session:
                             delivery = (msg_id, self.name, header[0], paid, now)
                             if sent_left <= 0:
                                 raise unclaimed_limit(ledger, delivery)
+                            body = seal_deliver(plan, seal, self.name, msg_id, paid)
                             reserve(delivery)
                             ledger.count_sent(self.name, 1)  # waiting from now, until that node answers
                             sent_left -= 1
@@ -219,6 +222,7 @@ class Session:
                         if sent_left <= 0 or \
                                 received_waiting(header[0], 0) + (len(frames) >> 1 if frames else 0) >= max_unclaimed:
                             raise unclaimed_limit(ledger, delivery)
+                        body = seal_deliver(plan, seal, self.name, msg_id, paid)
                         reserve(delivery)
                         sent_left -= 1
                         if frames is None:
@@ -293,7 +297,7 @@ class Session:
         return pause
 
     def _handle(self, payload: bytes) -> tuple | None:
-        """A frame the fast reader did not take. Returns (header, deliver body) for a send,
+        """A frame the fast reader did not take. Returns (header, deliver plan) for a send,
         for the burst loop to relay; answers anything else itself. Its CPU time counts
         against the connection's budget (pause_needed)."""
         started = time.thread_time()
@@ -318,7 +322,7 @@ class Session:
             if kind == "send":
                 header = send_header(message)
                 try:
-                    return header, encode_deliver(self.name, message, self.node.layer.seal, self.eth_address)
+                    return header, plan_encode(self.name, message, self.node.layer.max_visible)
                 except ValueError:  # text that cannot be UTF-8 (a lone surrogate)
                     raise ProtocolError("bad_frame", "the message is not valid text", ref=header.msg_id) from None
             self._write_held(burst.outbox)  # whatever this answers goes after the burst so far

@@ -11,10 +11,10 @@ rules on it, whichever read it:
   returns None, and the general reader takes the frame.
 - `send_header` takes a message that dm.wire.parse and check_client_message accepted.
 
-For a frame both accept, `splice_deliver` (fast) and `encode_deliver` (general) give the same
-bytes: the canonical form is what json.dumps writes for the parsed message. Both put the
-envelope's `ciphertext` under the node's layer through the same `seal` function
-(dm.relay.sealing), so the sealed bytes are the same too.
+For a frame both accept, `plan_splice` (fast) and `plan_encode` (general) plan the same
+`deliver`: the canonical form is what json.dumps writes for the parsed message. The node
+rules on the plan's size, and only then `seal_deliver` puts the envelope's `ciphertext` under
+the node's layer (dm.relay.sealing), so the sealed bytes are the same too.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import json
 import re
 from typing import NamedTuple
 
+from .errors import ProtocolError
 from .messages import B64_32, bounty_key
 
 _NAME = rb"[A-Za-z0-9_.-]{1,32}+"
@@ -81,33 +82,65 @@ def deliver_prefix(sender: str) -> bytes:
     return b'{"type":"deliver","from":' + json.dumps(sender).encode() + b","
 
 
-def splice_deliver(prefix: bytes, payload: bytes, seal, sender: str, msg_id: str, paid_by: tuple) -> bytes:
-    """The deliver payload for a canonical send: the sender's name in place of the type, and
-    the ciphertext sealed. `seal(sender, msg_id, paid_by, ciphertext, visible)`
-    (dm.relay.sealing.NodeLayer.seal) gets `paid_by` (the bounty and its payer:
-    dm.relay.ledger.paying), the ciphertext's base64 bytes and the size of the deliver
-    without them, and returns the sealed base64 bytes."""
+def too_visible(visible: int, max_visible: int, msg_id: str) -> ProtocolError:
+    return ProtocolError("bad_field", f"the envelope has {visible} bytes outside its ciphertext; at most "
+                         f"{max_visible} may be read before the code is returned (the node's --max-visible): "
+                         "use a smaller key, or fewer recipients in one batch", ref=msg_id)
+
+
+def _sealed_length(raw_length: int) -> int:
+    """The base64 length of a ciphertext of `raw_length` bytes under the node's layer (its
+    16-byte tag added: dm.relay.sealing)."""
+    return (raw_length + 18) // 3 * 4
+
+
+def plan_splice(prefix: bytes, payload: bytes, max_visible: int, msg_id: str) -> tuple:
+    """The deliver for a canonical send, all but its seal: (head, head, ciphertext, tail,
+    size of the deliver once sealed). The node rules on the size and seals only a message
+    that goes out (seal_deliver), so a refused or undeliverable send costs no seal. Refuses
+    (bad_field) a deliver with more than `max_visible` bytes outside the ciphertext: what the
+    recipient reads before it pays."""
     start = payload.find(_CIPHERTEXT, _SEND_PREFIX_LENGTH) + len(_CIPHERTEXT)
     end = payload.find(b'"', start)
-    sealed = seal(sender, msg_id, paid_by, payload[start:end],
-                  len(prefix) + len(payload) - _SEND_PREFIX_LENGTH - end + start)
-    return b"".join((prefix, payload[_SEND_PREFIX_LENGTH:start], sealed, payload[end:]))
+    visible = len(prefix) + len(payload) - _SEND_PREFIX_LENGTH - end + start
+    if visible > max_visible:
+        raise too_visible(visible, max_visible, msg_id)
+    # the fast reader's pattern: base64 characters, then at most two '=' (a '"' or ':' before a short one)
+    raw = (end - start) // 4 * 3 - (payload[end - 1] == 61) - (payload[end - 2] == 61)
+    return prefix, payload[_SEND_PREFIX_LENGTH:start], payload[start:end], payload[end:], \
+        visible + _sealed_length(raw)
 
 
-def encode_deliver(sender: str, message: dict, seal, payer: str) -> bytes:
-    """The deliver payload for any checked send, in canonical order, the ciphertext sealed by
-    `seal` as in splice_deliver (`payer`: the sender's account, whose bounty pays)."""
+def plan_encode(sender: str, message: dict, max_visible: int) -> tuple:
+    """plan_splice for any checked send: the deliver in canonical order (what json.dumps
+    writes, so the same bytes as plan_splice's for a frame both readers accept). Raises
+    ValueError for text that cannot be UTF-8 (a lone surrogate)."""
+    dump = lambda value: json.dumps(value, separators=(",", ":"), ensure_ascii=False)  # noqa: E731
     envelope = message["envelope"]
-    try:
-        ciphertext = envelope["ciphertext"].encode("ascii")
-    except UnicodeEncodeError:
-        ciphertext = b"!"  # not base64: seal() refuses it, like any other
     deliver = {"type": "deliver", "from": sender, "to": message["to"], "msg_id": message["msg_id"],
                "bounty": message["bounty"]}
     if "channel" in message:
         deliver["channel"] = message["channel"]
-    deliver["envelope"] = {**envelope, "ciphertext": ""}
-    visible = len(json.dumps(deliver, separators=(",", ":"), ensure_ascii=False).encode())
-    sealed = seal(sender, message["msg_id"], bounty_key(message["bounty"]) + (payer,), ciphertext, visible)
-    deliver["envelope"]["ciphertext"] = sealed.decode("ascii")
-    return json.dumps(deliver, separators=(",", ":"), ensure_ascii=False).encode()
+    # The envelope is the last member, written member by member so the ciphertext's place is
+    # known whatever the other members hold.
+    members = [dump(key) + ":" + ("" if key == "ciphertext" else dump(value)) for key, value in envelope.items()]
+    at = list(envelope).index("ciphertext")
+    head = (dump(deliver)[:-1] + ',"envelope":{' + ",".join(members[:at + 1]) + '"').encode()
+    tail = ('"' + "".join("," + member for member in members[at + 1:]) + "}}").encode()
+    try:
+        ciphertext = envelope["ciphertext"].encode("ascii")
+    except UnicodeEncodeError:
+        ciphertext = b"!"  # not base64: the seal refuses it, like any other
+    visible = len(head) + len(tail)
+    if visible > max_visible:
+        raise too_visible(visible, max_visible, message["msg_id"])
+    return b"", head, ciphertext, tail, visible + _sealed_length(len(ciphertext) // 4 * 3 - ciphertext[-2:].count(b"="))
+
+
+def seal_deliver(plan: tuple, seal, sender: str, msg_id: str, paid_by: tuple) -> bytes:
+    """The deliver payload of a plan (plan_splice, plan_encode), its ciphertext under the
+    node's layer: `seal(sender, msg_id, paid_by, ciphertext)` (dm.relay.sealing.NodeLayer.seal)
+    gets `paid_by` (the bounty and its payer: dm.relay.ledger.paying) and the ciphertext's
+    base64 bytes, and returns the sealed base64 bytes (or refuses a ciphertext that is not
+    strict base64)."""
+    return b"".join((plan[0], plan[1], seal(sender, msg_id, paid_by, plan[2]), plan[3]))
