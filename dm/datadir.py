@@ -79,6 +79,11 @@ def eth_key_path(data_dir: Path, name: str) -> Path:
     return keys_dir(data_dir) / f"{check_name(name)}_ETH.key"
 
 
+def client_dir(data_dir: Path, name: str) -> Path:
+    """A user's client files: books, outbox, awaiting claims, bounties, pins of peers."""
+    return data_dir / "clients" / check_name(name)
+
+
 def known_users(data_dir: Path) -> list[str]:
     return sorted(p.name[: -len("_PRIVATE.pem")] for p in keys_dir(data_dir).glob("*_PRIVATE.pem"))
 

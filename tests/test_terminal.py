@@ -272,6 +272,20 @@ def test_errors_name_the_next_step(chat):
     assert "use your original keys" in taken and "or another name" in taken
 
 
+def test_a_second_client_of_one_name_on_one_data_directory_is_refused_and_the_first_goes_on(chat):
+    """Two client.py of one name on one data directory would spend the same book leaves and
+    overwrite each other's outbox; the second one says which process to use instead."""
+    peer = chat["peer"]
+    mark = len(peer.errors)
+    done = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "user_2", "user_1"], cwd=ROOT,
+                          env=chat["env"], input="hello twice\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert f"user_2 is already running from {chat['data']} (pid {peer.proc.pid})" in done.stderr, done.stderr
+    assert "use that one, or quit it (exit) first" in done.stderr, done.stderr
+    time.sleep(1)
+    assert not any("disconnected" in line for line in peer.errors[mark:]), peer.errors[mark:]
+
+
 def test_piped_lines_that_were_not_sent_make_the_exit_status_non_zero(chat):
     done = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "user_3", "user_2"], cwd=ROOT,
                           env=chat["env"], input="/msg nobody are you there?\n", capture_output=True, text=True,

@@ -95,7 +95,7 @@ def unspent_in_books(token: ethereum.BountyToken, data_dir: Path, name: str) -> 
 
     total = 0
     sender = ethereum.address_of(datadir.read_eth_key(datadir.eth_key_path(data_dir, name)))
-    for path in (data_dir / "clients" / name / "books").glob("*.json"):
+    for path in (datadir.client_dir(data_dir, name) / "books").glob("*.json"):
         record = datadir.read_json(path, {})
         if "root" in record:
             book = token.book(sender, bytes.fromhex(record["root"].removeprefix("0x")))

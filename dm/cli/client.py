@@ -75,6 +75,17 @@ def probe_node(addresses: list[tuple[str, int]], timeout: float = 10) -> None:
                       f"Start it first (`{start_node(addresses[0][1])}`), or check the host and port") from None
 
 
+def lock_client_dir(data_dir, name: str):
+    """One client.py per name and data directory: two would spend the same book leaves and
+    rewrite each other's outbox. The lock is DATA/clients/NAME/client.lock; another data
+    directory (another machine) may log the name in, and the node keeps the newer session."""
+    try:
+        return datadir.hold_lock(datadir.client_dir(data_dir, name) / "client.lock")
+    except datadir.Locked as locked:
+        pid = f" (pid {locked.pid})" if locked.pid else ""
+        raise ClientError(f"{name} is already running from {data_dir}{pid}: use that one, or quit it (exit) first")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -91,11 +102,15 @@ def main(argv=None) -> int:
         if not datadir.private_key_path(datadir.resolve(args.data_dir), args.me).exists():
             raise ClientError(f"no keys for {args.me!r} in {datadir.resolve(args.data_dir)}: run "
                               f"`python3 main.py Y {args.me}` first")
-        resolve_rpc_url(args)
-        probe_node(args.addresses)
-        from dm.client.terminal import run
+        lock = lock_client_dir(datadir.resolve(args.data_dir), args.me)
+        try:
+            resolve_rpc_url(args)
+            probe_node(args.addresses)
+            from dm.client.terminal import run
 
-        return run(args)
+            return run(args)
+        finally:
+            lock.close()
     except (ClientError, datadir.DataError) as exc:
         print(f"client: {exc}", file=sys.stderr)
         return 1

@@ -117,7 +117,7 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
         return 1
     token = ethereum.BountyToken(w3, record.address)
     signer = ethereum.Signer(w3, datadir.read_eth_key(datadir.eth_key_path(data_dir, name)))
-    return refund_all(token, signer, data_dir / "clients" / name)
+    return refund_all(token, signer, datadir.client_dir(data_dir, name))
 
 
 def refund_all(token, signer, client_dir: Path) -> int:

@@ -105,7 +105,7 @@ class ChatClient:
         self.rsa_key, self.eth_key = load_keys(data_dir, self.me)  # or KeyFileProblem, which names the file
         self.public_pem = crypto.public_key_pem(self.rsa_key)
         self.eth_address = ethereum.address_of(self.eth_key)
-        self.client_dir = data_dir / "clients" / me
+        self.client_dir = datadir.client_dir(data_dir, me)
         (self.client_dir / "books").mkdir(parents=True, exist_ok=True, mode=0o700)
         self._inbox = queue.Queue()  # every connection's reader feeds this one worker
         self._connection = Connection(self.host, self.port, self._inbox)

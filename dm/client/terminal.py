@@ -151,7 +151,7 @@ class StartFailed(Exception):
 
 
 def history_path(data_dir: Path, me: str) -> Path:
-    folder = data_dir / "clients" / me
+    folder = datadir.client_dir(data_dir, me)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / HISTORY_FILE
     if not path.exists():
