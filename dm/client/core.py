@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import queue
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -418,6 +419,7 @@ class ChatClient:
                     if self._receiver.restore():
                         self._claim_again()
                 elif kind == _RESEND_ALL:
+                    self._announce_books()
                     self._resend(self._outbox.take_waiting())
                 elif kind == NOTICE:
                     if message["text"] is not None:
@@ -476,14 +478,20 @@ class ChatClient:
             return False
         self._state = "connected"
         self.events.connection("reconnected", f"{self.host}:{self.port}")
-        if self.payer is not None and getattr(self.payer, "_book", None) is not None:
-            self._announce_book(self.payer._book)  # the node may be another one, or have lost it
+        self._announce_books()
         self._waiting_for = {entry.to for entry in self._outbox.listing() if entry.waiting}
         if self._waiting_for:
             self._post({"type": "watch", "names": sorted(self._waiting_for)})
         self._claim_again()
         self._resend(self._outbox.take_waiting())  # everything unanswered, with its msg_id and bounty
         return True
+
+    def _announce_books(self) -> None:
+        """Before the outbox goes again: the books that pay for its messages (any of them may
+        have been opened while the node was away), and the current one."""
+        announce_again = getattr(self.payer, "announce_again", None)  # a BookPayer's
+        if announce_again is not None:
+            announce_again({root for entry in self._outbox.listing() if (root := _book_root(entry.frame))})
 
     def _claim_again(self) -> None:
         """Claims whose key did not come before the connection ended go again: the node answers
@@ -574,3 +582,13 @@ class ChatClient:
                 self._shown.popitem(last=False)
         if claim is not None:
             self._write(claim)  # returning the code pays the node, and its `release` shows the text
+
+
+_BOOK_ROOT = re.compile(rb'"bounty":\{"book":"([0-9a-f]{64})"')
+
+
+def _book_root(frame: bytes) -> str | None:
+    """The book (hex root) that pays for an outbox entry's `send`, None for a single bounty.
+    Frames are the client's own, in canonical order (dm.client.sending)."""
+    found = _BOOK_ROOT.search(frame, 0, 400)  # the bounty comes before the envelope
+    return found.group(1).decode() if found else None

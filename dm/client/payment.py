@@ -149,6 +149,22 @@ class BookPayer:
         self.books_opened += 1
         self.on_open(book.size, expiry)
 
+    def announce_again(self, roots: set[str]) -> None:
+        """After a reconnect, or with messages left from an earlier run: announces the current
+        book and each unexpired book of ours in `roots` (hex), the books that pay for messages
+        about to go again. The node may be another one, or have lost them; and a book opened
+        while no node was connected was never announced, so its messages would be refused."""
+        with self._lock:
+            current = self._book
+        books = [current] if current is not None else []
+        now = time.time()
+        for root in sorted(roots - ({current.root.hex()} if current is not None else set())):
+            record = datadir.read_json(self._path(bytes.fromhex(root)), None)
+            if record and record.get("relayer") == self.relayer and record.get("expiry", 0) > now:
+                books.append(BookSecrets.from_json(record))
+        for book in books:
+            self.announce(book)
+
     def drop_if_gone(self) -> bool:
         """The node refused a message `unpaid`: True if the chain no longer holds the current
         book as ours (a rollback dropped its openBook, say). Then the book is forgotten, so that

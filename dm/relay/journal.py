@@ -359,15 +359,16 @@ def restore(log_: DeliveryLog, journal: Journal, ledger, clock: Callable[[], flo
             continue
         age = wall_now - delivered_wall
         was_claimed = (msg_id, recipient) in journal.claimed_ids or (msg_id, "") in journal.claimed_ids
-        if msg_id is not None and not was_claimed and age <= ledger.claim_timeout:
+        if msg_id is not None and recipient is not None and not was_claimed and age <= ledger.claim_timeout:
             pending.append((msg_id, sender, recipient, paid_by, mono_now - age))
             kept.append((msg_id, sender, recipient, paid_by, delivered_wall))
-        else:  # used, and no longer waiting for its code: kept without its msg_id, never pending again
-            kept.append((None, sender, None, paid_by, delivered_wall))
+        else:  # used, and no longer waiting for its code: never pending again (no recipient). Its
+            # msg_id stays, so that the sender's resend of it is answered delivered, as before the restart.
+            kept.append((msg_id, sender, None, paid_by, delivered_wall))
     claimed = []
     for claim in journal.claimed:  # a claim's delivery is rebuilt from it: the log dropped its msg_id
         at = mono_now - (wall_now - claim.at)
         claimed.append(((claim.msg_id, claim.sender, claim.recipient, claim.paid_by, at), keccak(claim.code), at))
-    ledger.restore(pending, [d[3] for d in kept], claimed)
+    ledger.restore(pending, [(d[3], d[0]) for d in kept], claimed)
     log_.rewrite(kept)
     return len(pending), len(kept)

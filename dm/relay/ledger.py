@@ -28,7 +28,7 @@ from dm.wire import ProtocolError
 Delivery = tuple
 # A claim kept for a re-claim: (delivery, keccak256 of its code, when it was claimed on the node's clock).
 Claimed = tuple
-SETTLED = ("settled",)  # in `used`, restored from the delivery log: the bounty carried a message, msg_id unknown
+SETTLED = ("settled",)  # in `used`, restored from a delivery log that kept no msg_id: the bounty carried a message
 
 
 # How long a bounty key (dm.wire.bounty_key) is without the payer: a delivery log written before
@@ -155,14 +155,14 @@ class DeliveryLedger:
 
     def restore(self, pending: list[Delivery], used: list, claimed: list[Claimed] = ()) -> None:
         """What a previous run left (dm.relay.journal.restore): deliveries still waiting for
-        their code, bounties that carried a message (kept for this run: the journal's
-        restore already dropped those that can no longer pay), and claims still in their
+        their code, (bounty, msg_id or None) of those that carried a message (kept for this run:
+        the journal's restore already dropped those that can no longer pay), and claims still in their
         re-claim window, oldest first. Before the node serves anyone."""
         for record in claimed:
             self.claimed[record[0][0], record[0][2]] = record
             self._claimed_order.append(record)
-        for paid_by in used:
-            self.used[paid_by] = SETTLED
+        for paid_by, msg_id in used:  # as forget_settled() leaves them: the msg_id answers a resend
+            self.used[paid_by] = SETTLED if msg_id is None else msg_id
         for delivery in sorted(pending, key=lambda d: d[4]):
             self.used[delivery[3]] = delivery
             self.pending[delivery[0]] = delivery
