@@ -9,6 +9,9 @@
 The code lives in dm/cli/main.py.
 """
 if __name__ == "__main__":
-    from dm.cli.bootstrap import run
+    try:
+        from dm.cli.bootstrap import run
+    except KeyboardInterrupt:  # Ctrl-C before the bootstrap can catch it: as quiet as after
+        raise SystemExit(130) from None
 
     run("dm.cli.main")

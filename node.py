@@ -5,6 +5,9 @@
 The code lives in dm/relay (the node) and dm/cli/node.py (this command line).
 """
 if __name__ == "__main__":
-    from dm.cli.bootstrap import run
+    try:
+        from dm.cli.bootstrap import run
+    except KeyboardInterrupt:  # Ctrl-C before the bootstrap can catch it: as quiet as after
+        raise SystemExit(130) from None
 
     run("dm.cli.node")

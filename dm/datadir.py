@@ -54,6 +54,19 @@ def resolve(flag: str | None = None) -> Path:
     return path
 
 
+def make_dir(path: Path) -> Path:
+    """A folder inside the data directory (0700), made if need be; DataError when it cannot be
+    (a file in its place, a read-only or special file system)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        blocker = next((p for p in (path, *path.parents) if p.is_file()), None)
+        problem = f"{blocker} is a file, not a folder" if blocker else (exc.strerror or str(exc)).lower()
+        raise DataError(f"cannot make the folder {path}: {problem}; move it out of the way, or pass --data-dir "
+                        "with a writable directory") from None
+    return path
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name.startswith("."):
         raise DataError(f"invalid name {name!r}: use 1-32 ASCII letters, digits, '_', '-' or '.', not starting "
@@ -62,9 +75,7 @@ def check_name(name: str) -> str:
 
 
 def keys_dir(data_dir: Path) -> Path:
-    path = data_dir / "keys"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    return make_dir(data_dir / "keys")
 
 
 def private_key_path(data_dir: Path, name: str) -> Path:
@@ -100,7 +111,7 @@ def read_eth_key(path: Path) -> str:
 
 def write_secret(path: Path, text: str) -> None:
     """Create a new file readable by its owner only; never overwrite."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
@@ -126,7 +137,7 @@ def hold_lock(path: Path):
     """Takes the lock `path` (an flock) for as long as the returned file stays open, and writes
     our pid in it; the OS releases it when this process ends, however it ends (SIGKILL too).
     Raises Locked when another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(path.parent)
     handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,7 +155,7 @@ def hold_lock(path: Path):
 
 def append_private_line(path: Path, line: str) -> None:
     """Append one line to a file readable by its owner only (made 0600 if new), flushed to disk."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as handle:
         handle.write(line + "\n")
@@ -155,7 +166,7 @@ def append_private_line(path: Path, line: str) -> None:
 def replace_private(path: Path, data: bytes) -> None:
     """Replace a file readable by its owner only (0600) with `data`, atomically and fsynced: a
     crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -173,7 +184,7 @@ def write_lines(path: Path, lines: list[str]) -> None:
 
 def write_json(path: Path, value) -> None:
     """Write atomically, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)

@@ -145,3 +145,36 @@ def test_output_to_a_reader_that_stopped_reading_ends_without_a_traceback(tmp_pa
     _, stderr = proc.communicate(timeout=60)
     assert b"Traceback" not in stderr and b"Exception ignored" not in stderr, stderr.decode()
     assert proc.returncode == 141
+
+
+@pytest.mark.parametrize("script", ["client.py", "node.py", "main.py"])
+def test_ctrl_c_in_the_first_moments_of_an_entry_point_prints_no_traceback(tmp_path, script):
+    """Ctrl-C while the entry point is still importing its bootstrap (before bootstrap.run can
+    catch it), and in the moments after."""
+    import signal
+    import time
+
+    args = {"client.py": ["127.0.0.1", "9", "ann", "bob"], "node.py": ["--port", "0"], "main.py": ["info"]}[script]
+    tracebacks = []
+    for delay in (0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2):
+        proc = subprocess.Popen([PYTHON, script, *args], cwd=ROOT, env=cli_env(NO_CHAIN, tmp_path),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, errors = proc.communicate(timeout=60)
+        # an interrupt inside Python's own start-up (site.py, before the script runs) is Python's to report
+        if "Traceback" in errors and f'{script}", line' in errors:
+            tracebacks.append((delay, errors))
+    assert not tracebacks, f"{len(tracebacks)} traceback(s); the first:\n{tracebacks[0][1]}"
+
+
+def test_a_file_where_a_folder_of_the_data_directory_goes_is_named_in_one_line(tmp_path):
+    (tmp_path / "keys").write_text("")
+    (tmp_path / "node").write_text("")
+    main_y, node = run_all(cli_env(NO_CHAIN, tmp_path),
+                           ["main.py", "Y", "zed"],
+                           ["node.py", "--host", "127.0.0.1", "--port", "0"])
+    for result, folder in ((main_y, "keys"), (node, "node")):
+        assert f"cannot make the folder {tmp_path / folder}" in result.stderr, result.stderr
+        assert f"{tmp_path / folder} is a file, not a folder; move it out of the way, or pass --data-dir" \
+            in result.stderr, result.stderr
