@@ -11,6 +11,7 @@ Chosen by --data-dir, else $DM_DATA_DIR, else ~/.distributed-messaging.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -95,6 +96,12 @@ def client_dir(data_dir: Path, name: str) -> Path:
     return data_dir / "clients" / check_name(name)
 
 
+def hold_client_lock(data_dir: Path, name: str):
+    """One client.py (or `main.py refund`) per name and data directory: hold_lock on
+    DATA/clients/NAME/client.lock. Raises Locked."""
+    return hold_lock(client_dir(data_dir, name) / "client.lock")
+
+
 def known_users(data_dir: Path) -> list[str]:
     return sorted(p.name[: -len("_PRIVATE.pem")] for p in keys_dir(data_dir).glob("*_PRIVATE.pem"))
 
@@ -151,6 +158,16 @@ def hold_lock(path: Path):
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive flock on PATH.lock for the block: for a file that one process appends to
+    while another rewrites it (an append into the replaced file would be lost)."""
+    make_dir(path.parent)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's close
 
 
 def append_private_line(path: Path, line: str) -> None:

@@ -6,6 +6,7 @@ sockets (alice sends on chosen leaves, bob returns chosen codes) and read the ch
 """
 from __future__ import annotations
 
+import collections
 import json
 import signal
 import time
@@ -17,6 +18,8 @@ from conftest import cli_env, collecting_events, free_port, logged_in_sockets, m
 from dm import datadir, wire
 from dm.chain import ethereum
 from dm.chain.books import BookSecrets
+from dm.client.core import ChatClient, Events
+from helpers import FrameProxy
 from test_abuse import read_frame
 from test_relay_burst import send_frame
 
@@ -391,3 +394,182 @@ def test_after_unpaid_refusals_the_client_asks_the_chain_about_its_book_at_most_
     assert len(calls) == 1
     payer._checked_at -= payment.GONE_CHECK_SECONDS  # as if that long had passed
     assert payer.drop_if_gone() is False and len(calls) == 2
+
+
+def test_codes_of_books_that_expired_while_waiting_are_dropped_and_hold_up_no_other_code(tester_node):
+    """A node down past its books' expiry comes back with their codes in the journal, and the
+    watchdog forgets expired books, leaves and all. Those codes can never be redeemed; they must
+    leave the journal, and must not delay the codes of live books (a pause per stuck book and
+    round kept a fresh code waiting past its own book's expiry)."""
+    from dm.chain.faucet import faucet_signer, fund_user
+    from dm.relay.journal import Claim
+
+    node, data_dir = tester_node.node, tester_node.data_dir
+    w3, token = node.token.w3, node.token
+    make_users(data_dir, "alice")
+    alice = ethereum.Signer(w3, datadir.read_secret(datadir.eth_key_path(data_dir, "alice")))
+    fund_user(token, faucet_signer(w3, data_dir), alice.address)
+    now = w3.eth.get_block("latest")["timestamp"]
+    stuck = [BookSecrets.generate(1) for _ in range(4)]
+    for book in stuck:  # opened on chain, never announced to this node: it cannot prove their codes
+        token.open_book(alice, book.root, 1, node.signer.address, now + 60)
+    w3.provider.ethereum_tester.time_travel(now + 120)  # ... and they expire
+    w3.provider.ethereum_tester.mine_blocks(1)
+    live = BookSecrets.generate(1)
+    token.open_book(alice, live.root, 1, node.signer.address, now + 86_400)
+    node.index.sync()
+    assert node.index.announce_book(alice.address, live.root, live.leaf_hashes) is not None
+
+    for number, book in enumerate(stuck):
+        node.redeemer.submit(Claim(f"s{number}", "alice", book.codes[0], book.root, 0, alice.address))
+    node.redeemer.submit(Claim("fresh", "alice", live.codes[0], live.root, 0, alice.address))
+    started = time.monotonic()
+    wait_until(lambda: token.is_leaf_spent(alice.address, live.root, 0), timeout=30, message="the fresh code paid")
+    assert time.monotonic() - started < 3.5, "the fresh code waited behind the stuck ones"
+    wait_until(lambda: not any(key.split(":")[1] in {b.root.hex() for b in stuck} for key in node.redeemer.journal.pending),
+               timeout=10, message="the expired books' codes to leave the journal")
+
+
+class Recorder:
+    """Events of one ChatClient: genuine texts read, receipts by status (with detail), notices."""
+
+    def __init__(self):
+        self.read = collections.Counter()
+        self.receipts: dict[str, tuple[str, str]] = {}
+        self.paid: list[str] = []
+        self.notices: list[str] = []
+
+    def events(self) -> Events:
+        return Events(message=lambda m: m.genuine and self.read.update([m.text]),
+                      receipt=lambda msg_id, status, detail: self.receipts.__setitem__(msg_id, (status, detail)),
+                      paid=self.paid.extend, notice=self.notices.append)
+
+
+def test_books_opened_while_the_node_was_away_are_announced_so_their_messages_are_not_refused_unpaid(
+        anvil_chain, processes):
+    """A line typed while the node is away is paid for and queued; with a book of 2 codes,
+    five such lines use the last leaf of book 1 and open books 2 and 3, which no node has heard
+    of. On reconnect the client announces every book that pays for a queued message (it used to
+    announce only the current one, and the node refused the lines on book 2 unpaid)."""
+    data_dir, url = anvil_chain["data_dir"], anvil_chain["url"]
+    env = cli_env(url, data_dir)
+    make_users(data_dir, "alice", "bob")
+    port = free_port()
+    node = start_node(processes, env, port, "--batch-wait", "0.2", "--confirmations", "1")
+    alice_log, bob_log = Recorder(), Recorder()
+    bob = ChatClient("127.0.0.1", port, "bob", data_dir, rpc_url=url, events=bob_log.events(),
+                     reconnect_max_delay=0.3)
+    alice = ChatClient("127.0.0.1", port, "alice", data_dir, rpc_url=url, book_size=2,
+                       events=alice_log.events(), reconnect_max_delay=0.3)
+    try:
+        bob.connect()
+        alice.connect()
+        alice.send_text("bob", "before")  # opens book 1 while connected: announced
+        wait_until(lambda: bob_log.read["before"] == 1, message="the first message")
+
+        node.stop(signal.SIGKILL)
+        wait_until(lambda: alice.connection_state == "reconnecting", message="alice to notice the outage")
+        texts = [f"away-{i}" for i in range(5)]  # leaf 1 of book 1, then books 2 and 3 (opened meanwhile)
+        for text in texts:
+            alice.send_text("bob", text)
+        node = start_node(processes, env, port, "--batch-wait", "0.2", "--confirmations", "1")
+        wait_until(lambda: len(alice_log.receipts) >= 6, timeout=60, message="every line answered")
+        refused = {m: r for m, r in alice_log.receipts.items() if r[0] != "delivered"}
+        assert refused == {}, f"{len(refused)} of 5 paid lines refused after the outage: {sorted(set(refused.values()))}"
+        wait_until(lambda: all(bob_log.read[t] == 1 for t in texts), timeout=30, message="all five read")
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_a_resend_of_a_message_delivered_and_claimed_before_a_node_restart_is_answered_delivered_not_refused(
+        anvil_chain, processes):
+    """A resend of a message delivered, claimed and paid before a node restart (its receipt
+    lost on the way) is answered `delivered` again, as without the restart; the node used to
+    keep the bounty without its msg_id and refuse the resend unpaid, though bob had read it."""
+    data_dir, url, token = anvil_chain["data_dir"], anvil_chain["url"], anvil_chain["token"]
+    env = cli_env(url, data_dir)
+    make_users(data_dir, "alice", "bob")
+    port = free_port()
+    node = start_node(processes, env, port, "--batch-wait", "0.2", "--confirmations", "1")
+
+    class NoReceipts(FrameProxy):
+        def from_node(self, message: dict) -> str:
+            return "drop" if message["type"] == "receipt" else "pass"
+
+    proxy = NoReceipts(port)
+    alice_log, bob_log = Recorder(), Recorder()
+    bob = ChatClient("127.0.0.1", port, "bob", data_dir, rpc_url=url, events=bob_log.events(),
+                     reconnect_max_delay=0.3)
+    alice = ChatClient("127.0.0.1", proxy.port, "alice", data_dir, rpc_url=url, events=alice_log.events(),
+                       reconnect_for=0)
+    try:
+        bob.connect()
+        alice.connect()
+        msg_id = alice.send_text("bob", "hello once")
+        wait_until(lambda: bob_log.read["hello once"] == 1, message="bob to read it")
+        node_address = alice.welcome["node_eth_address"]
+        wait_until(lambda: token.balance_of(node_address) == 10**18, message="the node to be paid")
+        assert alice_log.receipts == {}  # the receipt never reached alice
+        alice.close()  # the message stays in alice's outbox, unanswered
+        proxy.close()
+
+        node.stop()  # a clean restart (SIGKILL gives the same)
+        node = start_node(processes, env, port, "--batch-wait", "0.2", "--confirmations", "1")
+        alice = ChatClient("127.0.0.1", port, "alice", data_dir, rpc_url=url, events=alice_log.events(),
+                           reconnect_max_delay=0.3)
+        alice.connect()  # resends the outbox
+        wait_until(lambda: msg_id in alice_log.receipts, timeout=30, message="the resend to be answered")
+        time.sleep(1)
+        assert bob_log.read["hello once"] == 1  # delivered once
+        assert token.balance_of(node_address) == 10**18  # paid once
+        assert alice_log.receipts[msg_id] == ("delivered", ""), alice_log.receipts[msg_id]
+    finally:
+        alice.close()
+        bob.close()
+        proxy.close()
+
+
+def test_main_py_refund_run_while_the_client_pays_single_bounties_forgets_none_of_them(anvil_chain, processes):
+    """`main.py refund NAME` rewrites clients/NAME/bounties.jsonl without the bounties it
+    found closed; a client of NAME paying single bounties meanwhile appends to that file. The
+    lines appended during the refund must survive its rewrite, or those bounties are never
+    refunded. (client.py itself refuses to run beside `main.py refund`; a ChatClient does not.)"""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    data_dir, url, token = anvil_chain["data_dir"], anvil_chain["url"], anvil_chain["token"]
+    env = cli_env(url, data_dir)
+    make_users(data_dir, "alice", "bob")
+    port = free_port()
+    start_node(processes, env, port, "--batch-wait", "0.2", "--confirmations", "1", "--max-unclaimed", "5000")
+    with logged_in_sockets(port, data_dir, "bob"):  # bob is pinned, online, and never claims
+        alice = ChatClient("127.0.0.1", port, "alice", data_dir, rpc_url=url, pay="single")
+        try:
+            alice.connect()
+            alice_address = address_of(data_dir, "alice")
+            wait_until(lambda: token.balance_of(alice_address) > 0, message="alice to be funded")
+            before = 30
+            for i in range(before):  # open, unearned: the refund looks each one up
+                alice.send_text("bob", f"before {i}")
+            refund = subprocess.Popen([sys.executable, "main.py", "refund", "alice"], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            during = 0
+            while refund.poll() is None:  # alice goes on paying while the refund runs
+                alice.send_text("bob", f"during {during}")
+                during += 1
+            output = refund.stdout.read()
+            assert "refunded 0 BTK" in output, output
+            recorded = {json.loads(line)["code_hash"]
+                        for line in (data_dir / "clients" / "alice" / "bounties.jsonl").read_text().splitlines()}
+            registered = token.contract.events.BountyRegistered().get_logs(
+                from_block=0, argument_filters={"sender": alice_address})
+            lost = [e for e in registered if bytes(e["args"]["codeHash"]).hex() not in recorded]
+            assert len(registered) == before + during
+            assert lost == [], (
+                f"alice registered {during} bounties while the refund ran; {len(lost)} of them are no longer in "
+                f"bounties.jsonl: {len(lost)} BTK that `main.py refund alice` will never give back")
+        finally:
+            alice.close()

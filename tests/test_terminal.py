@@ -282,6 +282,12 @@ def test_a_second_client_of_one_name_on_one_data_directory_is_refused_and_the_fi
     assert done.returncode == 1 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert f"user_2 is already running from {chat['data']} (pid {peer.proc.pid})" in done.stderr, done.stderr
     assert "use that one, or quit it (exit) first" in done.stderr, done.stderr
+    # A refund would send transactions from the account the running client pays from.
+    refund = subprocess.run([PYTHON, "main.py", "refund", "user_2"], cwd=ROOT, env=chat["env"],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert refund.returncode == 1 and "Traceback" not in refund.stderr, refund.stderr
+    assert f"user_2's client.py is running from {chat['data']} (pid {peer.proc.pid}): quit it (exit) first, " \
+           "then refund" in refund.stderr, refund.stderr
     time.sleep(1)
     assert not any("disconnected" in line for line in peer.errors[mark:]), peer.errors[mark:]
 

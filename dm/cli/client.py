@@ -80,7 +80,7 @@ def lock_client_dir(data_dir, name: str):
     rewrite each other's outbox. The lock is DATA/clients/NAME/client.lock; another data
     directory (another machine) may log the name in, and the node keeps the newer session."""
     try:
-        return datadir.hold_lock(datadir.client_dir(data_dir, name) / "client.lock")
+        return datadir.hold_client_lock(data_dir, name)
     except datadir.Locked as locked:
         pid = f" (pid {locked.pid})" if locked.pid else ""
         raise ClientError(f"{name} is already running from {data_dir}{pid}: use that one, or quit it (exit) first")

@@ -117,7 +117,14 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
         return 1
     token = ethereum.BountyToken(w3, record.address)
     signer = ethereum.Signer(w3, datadir.read_eth_key(datadir.eth_key_path(data_dir, name)))
-    return refund_all(token, signer, datadir.client_dir(data_dir, name))
+    try:  # the client pays from the same account: two processes would reuse each other's nonces
+        lock = datadir.hold_client_lock(data_dir, name)
+    except datadir.Locked as locked:
+        pid = f" (pid {locked.pid})" if locked.pid else ""
+        raise datadir.DataError(f"{name}'s client.py is running from {data_dir}{pid}: quit it (exit) first, then "
+                                "refund") from None
+    with lock:
+        return refund_all(token, signer, datadir.client_dir(data_dir, name))
 
 
 def refund_all(token, signer, client_dir: Path) -> int:
@@ -154,31 +161,36 @@ def refund_all(token, signer, client_dir: Path) -> int:
 
 def refund_single_bounties(token, signer, record: Path, now: int) -> tuple[int, int, list[int]]:
     """Refunds the expired single bounties in `record` (clients/NAME/bounties.jsonl, written by
-    dm.client.payment.SinglePayer) that no delivery earned; keeps in the file only those still
-    open. Returns (BTK refunded, BTK still escrowed, the expiries of those)."""
-    try:
-        lines = record.read_text().splitlines()
-    except FileNotFoundError:
-        return 0, 0, []
-    refunded, kept, waiting = 0, [], []
+    dm.client.payment.SinglePayer) that no delivery earned, and drops from the file those no
+    longer open; the lines a running client appends meanwhile stay. Returns (BTK refunded, BTK
+    still escrowed, the expiries of those)."""
+    with datadir.locked(record):
+        try:
+            lines = record.read_text().splitlines()
+        except FileNotFoundError:
+            return 0, 0, []
+    refunded, closed, waiting = 0, set(), []
     for line in lines:
         try:
             entry = json.loads(line)
-            code_hash, expiry = bytes.fromhex(entry["code_hash"]), int(entry["expiry"])
+            code_hash, _ = bytes.fromhex(entry["code_hash"]), int(entry["expiry"])  # both, or the line is torn
         except (ValueError, KeyError, TypeError):  # a line torn by a crash
+            closed.add(line)
             continue
         bounty = token.bounty(signer.address, code_hash)
         if bounty.state != "open":  # redeemed (earned), refunded, or never registered
+            closed.add(line)
             continue
         if bounty.expiry >= now:
-            kept.append(line)
             waiting.append(bounty.expiry)
             continue
         token.refund(signer, signer.address, code_hash)
+        closed.add(line)
         refunded += 1
         print(f"bounty {code_hash.hex()[:12]}: 1 BTK back")
-    datadir.write_lines(record, kept)
-    return refunded, len(kept), waiting
+    with datadir.locked(record):  # read again: a client may have registered more since
+        datadir.write_lines(record, [line for line in record.read_text().splitlines() if line not in closed])
+    return refunded, len(waiting), waiting
 
 
 def when(timestamp: int) -> str:

@@ -61,7 +61,9 @@ class SinglePayer:
     and expiry are appended to `record` (clients/NAME/bounties.jsonl) before it is registered,
     so that `main.py refund` finds the ones no delivery earned.
 
-    Thread-safety: `_lock` guards the record's appends; the Signer keeps its nonce under its own lock.
+    Thread-safety: `_lock` guards the record's appends, and the record's flock (datadir.locked)
+    keeps them from `main.py refund`'s rewrite in another process; the Signer keeps its nonce
+    under its own lock.
     """
 
     def __init__(self, token: ethereum.BountyToken, signer: ethereum.Signer, relayer: str, expiry_seconds: int,
@@ -75,7 +77,7 @@ class SinglePayer:
         code_hash = ethereum.code_hash(code)
         expiry = _chain_now(self.token) + self.expiry_seconds
         if self.record is not None:
-            with self._lock:
+            with self._lock, datadir.locked(self.record):  # `main.py refund` may be rewriting it
                 datadir.append_private_line(self.record, json.dumps({"code_hash": code_hash.hex(), "expiry": expiry}))
         self.token.register(self.signer, code_hash, self.relayer, expiry, gas=150_000)
         return Bounty({"code_hash": code_hash.hex()}, code)

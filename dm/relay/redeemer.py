@@ -176,24 +176,27 @@ class Redeemer:
         for claim in claims:
             if claim.book is not None:
                 books.setdefault((claim.payer, claim.book), []).append(claim)
-        for start in range(0, len(singles), self.batch_size):
-            self._send_one(singles[start:start + self.batch_size], None, None)
-        for (payer, root), group in books.items():
-            self._send_one(group, payer, root)
+        sent = [self._send_one(singles[start:start + self.batch_size], None, None)
+                for start in range(0, len(singles), self.batch_size)]
+        sent += [self._send_one(group, payer, root) for (payer, root), group in books.items()]
+        if not all(sent):  # one pause a round, not one per failed group: the others' codes went out
+            time.sleep(1)
 
-    def _send_one(self, claims: list[Claim], payer: str | None, root: bytes | None) -> None:
+    def _send_one(self, claims: list[Claim], payer: str | None, root: bytes | None) -> bool:
+        """Sends one redemption; False when it failed (its claims are queued again)."""
         try:
             if root is None:
                 call_hash = self.token.redeem_batch(self.signer, [c.payer for c in claims], [c.code for c in claims],
                                                     wait=False)
             else:
                 book = self.index.book(payer, root)
-                if book is None and self._gone(payer, root):
+                if (book is None or book.tree is None) and self._gone(payer, root):
                     log.warning("dropped %d code(s) of book %s of %s: the chain holds no such open book bound to this "
-                                "node any more (a rollback dropped it, or it was refunded); they can never be redeemed",
+                                "node any more (it expired while they waited, a rollback dropped it, or it was "
+                                "refunded); they can never be redeemed",
                                 len(claims), root.hex()[:12], payer)
                     self.journal.done([c.key for c in claims])
-                    return
+                    return True
                 if book is None or book.tree is None:
                     raise ethereum.ChainError(f"book {root.hex()[:12]} of {payer} is unknown to this node")
                 unique = {c.index: c.code for c in claims}
@@ -204,17 +207,19 @@ class Redeemer:
             if not CHAIN.failed(exc, "codes to redeem stay in the journal and"):
                 log.error("redeeming %d code(s) failed: %s", len(claims), exc)
             self._requeue(claims)
-            time.sleep(1)
-            return
+            return False
         CHAIN.answered()
         self.in_flight.append(InFlight(call_hash, claims, root, self.signer.last_nonce, time.monotonic()))
+        return True
 
     def _gone(self, payer: str, root: bytes) -> bool:
         """Whether the chain itself (not the index, which may just not have looked yet) says the
-        book can never pay this node: none of that sender with that root, refunded, or bound to
-        another relayer."""
+        book can never pay this node: none of that sender with that root, refunded, bound to
+        another relayer, or expired (redeemBook pays nothing after expiry; the watchdog forgets
+        an expired book, leaves and all, so its codes could not even be proved)."""
         info = self.token.book(payer, root)
-        return info.size == 0 or info.refunded or info.relayer != self.signer.address
+        return info.size == 0 or info.refunded or info.relayer != self.signer.address or \
+            info.expiry < self.token.w3.eth.get_block("latest")["timestamp"]
 
     def _requeue(self, claims: list[Claim]) -> None:
         with self._cond:
