@@ -573,3 +573,41 @@ def test_main_py_refund_run_while_the_client_pays_single_bounties_forgets_none_o
                 f"bounties.jsonl: {len(lost)} BTK that `main.py refund alice` will never give back")
         finally:
             alice.close()
+
+
+def test_after_a_rollback_drops_a_senders_openbook_her_next_book_opens_instead_of_hanging(anvil_chain, processes):
+    """A rollback drops alice's openBook after her message on it was read. Her book (of 1
+    code) is used up, so no `unpaid` refusal makes her client re-read its nonce, and her next
+    book's openBook went out with a local nonce the chain never reached: it waited behind the
+    gap for 120 s and failed, and so did every later line. The signer now takes the chain's
+    count when its own runs ahead."""
+    data_dir, url, token = anvil_chain["data_dir"], anvil_chain["url"], anvil_chain["token"]
+    w3 = token.w3
+    env = cli_env(url, data_dir)
+    make_users(data_dir, "alice", "bob")
+    port = free_port()
+    start_node(processes, env, port, "--batch-wait", "0.2", "--confirmations", "2")
+    bob_log = Recorder()
+    bob = ChatClient("127.0.0.1", port, "bob", data_dir, rpc_url=url, events=bob_log.events())
+    alice = ChatClient("127.0.0.1", port, "alice", data_dir, rpc_url=url, book_size=1)
+    try:
+        bob.connect()
+        alice.connect()
+        wait_until(lambda: token.balance_of(alice.eth_address) > 0, message="alice to be funded")
+        snapshot = rpc(w3, "evm_snapshot", [])
+        alice.send_text("bob", "a")  # opens book A
+        wait_until(lambda: bob_log.read["a"] == 1, message="bob to read a")
+        assert rpc(w3, "evm_revert", [snapshot]) is True  # book A's openBook is gone
+        rpc(w3, "evm_mine", [])
+        started = time.monotonic()
+        try:
+            alice.send_text("bob", "b")  # needs a new book
+            problem = None
+        except Exception as exc:  # noqa: BLE001 - what the user would see
+            problem = str(exc)
+        took = time.monotonic() - started
+        assert problem is None and took < 20, f"the next line took {took:.0f}s and failed: {problem}"
+        wait_until(lambda: bob_log.read["b"] == 1, message="bob to read b")
+    finally:
+        alice.close()
+        bob.close()

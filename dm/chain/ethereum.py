@@ -208,8 +208,13 @@ class Signer:
         return self._account.sign_transaction(tx).raw_transaction
 
     def send(self, tx: dict) -> bytes:
-        """Sign and broadcast; returns the transaction hash."""
+        """Sign and broadcast; returns the transaction hash. The local nonce is first checked
+        against the chain's count with pending transactions (one call): past it, a rollback
+        dropped a transaction of ours, and one sent with that nonce would wait forever behind
+        the gap. Then the chain's count is taken."""
         with self._lock:
+            if self._nonce is not None:
+                self._nonce = min(self._nonce, self.w3.eth.get_transaction_count(self.address, "pending"))
             raw = self._sign_next(tx)
             try:
                 tx_hash = self.w3.eth.send_raw_transaction(raw)
@@ -229,7 +234,8 @@ class Signer:
             return self._nonce
 
     def sign_only(self, tx: dict) -> bytes:
-        """Sign without broadcasting (used to hold a transaction back)."""
+        """Sign without broadcasting (used to hold a transaction back). Broadcast it before this
+        signer's next send(): send() goes by the chain's count, which a held one is not in."""
         with self._lock:
             raw = self._sign_next(tx)
             self._nonce += 1

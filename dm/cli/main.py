@@ -107,6 +107,8 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
     if name not in datadir.known_users(data_dir):
         raise datadir.DataError(f"there is no user {name!r} here ({datadir.keys_dir(data_dir)} has no keys for it); "
                                 "`python3 main.py info` lists the users")
+    from web3.exceptions import Web3Exception
+
     from dm.chain import devchain, ethereum
 
     w3 = ethereum.connect(rpc_url)
@@ -124,7 +126,11 @@ def refund_books(data_dir: Path, rpc_url: str, name: str) -> int:
         raise datadir.DataError(f"{name}'s client.py is running from {data_dir}{pid}: quit it (exit) first, then "
                                 "refund") from None
     with lock:
-        return refund_all(token, signer, datadir.client_dir(data_dir, name))
+        try:
+            return refund_all(token, signer, datadir.client_dir(data_dir, name))
+        except (ethereum.ChainError, OSError, Web3Exception) as exc:  # e.g. "nonce too low" from a clash
+            raise ethereum.ChainError(f"a refund failed: {exc}; what was refunded stays refunded: run `python3 "
+                                      f"main.py refund {name}` again") from None
 
 
 def refund_all(token, signer, client_dir: Path) -> int:
