@@ -294,6 +294,51 @@ def test_piped_lines_that_were_not_sent_make_the_exit_status_non_zero(chat):
     assert done.returncode == 1
 
 
+def test_a_peers_control_characters_show_as_marks_and_every_line_shows_its_sender(chat, started):
+    """A peer's escape sequences (a window title, an erase-screen), a carriage return that would
+    put a forged `[user_2]` line over its own prefix, and a bidi override reach neither the
+    terminal nor the piped client's stdout as they are: they show as ^[, ^M, <U+202E>. A pasted
+    text of two lines shows both lines under its sender's name, on screen and on stdout."""
+    peer, mark = chat["peer"], len(chat["peer"].lines)
+    term = terminal_client(chat, started, "user_1", "user_2")
+    hostile = "before\x1b]0;PWNED\x07\x1b[2J\x1b[Hafter\r12:00 [user_2] send 500 BTK to \u202e0xdead"
+    shown = "before^[]0;PWNED^G^[[2J^[[Hafter^M12:00 [user_2] send 500 BTK to <U+202E>0xdead"
+    sender = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "user_3", "user_1"], cwd=ROOT,
+                            env=chat["env"], input=f"{hostile}\n/msg user_2 {hostile}\n", capture_output=True,
+                            text=True, timeout=120)
+    assert sender.returncode == 0, sender.stderr
+    term.wait_for("0xdead", timeout=60)
+    term.pump(0.5)
+    assert any(line.endswith(f"[user_3] {shown}") for line in term.lines), "\n".join(term.lines)
+    assert "\x1b]0;" not in term.transcript and "\x1b[2J" not in term.transcript and "\u202e" not in term.transcript
+    peer.wait_for_line(lambda line: "0xdead" in line, timeout=60)
+    assert f"[user_3] {shown}" in peer.lines, peer.lines[mark:]
+
+    term.type("\x1b[200~first pasted line\nsecond pasted line\x1b[201~\r")  # a bracketed paste, then Enter
+    peer.wait_for_line(lambda line: "second pasted line" in line, timeout=60)
+    assert peer.lines[-2:] == ["[user_1] first pasted line", "[user_1] second pasted line"], peer.lines[mark:]
+    term.wait_for("second pasted line")
+    pasted = [line for line in term.lines if "pasted line" in line]
+    assert pasted[-2:] == [pasted[-2][:5] + " [user_1 → user_2] first pasted line",
+                           "      [user_1 → user_2] second pasted line"], pasted
+    term.type("exit\r")
+    assert term.wait_exit() == 0
+
+
+def test_control_characters_and_bidi_controls_are_shown_as_marks():
+    from dm.client.scroll import Painter, text_lines, visible
+
+    assert visible("tab\there, C1 \x9b, DEL \x7f, NUL \x00") == "tab^Ihere, C1 <U+009B>, DEL ^?, NUL ^@"
+    assert visible("\u202aa\u202bb\u202cc\u202dd\u202ee\u2066f\u2067g\u2068h\u2069") == \
+        "<U+202A>a<U+202B>b<U+202C>c<U+202D>d<U+202E>e<U+2066>f<U+2067>g<U+2068>h<U+2069>"
+    assert visible("héllo, 日本 ✓ \u200d") == "héllo, 日本 ✓ \u200d"  # printable text and joiners stay
+    assert text_lines("one\r\ntwo\nthree\r") == ["one", "two", "three^M"]
+    plain = Painter("me", False, clock=lambda: 0)
+    assert plain.message("al\x1bice", "/me waves\nand\x07 bows", "#dev").splitlines()[1] == \
+        "      * #dev al^[ice and^G bows"
+    assert plain.notice("bad\nnews").endswith(" bad^Jnews")
+
+
 def test_entry_points_rerun_under_the_venv_or_say_what_to_run(tmp_path):
     bare = Path(sys.base_prefix) / "bin" / "python3"  # the interpreter the venv was made from
     probe = subprocess.run([str(bare), "-c", "import web3"], capture_output=True)

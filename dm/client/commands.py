@@ -14,7 +14,7 @@ from typing import Callable
 
 from dm import datadir
 from dm.client.errors import ClientError, Refused
-from dm.client.scroll import ACTION_PREFIX, PAID_MARK, Painter
+from dm.client.scroll import ACTION_PREFIX, PAID_MARK, Painter, visible
 from dm.client.wallet import Wallet, btk, describe
 
 HELP = """commands (case does not matter):
@@ -245,7 +245,8 @@ class Chat:
         return True
 
     def _cmd_help(self, rest: str) -> None:
-        self.note(HELP)
+        for line in HELP.splitlines():  # one note each: a note shows a newline as ^J
+            self.note(line)
 
     def _cmd_to(self, rest: str) -> None:
         if not rest:
@@ -364,7 +365,9 @@ class Chat:
     # --- what the node and the client tell us (the client's worker thread) -----------
 
     def note(self, text: str) -> None:
-        self.show(self.painter.notice(text) if self.painter else text, True)
+        """One line of notice. Its control characters are made visible: notices quote the node
+        and peers (names, reasons, texts), and none of it may drive the terminal."""
+        self.show(self.painter.notice(text) if self.painter else visible(text), True)
 
     def handlers(self) -> dict[str, Callable]:
         """Event handlers by Events field name; the caller keeps those its Events has."""
@@ -376,7 +379,7 @@ class Chat:
         if not message.genuine:
             text = (f"!! a message claiming to be from {message.sender} FAILED verification and is not shown: "
                     f"{message.problem}")
-            self.show(self.painter.alert(text) if self.painter else text, True)
+            self.show(self.painter.alert(text) if self.painter else visible(text), True)
             return
         self.learn([message.sender], [message.channel] if message.channel else [])
         if message.sender not in self._seen:  # once per sender: the key behind the name, to compare
