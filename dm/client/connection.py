@@ -11,7 +11,7 @@ import threading
 import time
 
 from dm import wire
-from dm.client.errors import ClientError, Refused
+from dm.client.errors import ClientError, NotConnected, Refused
 from dm.net import hang_up
 from dm.wire.handshake import ClientHandshake, HandshakeRefused
 
@@ -160,7 +160,7 @@ class Connection:
             try:
                 self.sock.sendall(data)
             except OSError as exc:
-                raise ClientError(f"lost the connection to the node: {exc}") from None
+                raise NotConnected(f"lost the connection to the node: {exc}") from None
 
     # --- requests ---------------------------------------------------------------------
 
