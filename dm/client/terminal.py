@@ -28,6 +28,7 @@ from dm import datadir
 from dm.client import rpc
 from dm.client.commands import Chat, is_quit
 from dm.client.errors import ClientError
+from dm.client.scroll import visible
 
 QUIT_WAIT = 10  # seconds an interactive client waits at exit for its last messages' receipts
 ACK_WAIT = 120  # seconds piped input waits at its end for the node to answer its messages
@@ -57,11 +58,22 @@ def start_client(args, chat: Chat):
                             chain_timeout=getattr(args, "chain_timeout", None) or rpc.chain_timeout())
         client.connect()
     except ClientError as exc:
-        raise ClientError(explain(str(exc), args)) from None
-    except (ChainError, OSError) as exc:
+        raise ClientError(explain(visible(str(exc)), args)) from None  # it may quote the node
+    except OSError as exc:
+        if exc.filename is None:  # requests' errors are OSErrors too, and name no file
+            raise ClientError(explain(f"cannot reach the chain at {args.rpc_url}: {exc}", args)) from None
+        raise ClientError(disk_problem(exc, datadir.client_dir(data_dir, args.me))) from None
+    except ChainError as exc:
         raise ClientError(explain(f"cannot reach the chain at {args.rpc_url}: {exc}", args)) from None
     chat.attach(client)
     return client
+
+
+def disk_problem(exc: OSError, client_dir: Path) -> str:
+    """A file the client could not make or open at start-up, and what to do about it."""
+    return (f"cannot use {exc.filename}: {exc.strerror or exc}. The client keeps {client_dir.name}'s files in "
+            f"{client_dir}: make sure it and the folders in it are directories you can write (move away a file "
+            "in their place), or pass another --data-dir")
 
 
 def explain(problem: str, args) -> str:
