@@ -262,6 +262,11 @@ def test_errors_name_the_next_step(chat):
     no_keys = run(["client.py", "127.0.0.1", str(chat["port"]), "nobody", "user_2"])
     assert "run `python3 main.py Y nobody` first" in no_keys
 
+    chain_port = chat["anvil"].url.rsplit(":", 1)[1]
+    not_a_node = run(["client.py", "127.0.0.1", chain_port, "user_3", "user_2"])  # the chain's port, a mix-up
+    assert f"127.0.0.1:{chain_port} is not a DistributedMessaging node: it answered with something else (it " \
+           "speaks HTTP: is that the chain's port?). Check the host and port" in not_a_node, not_a_node
+
     # name_taken itself is refused end to end in test_e2e (the impostor); here, its wording.
     from argparse import Namespace
 
