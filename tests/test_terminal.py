@@ -299,6 +299,19 @@ def test_piped_lines_that_were_not_sent_make_the_exit_status_non_zero(chat):
     assert done.returncode == 1
 
 
+def test_a_line_too_long_is_refused_alone_and_the_lines_read_with_it_are_sent(chat):
+    peer = chat["peer"]
+    done = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "user_3", "user_2"], cwd=ROOT,
+                          env=chat["env"], input="before\n" + "z" * 7_000_000 + "\nafter\n", capture_output=True,
+                          text=True, timeout=180)
+    refusals = [line for line in done.stderr.splitlines() if "not sent" in line]
+    assert len(refusals) == 1 and "the limit is" in refusals[0] and "send it in parts" in refusals[0], refusals
+    assert "“before”" not in refusals[0] and "“after”" not in refusals[0], refusals
+    assert done.returncode == 1  # one line was not sent
+    peer.wait_for_line(lambda line: line == "[user_3] after", timeout=60)
+    assert "[user_3] before" in peer.lines
+
+
 def test_a_peers_control_characters_show_as_marks_and_every_line_shows_its_sender(chat, started):
     """A peer's escape sequences (a window title, an erase-screen), a carriage return that would
     put a forged `[user_2]` line over its own prefix, and a bidi override reach neither the

@@ -173,24 +173,44 @@ class Chat:
         return True
 
     def send(self, to: str, texts: list[str]) -> None:
-        """Sends and echoes; a failure is shown, never raised, and quotes what was not sent."""
+        """Sends and echoes, in order; a failure is shown, never raised, and quotes what was not
+        sent. A text too long for one frame is refused alone: the texts around it still go."""
+        from dm.client.sending import check_length
+
+        batch: list[str] = []
+        for text in texts:
+            try:
+                check_length(text)
+            except ClientError as exc:
+                self._send_batch(to, batch)
+                batch = []
+                self._not_sent([text], str(exc))
+            else:
+                batch.append(text)
+        self._send_batch(to, batch)
+
+    def _send_batch(self, to: str, texts: list[str]) -> None:
         from dm.chain.ethereum import ChainError
 
+        if not texts:
+            return
+        sent = 0  # a channel's messages go one by one: those before a failure did go
         try:
             client = self.client
             if to.startswith("#"):
                 for text in texts:
                     msg_ids, offline = client.send_to_channel(to, text)
                     self._sent_now(msg_ids, to, text)
+                    sent += 1
                     if offline:
                         self.note(f"(offline in {to}, not sent and not paid: {', '.join(offline)})")
             else:
                 self._sent_now(client.send_many(to, texts), to, *texts)
         except ClientError as exc:
-            self._not_sent(texts, str(exc))
+            self._not_sent(texts[sent:], str(exc))
         except (ChainError, OSError) as exc:  # the chain, while paying: requests' errors are OSErrors
-            self._not_sent(texts, f"could not pay for the message: {self.chain_problem(exc)}. Is the chain "
-                                  "running? Start it with `python3 main.py chain`")
+            self._not_sent(texts[sent:], f"could not pay for the message: {self.chain_problem(exc)}. Is the "
+                                         "chain running? Start it with `python3 main.py chain`")
 
     def _not_sent(self, texts: list[str], why: str) -> None:
         self.not_sent += len(texts)
