@@ -126,6 +126,11 @@ def start(world, started, me: str, peer: str, terminal: bool = True):
     return client
 
 
+def said(term: Terminal) -> str:
+    """What the terminal showed, escape sequences left out (the last words come after the screen closes)."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", term.transcript)
+
+
 def test_the_first_line_of_a_session_typed_while_the_node_is_away_is_queued_and_delivered(outage, started):
     """user_2's key is pinned on disk from an earlier session; this session has not looked it up
     yet when the node goes away. The line is paid for, sealed and kept, and arrives once the
@@ -146,3 +151,34 @@ def test_the_first_line_of_a_session_typed_while_the_node_is_away_is_queued_and_
     finally:
         start_node(outage)
     receiver.wait_for_line(lambda line: line == "[user_1] typed while the node is away", timeout=60)
+
+
+def test_quitting_while_the_node_is_away_says_the_lines_stay_queued_for_the_next_start(outage, started):
+    receiver = start(outage, started, "user_2", "user_1", terminal=False)
+    term = start(outage, started, "user_1", "user_2")
+    term.type("before the outage\r")
+    receiver.wait_for_line(lambda line: line == "[user_1] before the outage", timeout=60)
+    try:
+        outage["node"].stop(signal.SIGKILL)
+        term.wait_for("connection to the node lost", timeout=30)
+        term.type("while away 1\r")
+        term.type("while away 2\r")
+        term.wait_for("2 unacknowledged", timeout=30)
+        term.type("exit\r")
+        assert term.wait_exit(timeout=60) == 0
+    finally:
+        start_node(outage)
+    last_words = said(term)
+    assert "never acknowledged" not in last_words, last_words[-400:]
+    assert re.search(r"\(2 message\(s\) stay queued on disk \(\S+outbox\.journal\): the node is away; they go out "
+                     r"when you start the client again\)", last_words), last_words[-400:]
+
+
+def test_quitting_with_a_line_for_an_offline_peer_says_it_goes_out_at_the_next_start(outage, started):
+    term = start(outage, started, "user_5", "user_4")
+    term.type("for user_4, who is offline\r")
+    term.wait_for("user_4 is offline", timeout=60)
+    term.type("exit\r")
+    assert term.wait_exit(timeout=60) == 0
+    assert "(1 message(s) wait in the queue for offline peers; they go out when you start the client again and " \
+           "the peer is online)" in said(term), said(term)[-400:]

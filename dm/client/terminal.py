@@ -128,16 +128,24 @@ def wait_at_end(chat: Chat, client) -> None:
             break
         if now >= deadline:
             break
+    say_what_stays_queued(chat, client, f"the node did not come back within {AWAY_WAIT:g}s"
+                          if away_since is not None else None)
+
+
+def say_what_stays_queued(chat: Chat, client, why_unanswered: str | None = None) -> None:
+    """At the end of a session: what stays in the outbox on disk, and that it goes out at the next
+    start (the client sends nothing once it has ended)."""
     entries = client.queue()
     waiting = sum(1 for entry in entries if entry.waiting)
     unanswered = len(entries) - waiting
     if unanswered:
-        why = (f"the node did not come back within {AWAY_WAIT:g}s" if away_since is not None
-               else "the node is gone" if client.is_closed else "the node did not answer them")
+        why = why_unanswered or ("the node is away" if client.connection_state == "reconnecting"
+                                 else "the node is gone" if client.is_closed else "the node did not answer them")
         chat.note(f"({unanswered} message(s) stay queued on disk ({client.outbox_path}): {why}; they go out "
                   "when you start the client again)")
     if waiting:
-        chat.note(f"({waiting} message(s) wait for offline peers; they go out when you start the client again)")
+        chat.note(f"({waiting} message(s) wait in the queue for offline peers; they go out when you start the "
+                  "client again and the peer is online)")
 
 
 def read_line_batches(fd: int, limit: int = 512):
@@ -306,9 +314,11 @@ class LineHandler:
 
 
 def finish(chat: Chat, client) -> None:
-    """Waits a little for the last receipts, then hangs up."""
+    """Waits a little for the last receipts (not for a node that is away), says what stays
+    queued for the next start, then hangs up."""
     try:
-        if client.outstanding and not client.wait_acknowledged(timeout=QUIT_WAIT):
-            chat.note(f"({len(client.outstanding)} message(s) were never acknowledged by the node)")
+        if client.outstanding and client.connection_state == "connected":
+            client.wait_acknowledged(timeout=QUIT_WAIT)
+        say_what_stays_queued(chat, client)
     finally:
         client.close()
