@@ -148,3 +148,11 @@ def test_to_an_unknown_name_is_refused_at_once_not_at_the_next_send(tester_node)
     assert shown == ["error: no user 'nobody' is known to this node (unknown_peer)"] and chat.peer == "user_2"
     chat.handle_lines(["/to user_2", "/to #dev"])
     assert shown[1:] == ["(now talking to user_2)", "(now talking to #dev)"] and chat.peer == "#dev"
+
+
+def test_leave_alone_while_talking_to_a_person_says_to_name_the_channel(tester_node):
+    make_users(tester_node.data_dir, "user_1", "user_2")
+    tester_node.client("user_2")
+    chat, _, shown = chat_session(tester_node, "user_1", "user_2")
+    chat.handle_lines(["/leave"])
+    assert shown == ["error: usage: /leave #channel (you are talking to user_2, not to a channel)"], shown

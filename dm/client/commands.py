@@ -332,6 +332,8 @@ class Chat:
         self.note(f"(joined {channel}, now talking to it; your channels: {', '.join(reply['joined'])})")
 
     def _cmd_leave(self, rest: str) -> None:
+        if not rest and not self.peer.startswith("#"):
+            raise ClientError(f"usage: /leave #channel (you are talking to {self.peer}, not to a channel)")
         channel = check_channel(rest or self.peer)
         reply = self.client.leave(channel)
         self.note(f"(left {channel}; your channels: {', '.join(reply['joined']) or 'none'})")
