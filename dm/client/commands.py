@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 from dm import datadir
@@ -78,7 +79,7 @@ class Chat:
         self._client = None
         self._start_error: str | None = None
         self._ready = threading.Event()
-        self._sent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # msg_id -> (to, text), for `paid`
+        self._sent: OrderedDict[str, SentLine] = OrderedDict()  # msg_id -> what it carried, for `paid`
         self._lock = threading.Lock()
         self._refreshing = False
         self._seen: set[str] = set()  # senders whose key prefix was shown (worker thread only)
@@ -237,11 +238,12 @@ class Chat:
             return
         with self._lock:
             if len(texts) == len(msg_ids):
-                pairs = zip(msg_ids, texts)
-            else:  # a channel message: one id per member copy, one text
-                pairs = ((msg_id, texts[0]) for msg_id in msg_ids)
-            for msg_id, text in pairs:
-                self._sent[msg_id] = (to, text)
+                pairs = zip(msg_ids, (SentLine(to, text) for text in texts))
+            else:  # a channel message: one id per member copy, all of them one line
+                line = SentLine(to, texts[0])
+                pairs = ((msg_id, line) for msg_id in msg_ids)
+            for msg_id, line in pairs:
+                self._sent[msg_id] = line
             while len(self._sent) > SENT_REMEMBERED:
                 self._sent.popitem(last=False)
         if self.painter:
@@ -419,7 +421,7 @@ class Chat:
 
     def on_receipt(self, msg_id: str, status: str, detail: str) -> None:
         with self._lock:
-            to, text = self._sent.get(msg_id, ("the recipient", ""))
+            to = self._sent[msg_id].to if msg_id in self._sent else "the recipient"
         if status == "offline":
             self.note(f"(not delivered: {to} is offline; your bounty stays unspent)")
         elif status == "refused":
@@ -430,8 +432,9 @@ class Chat:
         self.paid_messages += len(msg_ids)
         if self.painter is None:
             return
-        with self._lock:
-            texts = [self._sent.pop(msg_id)[1] for msg_id in msg_ids if msg_id in self._sent]
+        with self._lock:  # a channel line's copies are one line: quoted once
+            lines = dict.fromkeys(self._sent.pop(msg_id) for msg_id in msg_ids if msg_id in self._sent)
+        texts = [line.text for line in lines]
         self.note(f"{PAID_MARK} paid {btk(len(msg_ids))} for {quoted(texts) or 'your message'}")
         self.refresh_funds_soon()
 
@@ -494,6 +497,14 @@ class Chat:
                     self._refreshing = False
 
         threading.Thread(target=refresh, name="wallet", daemon=True).start()
+
+
+@dataclass(eq=False)
+class SentLine:
+    """One line the user sent, as `paid` quotes it. A channel line's copies share one (compared by
+    identity: two lines of the same text are two lines)."""
+    to: str
+    text: str
 
 
 def key_prefix(fingerprint: str) -> str:
