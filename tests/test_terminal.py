@@ -272,9 +272,10 @@ def test_errors_name_the_next_step(chat):
 
     from dm.client.terminal import explain
 
-    taken = explain("the node refused us: user_2 is pinned to another key (name_taken)",
+    taken = explain("the node refused us: the name 'user_2' is pinned to another key on this node (name_taken)",
                     Namespace(me="user_2", host="127.0.0.1", port=chat["port"]))
     assert "use your original keys" in taken and "or another name" in taken
+    assert taken.count("pinned to another key") == 1, taken
 
 
 def test_a_second_client_of_one_name_on_one_data_directory_is_refused_and_the_first_goes_on(chat):

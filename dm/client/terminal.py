@@ -81,9 +81,9 @@ def explain(problem: str, args) -> str:
     if problem.startswith("cannot reach the node"):
         return (f"{problem}: is node.py running there? Start it first (`python3 node.py`), "
                 f"or check the host and port ({args.host} {args.port})")
-    if "(name_taken)" in problem:
-        return (f"{problem}: the name {args.me} is pinned to another key on this node; use your original keys "
-                f"(the data directory they were made in, --data-dir) or another name")
+    if "(name_taken)" in problem:  # the node's words already say the name is pinned to another key
+        return (f"{problem}: use your original keys (the data directory they were made in, --data-dir) "
+                "or another name")
     if problem.startswith("cannot reach the chain at"):
         where = problem.split(": ", 1)[0]  # urllib3's pool details say nothing more to a user
         return (f"{where} (the URL came from {getattr(args, 'rpc_source', 'the default')}): start the chain "
