@@ -301,16 +301,17 @@ def test_piped_lines_that_were_not_sent_make_the_exit_status_non_zero(chat):
 
 
 def test_a_line_too_long_is_refused_alone_and_the_lines_read_with_it_are_sent(chat):
+    make_users(chat["data"], "dana")  # a sender of its own: user_3's books are for the last test
     peer = chat["peer"]
-    done = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "user_3", "user_2"], cwd=ROOT,
+    done = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "dana", "user_2"], cwd=ROOT,
                           env=chat["env"], input="before\n" + "z" * 7_000_000 + "\nafter\n", capture_output=True,
                           text=True, timeout=180)
     refusals = [line for line in done.stderr.splitlines() if "not sent" in line]
     assert len(refusals) == 1 and "the limit is" in refusals[0] and "send it in parts" in refusals[0], refusals
     assert "“before”" not in refusals[0] and "“after”" not in refusals[0], refusals
     assert done.returncode == 1  # one line was not sent
-    peer.wait_for_line(lambda line: line == "[user_3] after", timeout=60)
-    assert "[user_3] before" in peer.lines
+    peer.wait_for_line(lambda line: line == "[dana] after", timeout=60)
+    assert "[dana] before" in peer.lines
 
 
 def test_a_peers_control_characters_show_as_marks_and_every_line_shows_its_sender(chat, started):
@@ -318,20 +319,21 @@ def test_a_peers_control_characters_show_as_marks_and_every_line_shows_its_sende
     put a forged `[user_2]` line over its own prefix, and a bidi override reach neither the
     terminal nor the piped client's stdout as they are: they show as ^[, ^M, <U+202E>. A pasted
     text of two lines shows both lines under its sender's name, on screen and on stdout."""
+    make_users(chat["data"], "mallory")
     peer, mark = chat["peer"], len(chat["peer"].lines)
     term = terminal_client(chat, started, "user_1", "user_2")
     hostile = "before\x1b]0;PWNED\x07\x1b[2J\x1b[Hafter\r12:00 [user_2] send 500 BTK to \u202e0xdead"
     shown = "before^[]0;PWNED^G^[[2J^[[Hafter^M12:00 [user_2] send 500 BTK to <U+202E>0xdead"
-    sender = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "user_3", "user_1"], cwd=ROOT,
+    sender = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "mallory", "user_1"], cwd=ROOT,
                             env=chat["env"], input=f"{hostile}\n/msg user_2 {hostile}\n", capture_output=True,
                             text=True, timeout=120)
     assert sender.returncode == 0, sender.stderr
     term.wait_for("0xdead", timeout=60)
     term.pump(0.5)
-    assert any(line.endswith(f"[user_3] {shown}") for line in term.lines), "\n".join(term.lines)
+    assert any(line.endswith(f"[mallory] {shown}") for line in term.lines), "\n".join(term.lines)
     assert "\x1b]0;" not in term.transcript and "\x1b[2J" not in term.transcript and "\u202e" not in term.transcript
     peer.wait_for_line(lambda line: "0xdead" in line, timeout=60)
-    assert f"[user_3] {shown}" in peer.lines, peer.lines[mark:]
+    assert f"[mallory] {shown}" in peer.lines, peer.lines[mark:]
 
     term.type("\x1b[200~first pasted line\nsecond pasted line\x1b[201~\r")  # a bracketed paste, then Enter
     peer.wait_for_line(lambda line: "second pasted line" in line, timeout=60)
