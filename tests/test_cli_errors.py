@@ -178,3 +178,18 @@ def test_a_file_where_a_folder_of_the_data_directory_goes_is_named_in_one_line(t
         assert f"cannot make the folder {tmp_path / folder}" in result.stderr, result.stderr
         assert f"{tmp_path / folder} is a file, not a folder; move it out of the way, or pass --data-dir" \
             in result.stderr, result.stderr
+
+
+def test_a_disk_problem_at_start_up_names_the_path_not_the_chain(tmp_path):
+    """DATA/clients/NAME/books is a file where the client keeps its books: a disk problem, to be
+    named with its path and what to do, not reported as the chain being away."""
+    make_users(tmp_path, "user_1")
+    books = tmp_path / "clients" / "user_1" / "books"
+    books.parent.mkdir(parents=True)
+    books.write_text("not a directory")
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # something listens where the node should be
+        results = run_all(cli_env(NO_CHAIN, tmp_path),
+                          ["client.py", "127.0.0.1", str(listener.getsockname()[1]), "user_1", "user_2"])
+    said = results[0].stderr
+    assert f"cannot use {books}: File exists" in said and "move away a file in their place" in said, said
+    assert "chain" not in said, said

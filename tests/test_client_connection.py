@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 import pytest
 
@@ -19,6 +20,7 @@ from conftest import make_users
 CHALLENGE = {"type": "challenge", "nonce": "bm9uY2U=", "node_id": "fake"}
 WELCOME = {"type": "welcome", "name": "alice", "node_eth_address": "0x" + "11" * 20, "chain_id": 1,
            "contract": "0x" + "22" * 20}
+HANDSHAKE_WAIT = 3  # seconds open_connection() waits for each answer: a silent fake node fails fast
 
 
 @contextlib.contextmanager
@@ -56,7 +58,7 @@ def fake_node(script):
 
 def open_connection(port: int) -> Connection:
     connection = Connection("127.0.0.1", port)
-    connection.open(ClientHandshake("alice", "PEM", "0xA", lambda data: b"signature"), timeout=5)
+    connection.open(ClientHandshake("alice", "PEM", "0xA", lambda data: b"signature"), timeout=HANDSHAKE_WAIT)
     return connection
 
 
@@ -74,8 +76,13 @@ def handshake_then(sock, read, after: bytes = b"") -> None:
     (lambda sock, read: (read(), sock.sendall(wire.encode(wire.error("busy")))),
      r"^the node refused us: the node has too many connections \(busy\)$"),
     (lambda sock, read: (read(), sock.sendall(wire.HEADER.pack(wire.MAX_FRAME + 1))),
-     "^the node sent a broken frame during the handshake: frame_too_large"),
-], ids=["closed", "out-of-order", "refused", "broken-frame"])
+     r"^127\.0\.0\.1:\d+ is not a DistributedMessaging node: it answered with something else\. Check the host "
+     r"and port: node.py listens on 12345 unless started with --port$"),
+    (lambda sock, read: (read(), sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")),  # a server that greets first
+     r"is not a DistributedMessaging node: it answered with something else\. Check the host and port"),
+    (lambda sock, read: (read(), time.sleep(HANDSHAKE_WAIT + 1)),  # a server that says nothing
+     rf"is not a DistributedMessaging node: nothing answered our greeting within {HANDSHAKE_WAIT}s\. Check "),
+], ids=["closed", "out-of-order", "refused", "broken-frame", "greets-first", "silent"])
 def test_a_failed_handshake_is_a_client_error_in_the_users_words(script, expected):
     with fake_node(script) as port:
         with pytest.raises(ClientError, match=expected):

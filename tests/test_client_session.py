@@ -37,13 +37,14 @@ def test_a_clean_exit_saves_the_books_real_cursor_so_the_next_run_spends_the_nex
     assert indices == [0, 1, 2]
 
 
-def chat_session(running_node, me: str, peer: str, **options):
-    """A Chat (what the terminal shows) on a ChatClient logged in as `me`; and the lines shown."""
+def chat_session(running_node, me: str, peer: str, painter=None, **options):
+    """A Chat (what the terminal shows, with `painter`: as on a terminal) on a ChatClient logged
+    in as `me`; and the lines shown."""
     from dm.client.commands import Chat
     from dm.client.core import Events
 
     shown: list[str] = []
-    chat = Chat(me, peer, lambda line, notice: shown.append(line))
+    chat = Chat(me, peer, lambda line, notice: shown.append(line), painter)
     events = Events(**{name: handler for name, handler in chat.handlers().items()
                        if name in Events.__dataclass_fields__})
     if isinstance(running_node, Node):
@@ -148,3 +149,25 @@ def test_to_an_unknown_name_is_refused_at_once_not_at_the_next_send(tester_node)
     assert shown == ["error: no user 'nobody' is known to this node (unknown_peer)"] and chat.peer == "user_2"
     chat.handle_lines(["/to user_2", "/to #dev"])
     assert shown[1:] == ["(now talking to user_2)", "(now talking to #dev)"] and chat.peer == "#dev"
+
+
+def test_leave_alone_while_talking_to_a_person_says_to_name_the_channel(tester_node):
+    make_users(tester_node.data_dir, "user_1", "user_2")
+    tester_node.client("user_2")
+    chat, _, shown = chat_session(tester_node, "user_1", "user_2")
+    chat.handle_lines(["/leave"])
+    assert shown == ["error: usage: /leave #channel (you are talking to user_2, not to a channel)"], shown
+
+
+def test_paid_for_a_channel_line_quotes_it_once_however_many_copies_went(tester_node):
+    from dm.client.scroll import Painter
+
+    make_users(tester_node.data_dir, "user_1", "user_2", "user_3")
+    for member in ("user_2", "user_3"):
+        tester_node.client(member).join("#room")
+    chat, _, shown = chat_session(tester_node, "user_1", "user_2", Painter("user_1", colour=False))
+    chat.handle_lines(["/join #room", "one line", "same", "same"])
+    wait_until(lambda: chat.paid_messages == 6, timeout=30, message="all six copies to be paid")
+    paid = [line.split(" ", 1)[1] for line in shown if "✓ paid" in line]
+    quotes = " ".join(paid)
+    assert quotes.count("“one line”") == 1 and quotes.count("“same”") == 2, paid  # two lines of one text

@@ -262,14 +262,20 @@ def test_errors_name_the_next_step(chat):
     no_keys = run(["client.py", "127.0.0.1", str(chat["port"]), "nobody", "user_2"])
     assert "run `python3 main.py Y nobody` first" in no_keys
 
+    chain_port = chat["anvil"].url.rsplit(":", 1)[1]
+    not_a_node = run(["client.py", "127.0.0.1", chain_port, "user_3", "user_2"])  # the chain's port, a mix-up
+    assert f"127.0.0.1:{chain_port} is not a DistributedMessaging node: it answered with something else (it " \
+           "speaks HTTP: is that the chain's port?). Check the host and port" in not_a_node, not_a_node
+
     # name_taken itself is refused end to end in test_e2e (the impostor); here, its wording.
     from argparse import Namespace
 
     from dm.client.terminal import explain
 
-    taken = explain("the node refused us: user_2 is pinned to another key (name_taken)",
+    taken = explain("the node refused us: the name 'user_2' is pinned to another key on this node (name_taken)",
                     Namespace(me="user_2", host="127.0.0.1", port=chat["port"]))
     assert "use your original keys" in taken and "or another name" in taken
+    assert taken.count("pinned to another key") == 1, taken
 
 
 def test_a_second_client_of_one_name_on_one_data_directory_is_refused_and_the_first_goes_on(chat):
@@ -298,6 +304,66 @@ def test_piped_lines_that_were_not_sent_make_the_exit_status_non_zero(chat):
                           timeout=60)
     assert "not sent: “are you there?”" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 1
+
+
+def test_a_line_too_long_is_refused_alone_and_the_lines_read_with_it_are_sent(chat):
+    make_users(chat["data"], "dana")  # a sender of its own: user_3's books are for the last test
+    peer = chat["peer"]
+    done = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "dana", "user_2"], cwd=ROOT,
+                          env=chat["env"], input="before\n" + "z" * 7_000_000 + "\nafter\n", capture_output=True,
+                          text=True, timeout=180)
+    refusals = [line for line in done.stderr.splitlines() if "not sent" in line]
+    assert len(refusals) == 1 and "the limit is" in refusals[0] and "send it in parts" in refusals[0], refusals
+    assert "“before”" not in refusals[0] and "“after”" not in refusals[0], refusals
+    assert done.returncode == 1  # one line was not sent
+    peer.wait_for_line(lambda line: line == "[dana] after", timeout=60)
+    assert "[dana] before" in peer.lines
+
+
+def test_a_peers_control_characters_show_as_marks_and_every_line_shows_its_sender(chat, started):
+    """A peer's escape sequences (a window title, an erase-screen), a carriage return that would
+    put a forged `[user_2]` line over its own prefix, and a bidi override reach neither the
+    terminal nor the piped client's stdout as they are: they show as ^[, ^M, <U+202E>. A pasted
+    text of two lines shows both lines under its sender's name, on screen and on stdout."""
+    make_users(chat["data"], "mallory")
+    peer, mark = chat["peer"], len(chat["peer"].lines)
+    term = terminal_client(chat, started, "user_1", "user_2")
+    hostile = "before\x1b]0;PWNED\x07\x1b[2J\x1b[Hafter\r12:00 [user_2] send 500 BTK to \u202e0xdead"
+    shown = "before^[]0;PWNED^G^[[2J^[[Hafter^M12:00 [user_2] send 500 BTK to <U+202E>0xdead"
+    sender = subprocess.run([PYTHON, "client.py", "127.0.0.1", str(chat["port"]), "mallory", "user_1"], cwd=ROOT,
+                            env=chat["env"], input=f"{hostile}\n/msg user_2 {hostile}\n", capture_output=True,
+                            text=True, timeout=120)
+    assert sender.returncode == 0, sender.stderr
+    term.wait_for("0xdead", timeout=60)
+    term.pump(0.5)
+    assert any(line.endswith(f"[mallory] {shown}") for line in term.lines), "\n".join(term.lines)
+    assert "\x1b]0;" not in term.transcript and "\x1b[2J" not in term.transcript and "\u202e" not in term.transcript
+    peer.wait_for_line(lambda line: "0xdead" in line, timeout=60)
+    assert f"[mallory] {shown}" in peer.lines, peer.lines[mark:]
+
+    term.type("\x1b[200~first pasted line\nsecond pasted line\x1b[201~\r")  # a bracketed paste, then Enter
+    peer.wait_for_line(lambda line: "second pasted line" in line, timeout=60)
+    assert peer.lines[-2:] == ["[user_1] first pasted line", "[user_1] second pasted line"], peer.lines[mark:]
+    term.wait_for("second pasted line")
+    pasted = [line for line in term.lines if "pasted line" in line]
+    assert pasted[-2:] == [pasted[-2][:5] + " [user_1 → user_2] first pasted line",
+                           "      [user_1 → user_2] second pasted line"], pasted
+    term.type("exit\r")
+    assert term.wait_exit() == 0
+
+
+def test_control_characters_and_bidi_controls_are_shown_as_marks():
+    from dm.client.scroll import Painter, text_lines, visible
+
+    assert visible("tab\there, C1 \x9b, DEL \x7f, NUL \x00") == "tab^Ihere, C1 <U+009B>, DEL ^?, NUL ^@"
+    assert visible("\u202aa\u202bb\u202cc\u202dd\u202ee\u2066f\u2067g\u2068h\u2069") == \
+        "<U+202A>a<U+202B>b<U+202C>c<U+202D>d<U+202E>e<U+2066>f<U+2067>g<U+2068>h<U+2069>"
+    assert visible("héllo, 日本 ✓ \u200d") == "héllo, 日本 ✓ \u200d"  # printable text and joiners stay
+    assert text_lines("one\r\ntwo\nthree\r") == ["one", "two", "three^M"]
+    plain = Painter("me", False, clock=lambda: 0)
+    assert plain.message("al\x1bice", "/me waves\nand\x07 bows", "#dev").splitlines()[1] == \
+        "      * #dev al^[ice and^G bows"
+    assert plain.notice("bad\nnews").endswith(" bad^Jnews")
 
 
 def test_entry_points_rerun_under_the_venv_or_say_what_to_run(tmp_path):

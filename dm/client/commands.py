@@ -10,11 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 from dm import datadir
 from dm.client.errors import ClientError, Refused
-from dm.client.scroll import ACTION_PREFIX, PAID_MARK, Painter
+from dm.client.scroll import ACTION_PREFIX, PAID_MARK, Painter, visible
 from dm.client.wallet import Wallet, btk, describe
 
 HELP = """commands (case does not matter):
@@ -78,7 +79,7 @@ class Chat:
         self._client = None
         self._start_error: str | None = None
         self._ready = threading.Event()
-        self._sent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # msg_id -> (to, text), for `paid`
+        self._sent: OrderedDict[str, SentLine] = OrderedDict()  # msg_id -> what it carried, for `paid`
         self._lock = threading.Lock()
         self._refreshing = False
         self._seen: set[str] = set()  # senders whose key prefix was shown (worker thread only)
@@ -173,24 +174,44 @@ class Chat:
         return True
 
     def send(self, to: str, texts: list[str]) -> None:
-        """Sends and echoes; a failure is shown, never raised, and quotes what was not sent."""
+        """Sends and echoes, in order; a failure is shown, never raised, and quotes what was not
+        sent. A text too long for one frame is refused alone: the texts around it still go."""
+        from dm.client.sending import check_length
+
+        batch: list[str] = []
+        for text in texts:
+            try:
+                check_length(text)
+            except ClientError as exc:
+                self._send_batch(to, batch)
+                batch = []
+                self._not_sent([text], str(exc))
+            else:
+                batch.append(text)
+        self._send_batch(to, batch)
+
+    def _send_batch(self, to: str, texts: list[str]) -> None:
         from dm.chain.ethereum import ChainError
 
+        if not texts:
+            return
+        sent = 0  # a channel's messages go one by one: those before a failure did go
         try:
             client = self.client
             if to.startswith("#"):
                 for text in texts:
                     msg_ids, offline = client.send_to_channel(to, text)
                     self._sent_now(msg_ids, to, text)
+                    sent += 1
                     if offline:
                         self.note(f"(offline in {to}, not sent and not paid: {', '.join(offline)})")
             else:
                 self._sent_now(client.send_many(to, texts), to, *texts)
         except ClientError as exc:
-            self._not_sent(texts, str(exc))
+            self._not_sent(texts[sent:], str(exc))
         except (ChainError, OSError) as exc:  # the chain, while paying: requests' errors are OSErrors
-            self._not_sent(texts, f"could not pay for the message: {self.chain_problem(exc)}. Is the chain "
-                                  "running? Start it with `python3 main.py chain`")
+            self._not_sent(texts[sent:], f"could not pay for the message: {self.chain_problem(exc)}. Is the "
+                                         "chain running? Start it with `python3 main.py chain`")
 
     def _not_sent(self, texts: list[str], why: str) -> None:
         self.not_sent += len(texts)
@@ -217,11 +238,12 @@ class Chat:
             return
         with self._lock:
             if len(texts) == len(msg_ids):
-                pairs = zip(msg_ids, texts)
-            else:  # a channel message: one id per member copy, one text
-                pairs = ((msg_id, texts[0]) for msg_id in msg_ids)
-            for msg_id, text in pairs:
-                self._sent[msg_id] = (to, text)
+                pairs = zip(msg_ids, (SentLine(to, text) for text in texts))
+            else:  # a channel message: one id per member copy, all of them one line
+                line = SentLine(to, texts[0])
+                pairs = ((msg_id, line) for msg_id in msg_ids)
+            for msg_id, line in pairs:
+                self._sent[msg_id] = line
             while len(self._sent) > SENT_REMEMBERED:
                 self._sent.popitem(last=False)
         if self.painter:
@@ -245,7 +267,8 @@ class Chat:
         return True
 
     def _cmd_help(self, rest: str) -> None:
-        self.note(HELP)
+        for line in HELP.splitlines():  # one note each: a note shows a newline as ^J
+            self.note(line)
 
     def _cmd_to(self, rest: str) -> None:
         if not rest:
@@ -311,6 +334,8 @@ class Chat:
         self.note(f"(joined {channel}, now talking to it; your channels: {', '.join(reply['joined'])})")
 
     def _cmd_leave(self, rest: str) -> None:
+        if not rest and not self.peer.startswith("#"):
+            raise ClientError(f"usage: /leave #channel (you are talking to {self.peer}, not to a channel)")
         channel = check_channel(rest or self.peer)
         reply = self.client.leave(channel)
         self.note(f"(left {channel}; your channels: {', '.join(reply['joined']) or 'none'})")
@@ -364,7 +389,9 @@ class Chat:
     # --- what the node and the client tell us (the client's worker thread) -----------
 
     def note(self, text: str) -> None:
-        self.show(self.painter.notice(text) if self.painter else text, True)
+        """One line of notice. Its control characters are made visible: notices quote the node
+        and peers (names, reasons, texts), and none of it may drive the terminal."""
+        self.show(self.painter.notice(text) if self.painter else visible(text), True)
 
     def handlers(self) -> dict[str, Callable]:
         """Event handlers by Events field name; the caller keeps those its Events has."""
@@ -376,7 +403,7 @@ class Chat:
         if not message.genuine:
             text = (f"!! a message claiming to be from {message.sender} FAILED verification and is not shown: "
                     f"{message.problem}")
-            self.show(self.painter.alert(text) if self.painter else text, True)
+            self.show(self.painter.alert(text) if self.painter else visible(text), True)
             return
         self.learn([message.sender], [message.channel] if message.channel else [])
         if message.sender not in self._seen:  # once per sender: the key behind the name, to compare
@@ -394,7 +421,7 @@ class Chat:
 
     def on_receipt(self, msg_id: str, status: str, detail: str) -> None:
         with self._lock:
-            to, text = self._sent.get(msg_id, ("the recipient", ""))
+            to = self._sent[msg_id].to if msg_id in self._sent else "the recipient"
         if status == "offline":
             self.note(f"(not delivered: {to} is offline; your bounty stays unspent)")
         elif status == "refused":
@@ -405,8 +432,9 @@ class Chat:
         self.paid_messages += len(msg_ids)
         if self.painter is None:
             return
-        with self._lock:
-            texts = [self._sent.pop(msg_id)[1] for msg_id in msg_ids if msg_id in self._sent]
+        with self._lock:  # a channel line's copies are one line: quoted once
+            lines = dict.fromkeys(self._sent.pop(msg_id) for msg_id in msg_ids if msg_id in self._sent)
+        texts = [line.text for line in lines]
         self.note(f"{PAID_MARK} paid {btk(len(msg_ids))} for {quoted(texts) or 'your message'}")
         self.refresh_funds_soon()
 
@@ -469,6 +497,14 @@ class Chat:
                     self._refreshing = False
 
         threading.Thread(target=refresh, name="wallet", daemon=True).start()
+
+
+@dataclass(eq=False)
+class SentLine:
+    """One line the user sent, as `paid` quotes it. A channel line's copies share one (compared by
+    identity: two lines of the same text are two lines)."""
+    to: str
+    text: str
 
 
 def key_prefix(fingerprint: str) -> str:

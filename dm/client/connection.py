@@ -11,7 +11,7 @@ import threading
 import time
 
 from dm import wire
-from dm.client.errors import ClientError, Refused
+from dm.client.errors import ClientError, NotConnected, Refused
 from dm.net import hang_up
 from dm.wire.handshake import ClientHandshake, HandshakeRefused
 
@@ -22,6 +22,10 @@ RELEASE_TIMEOUT = 10.0  # seconds from our claim to the node's release before we
 
 PING_EVERY = 60  # keeps the node's idle timer from closing a quiet session
 REPLY_TIMEOUT = 10  # seconds a request waits for its reply
+# Seconds the handshake waits for each answer from the node. A node gives a client this long to
+# authenticate before it hangs up (node.py's handshake timeout), so waiting longer gains nothing;
+# a program that is not a node and says nothing is told at this point.
+HANDSHAKE_TIMEOUT = 10
 CLOSED = "_closed"  # a connection's last message: {"type": CLOSED, "reason": text, "connection": it}
 
 # Refusals the handshake words itself; the node's own get "the node refused us".
@@ -112,6 +116,7 @@ class Connection:
             raise NodeUnreachable(f"cannot reach the node at {self.host}:{self.port}: {exc.strerror or exc}: "
                                   "start node.py first, or check the host and port") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(min(timeout, HANDSHAKE_TIMEOUT))
         try:
             self._shake_hands(handshake)
         except ClientError:
@@ -125,13 +130,22 @@ class Connection:
         return handshake.welcome
 
     def _shake_hands(self, handshake: ClientHandshake) -> None:
+        first = b""  # what came before the node's first answer: says what answered instead
         try:
             self.write_raw(handshake.hello())
             while not handshake.done:
                 try:
                     data = self.sock.recv(65536)
+                except TimeoutError:
+                    waited = f"{self.sock.gettimeout():g}s"
+                    if first:  # a node began, then went quiet
+                        raise NodeUnreachable(f"the node did not finish the handshake within {waited}: "
+                                              "it may be overloaded; try again in a moment") from None
+                    raise NodeUnreachable(self._not_a_node(b"", f"nothing answered our greeting within "
+                                                                  f"{waited}")) from None
                 except OSError as exc:
                     raise NodeUnreachable(f"the node did not answer: {exc}") from None
+                first = first or data
                 answer = handshake.receive(data)
                 if answer:
                     self.write_raw(answer)
@@ -140,8 +154,14 @@ class Connection:
             if exc.code in _HANDSHAKE_OWN_CODES:
                 raise error(exc.message) from None
             raise error(f"the node refused us: {exc.message} ({exc.code})") from None
-        except wire.ProtocolError as exc:
-            raise ClientError(f"the node sent a broken frame during the handshake: {exc}") from None
+        except wire.ProtocolError:  # a node's first frames are never broken: this is something else
+            raise NodeUnreachable(self._not_a_node(first, "it answered with something else")) from None
+
+    def _not_a_node(self, first: bytes, what: str) -> str:
+        """Why host:port is not a node, and what to check."""
+        hint = " (it speaks HTTP: is that the chain's port?)" if first.startswith(b"HTTP/") else ""
+        return (f"{self.host}:{self.port} is not a DistributedMessaging node: {what}{hint}. Check the host and "
+                "port: node.py listens on 12345 unless started with --port")
 
     def close(self) -> None:
         self.hung_up = True
@@ -160,7 +180,7 @@ class Connection:
             try:
                 self.sock.sendall(data)
             except OSError as exc:
-                raise ClientError(f"lost the connection to the node: {exc}") from None
+                raise NotConnected(f"lost the connection to the node: {exc}") from None
 
     # --- requests ---------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from dm.chain import ethereum
 from dm.client import rpc
 from dm.client.awaiting import AwaitingLog
 from dm.client.connection import CLOSED, RECONNECT_FOR, RECONNECT_MAX_DELAY, Connection, NodeUnreachable
-from dm.client.errors import ClientError
+from dm.client.errors import ClientError, NotConnected
 from dm.client.keyfiles import KeyFileProblem, load_keys
 from dm.client.outbox import Outbox, Queued
 from dm.client.payment import payer_for
@@ -192,7 +192,7 @@ class ChatClient:
         if self._closed.is_set():
             raise ClientError(_NOT_CONNECTED)
         if self._state == "reconnecting":
-            raise ClientError("the node is away and the client is reconnecting: try again in a moment "
+            raise NotConnected("the node is away and the client is reconnecting: try again in a moment "
                               "(messages you send meanwhile are queued)")
         return self._connection
 
@@ -232,6 +232,8 @@ class ChatClient:
                 served[name] = reply["public_key"]
             elif reply.get("code") == "weak_key":
                 served[name] = UnusableKey(f"{reply.get('message')} (weak_key)")
+            elif reply.get("code") == "closed":  # the connection dropped while we asked
+                raise NotConnected(f"{reply.get('message')}: the node is away")
             else:
                 raise ClientError(f"{reply.get('message')} ({reply.get('code')})")
         return served

@@ -2,7 +2,9 @@
 in clients/ME/peers.json. A served key that differs from its pin is refused
 loudly, and the pin is never replaced: only the user may remove it. A key outside
 what dm.crypto.check_key_strength accepts (or one the node refuses to serve as weak)
-is never used: UnusableKey.
+is never used: UnusableKey. While the node cannot be asked (it is away), a pinned key
+stands in, so that a message to a known peer is still sealed and queued; it is checked
+against the node again at the next lookup once connected.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from dm import crypto, datadir
-from dm.client.errors import ClientError
+from dm.client.errors import ClientError, NotConnected
 
 
 class UnusableKey(ClientError):
@@ -46,8 +48,40 @@ class PeerKeys:
         have a usable one, name -> UnusableKey for the others)."""
         with self._lock:
             missing = [n for n in dict.fromkeys(names) if n not in self._verified]
-            unusable = self._pin(self._fetch(missing)) if missing else {}
+            try:
+                unusable = self._pin(self._fetch(missing)) if missing else {}
+            except NotConnected:
+                return self._pinned_only(names), {}
             return {n: self._verified[n] for n in names if n in self._verified}, unusable
+
+    def _pinned_only(self, names: list[str]) -> dict:
+        """The keys while the node is away: verified ones, else the pins on disk (not marked
+        verified, so the node is asked again once it is back). NotConnected for a name with no
+        pin: there is nothing to seal to."""
+        keys = {}
+        for name in dict.fromkeys(names):
+            if name in self._verified:
+                keys[name] = self._verified[name]
+                continue
+            pem = self._pinned(name)
+            if pem is None:
+                raise NotConnected(f"the node is away and {name}'s key is not pinned here yet: send to {name} "
+                                   "once the client has reconnected")
+            try:  # a pin was checked when made; the original's shared key file was not
+                crypto.check_key_strength(pem)
+            except (crypto.WeakKeyError, crypto.KeyFileError) as exc:
+                raise UnusableKey(f"{name}'s key is refused: {exc}; {name} must make new keys "
+                                  "(python3 main.py Y NAME)") from None
+            keys[name] = crypto.public_key_from_pem(pem)
+        return keys
+
+    def _pinned(self, name: str) -> str | None:
+        """The key pinned for `name`: in the pins file, else the original's shared key file."""
+        pinned = self._pins.get(name)
+        local = datadir.public_key_path(self.data_dir, name)
+        if pinned is None and local.exists():
+            pinned = local.read_text()
+        return pinned
 
     def _pin(self, served: dict) -> dict[str, UnusableKey]:
         changed, unusable = False, {}
@@ -71,10 +105,7 @@ class PeerKeys:
         return unusable
 
     def _check(self, name: str, served: str) -> None:
-        pinned = self._pins.get(name)
-        local = datadir.public_key_path(self.data_dir, name)
-        if pinned is None and local.exists():  # the original's shared key files
-            pinned = local.read_text()
+        pinned = self._pinned(name)
         if pinned is not None and pinned.strip() != served.strip():
             raise ClientError(
                 f"WARNING: the key for {name} has CHANGED (pinned {crypto.fingerprint(pinned)}, node now serves "

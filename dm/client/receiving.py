@@ -23,6 +23,7 @@ from dm import crypto
 from dm.client.awaiting import AwaitingLog
 from dm.client.connection import RELEASE_TIMEOUT
 from dm.client.errors import ClientError
+from dm.client.scroll import text_lines, visible
 
 MAX_AWAITING = 100_000  # claims waiting for their key; the oldest are dropped past this
 
@@ -37,8 +38,11 @@ class Incoming:
     channel: str | None = None
 
     def line(self) -> str:
-        """How a message is shown: [sender] text, or [#channel sender] text."""
-        return f"[{self.channel} {self.sender}] {self.text}" if self.channel else f"[{self.sender}] {self.text}"
+        """How a message is shown on piped stdout: [sender] text, or [#channel sender] text. Each
+        line of a multi-line text gets the prefix again, and control characters are made visible,
+        so that every output line starts with its authenticated sender."""
+        prefix = f"[{visible(self.channel)} {visible(self.sender)}]" if self.channel else f"[{visible(self.sender)}]"
+        return "\n".join(f"{prefix} {line}" for line in text_lines(self.text))
 
 
 @dataclass

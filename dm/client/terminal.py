@@ -28,6 +28,7 @@ from dm import datadir
 from dm.client import rpc
 from dm.client.commands import Chat, is_quit
 from dm.client.errors import ClientError
+from dm.client.scroll import visible
 
 QUIT_WAIT = 10  # seconds an interactive client waits at exit for its last messages' receipts
 ACK_WAIT = 120  # seconds piped input waits at its end for the node to answer its messages
@@ -57,11 +58,22 @@ def start_client(args, chat: Chat):
                             chain_timeout=getattr(args, "chain_timeout", None) or rpc.chain_timeout())
         client.connect()
     except ClientError as exc:
-        raise ClientError(explain(str(exc), args)) from None
-    except (ChainError, OSError) as exc:
+        raise ClientError(explain(visible(str(exc)), args)) from None  # it may quote the node
+    except OSError as exc:
+        if exc.filename is None:  # requests' errors are OSErrors too, and name no file
+            raise ClientError(explain(f"cannot reach the chain at {args.rpc_url}: {exc}", args)) from None
+        raise ClientError(disk_problem(exc, datadir.client_dir(data_dir, args.me))) from None
+    except ChainError as exc:
         raise ClientError(explain(f"cannot reach the chain at {args.rpc_url}: {exc}", args)) from None
     chat.attach(client)
     return client
+
+
+def disk_problem(exc: OSError, client_dir: Path) -> str:
+    """A file the client could not make or open at start-up, and what to do about it."""
+    return (f"cannot use {exc.filename}: {exc.strerror or exc}. The client keeps {client_dir.name}'s files in "
+            f"{client_dir}: make sure it and the folders in it are directories you can write (move away a file "
+            "in their place), or pass another --data-dir")
 
 
 def explain(problem: str, args) -> str:
@@ -69,9 +81,9 @@ def explain(problem: str, args) -> str:
     if problem.startswith("cannot reach the node"):
         return (f"{problem}: is node.py running there? Start it first (`python3 node.py`), "
                 f"or check the host and port ({args.host} {args.port})")
-    if "(name_taken)" in problem:
-        return (f"{problem}: the name {args.me} is pinned to another key on this node; use your original keys "
-                f"(the data directory they were made in, --data-dir) or another name")
+    if "(name_taken)" in problem:  # the node's words already say the name is pinned to another key
+        return (f"{problem}: use your original keys (the data directory they were made in, --data-dir) "
+                "or another name")
     if problem.startswith("cannot reach the chain at"):
         where = problem.split(": ", 1)[0]  # urllib3's pool details say nothing more to a user
         return (f"{where} (the URL came from {getattr(args, 'rpc_source', 'the default')}): start the chain "
@@ -116,16 +128,24 @@ def wait_at_end(chat: Chat, client) -> None:
             break
         if now >= deadline:
             break
+    say_what_stays_queued(chat, client, f"the node did not come back within {AWAY_WAIT:g}s"
+                          if away_since is not None else None)
+
+
+def say_what_stays_queued(chat: Chat, client, why_unanswered: str | None = None) -> None:
+    """At the end of a session: what stays in the outbox on disk, and that it goes out at the next
+    start (the client sends nothing once it has ended)."""
     entries = client.queue()
     waiting = sum(1 for entry in entries if entry.waiting)
     unanswered = len(entries) - waiting
     if unanswered:
-        why = (f"the node did not come back within {AWAY_WAIT:g}s" if away_since is not None
-               else "the node is gone" if client.is_closed else "the node did not answer them")
+        why = why_unanswered or ("the node is away" if client.connection_state == "reconnecting"
+                                 else "the node is gone" if client.is_closed else "the node did not answer them")
         chat.note(f"({unanswered} message(s) stay queued on disk ({client.outbox_path}): {why}; they go out "
                   "when you start the client again)")
     if waiting:
-        chat.note(f"({waiting} message(s) wait for offline peers; they go out when you start the client again)")
+        chat.note(f"({waiting} message(s) wait in the queue for offline peers; they go out when you start the "
+                  "client again and the peer is online)")
 
 
 def read_line_batches(fd: int, limit: int = 512):
@@ -294,9 +314,11 @@ class LineHandler:
 
 
 def finish(chat: Chat, client) -> None:
-    """Waits a little for the last receipts, then hangs up."""
+    """Waits a little for the last receipts (not for a node that is away), says what stays
+    queued for the next start, then hangs up."""
     try:
-        if client.outstanding and not client.wait_acknowledged(timeout=QUIT_WAIT):
-            chat.note(f"({len(client.outstanding)} message(s) were never acknowledged by the node)")
+        if client.outstanding and client.connection_state == "connected":
+            client.wait_acknowledged(timeout=QUIT_WAIT)
+        say_what_stays_queued(chat, client)
     finally:
         client.close()
