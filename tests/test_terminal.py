@@ -276,6 +276,10 @@ def test_errors_name_the_next_step(chat):
                     Namespace(me="user_2", host="127.0.0.1", port=chat["port"]))
     assert "use your original keys" in taken and "or another name" in taken
     assert taken.count("pinned to another key") == 1, taken
+    # The node went away between the start-up probe and the connection: its advice once, not twice.
+    gone = explain("cannot reach the node at 127.0.0.1:9: Connection refused: start node.py first, or check the "
+                   "host and port", Namespace(me="user_2", host="127.0.0.1", port=9))
+    assert gone.lower().count("start") == 1 and gone.count("check the host and port") == 1, gone
 
 
 def test_a_second_client_of_one_name_on_one_data_directory_is_refused_and_the_first_goes_on(chat):

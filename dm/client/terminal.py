@@ -78,7 +78,8 @@ def disk_problem(exc: OSError, client_dir: Path) -> str:
 
 def explain(problem: str, args) -> str:
     """A start-up failure, with the next step."""
-    if problem.startswith("cannot reach the node"):
+    if problem.startswith("cannot reach the node"):  # the connection's own advice, made exact here
+        problem = problem.removesuffix(": start node.py first, or check the host and port")
         return (f"{problem}: is node.py running there? Start it first (`python3 node.py`), "
                 f"or check the host and port ({args.host} {args.port})")
     if "(name_taken)" in problem:  # the node's words already say the name is pinned to another key
