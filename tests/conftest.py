@@ -237,6 +237,15 @@ def processes():
         proc.stop()
 
 
+@pytest.fixture
+def started():
+    """Terminals and processes a test starts (anything with stop()), stopped at its end."""
+    things: list = []
+    yield things
+    for thing in reversed(things):
+        thing.stop()
+
+
 def cli_env(url: str, data_dir: Path) -> dict:
     return {**os.environ, "DM_RPC_URL": url, "DM_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
 

@@ -126,15 +126,6 @@ def received_since(peer: Process, mark: int) -> list[str]:
     return peer.lines[mark:]
 
 
-@pytest.fixture
-def started():
-    """Terminals and processes a test starts, stopped at its end."""
-    things: list = []
-    yield things
-    for thing in reversed(things):
-        thing.stop()
-
-
 def terminal_client(chat, started, me: str, peer: str, *extra: str) -> Terminal:
     term = Terminal(["client.py", "127.0.0.1", str(chat["port"]), me, peer, *extra], chat["env"])
     started.append(term)

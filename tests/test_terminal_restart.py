@@ -106,14 +106,6 @@ def start_node(world: dict) -> Process:
     return world["node"]
 
 
-@pytest.fixture
-def started():
-    things: list = []
-    yield things
-    for thing in reversed(things):
-        thing.stop()
-
-
 def start(world, started, me: str, peer: str, terminal: bool = True):
     """client.py as `me`, talking to `peer`: in a pseudo-terminal, or reading a pipe."""
     args = ["client.py", "127.0.0.1", str(world["port"]), me, peer]
