@@ -39,6 +39,11 @@ def ensure_packages(argv: list[str]) -> None:
     sys.exit(1)
 
 
+def _interrupted() -> int:
+    print(file=sys.stderr)  # leave the shell prompt on a line of its own
+    return 130
+
+
 def run(module: str) -> None:
     """Entry point body: `module`.main(), Ctrl-C ending it quietly with status 130, and a reader
     that stopped reading our output (`main.py info | head`) with no traceback."""
@@ -46,9 +51,12 @@ def run(module: str) -> None:
         ensure_packages(sys.argv)
         code = importlib.import_module(module).main()
     except KeyboardInterrupt:
-        print(file=sys.stderr)  # leave the shell prompt on a line of its own
-        code = 130
+        code = _interrupted()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         code = 141  # as a shell reports SIGPIPE
+    except Exception as exc:  # a Ctrl-C during an import may come wrapped (a RuntimeError from __set_name__)
+        if not isinstance(exc.__cause__, KeyboardInterrupt):
+            raise
+        code = _interrupted()
     sys.exit(code)
